@@ -1,0 +1,68 @@
+"""Tessera: an open, versioned on-disk format for distributed training checkpoints.
+
+Each global tensor is a Zarr v3 array chunked by global offsets, with a CRC32C
+on every chunk; the root ``zarr.json`` holds the manifest and is written last,
+so its presence is the commit. ``save``, ``load`` and ``open`` are the API;
+``spec/tessera-v1.md`` is the format.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ChecksumMismatchError,
+    InconsistentCheckpointError,
+    InvalidKeyError,
+    KeyMismatchError,
+    LimitExceededError,
+    MissingChunkError,
+    SchemaViolationError,
+    StorageError,
+    TensorMismatchError,
+    TesseraError,
+    UncommittedCheckpointError,
+    UnsafeEncodingError,
+    UnsupportedVersionError,
+)
+from .format.limits import ReaderLimits
+from .format.manifest import FORMAT_VERSION, Manifest
+from .loading import LoadResult, Strict, load
+from .reader import Checkpoint
+from .reader import open_checkpoint as open
+from .run_dir import RunDirectory
+from .verify import VerifyReport, verify
+from .writer import save
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "ChecksumMismatchError",
+    "InconsistentCheckpointError",
+    "InvalidKeyError",
+    "KeyMismatchError",
+    "LoadResult",
+    "LimitExceededError",
+    "Manifest",
+    "MissingChunkError",
+    "ReaderLimits",
+    "RunDirectory",
+    "SchemaViolationError",
+    "StorageError",
+    "Strict",
+    "TensorMismatchError",
+    "TesseraError",
+    "UncommittedCheckpointError",
+    "UnsafeEncodingError",
+    "UnsupportedVersionError",
+    "VerifyReport",
+    "__version__",
+    "load",
+    "open",
+    "save",
+    "verify",
+]

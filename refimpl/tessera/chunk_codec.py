@@ -1,0 +1,105 @@
+"""Chunk bytes as the spec defines them (§6): elements, optional zstd, then CRC32C.
+
+Encoding avoids copies where the format allows: a chunk whose elements lie
+contiguously in the tensor is written straight from the tensor's memory, with
+the edge padding (fill value) and the checksum as separate buffers; only a
+chunk that cuts across rows is gathered into a chunk-shaped buffer first.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+
+import crc32c
+import numpy as np
+from numcodecs import Zstd
+
+from .errors import ChecksumMismatchError, InconsistentCheckpointError
+from .format.layout import CRC32C_SIZE, ArrayLayout, ChunkIndex
+
+__all__ = ["encode_chunk", "decode_chunk", "prefix_elements", "check_crc"]
+
+Region = tuple[tuple[int, int], ...]
+
+
+def prefix_elements(layout: ArrayLayout, index: ChunkIndex) -> int | None:
+    """Elements of the chunk's data if they form a prefix of the chunk in C order, else ``None``.
+
+    That holds when at most one dimension is cut short by the array's edge, and
+    every dimension before it has chunk extent 1: then the chunk's bytes are
+    its data followed by padding, and the data can be written or read in place.
+    """
+    region = layout.chunk_region(index)
+    extents = [stop - start for start, stop in region]
+    short = [d for d, (e, c) in enumerate(zip(extents, layout.chunk_shape, strict=True)) if e < c]
+    if len(short) > 1:
+        return None
+    if short and any(c != 1 for c in layout.chunk_shape[: short[0]]):
+        return None
+    return math.prod(extents)
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array; ml_dtypes types lack the buffer protocol, uint8 has it."""
+    return memoryview(array.reshape(-1).view(np.uint8))
+
+
+def encode_chunk(
+    array: np.ndarray, layout: ArrayLayout, index: ChunkIndex
+) -> list[memoryview | bytes]:
+    """The buffers whose concatenation is the stored chunk ``index`` of ``array``."""
+    region = layout.chunk_region(index)
+    data = array[tuple(slice(start, stop) for start, stop in region)]
+    valid = prefix_elements(layout, index)
+    if valid is not None and data.flags.c_contiguous:
+        payload: list[memoryview | bytes] = [_bytes_of(data)]
+        padding = math.prod(layout.chunk_shape) - valid
+        if padding:
+            payload.append(layout.dtype.fill_bytes() * padding)
+    else:
+        fill = np.frombuffer(layout.dtype.fill_bytes(), layout.dtype.numpy_dtype)[0]
+        full = np.full(layout.chunk_shape, fill, dtype=layout.dtype.numpy_dtype)
+        full[tuple(slice(0, stop - start) for start, stop in region)] = data
+        payload = [_bytes_of(full)]
+    if layout.zstd_level is not None:
+        payload = [Zstd(level=layout.zstd_level).encode(b"".join(payload))]
+    checksum = 0
+    for piece in payload:
+        checksum = crc32c.crc32c(piece, checksum)
+    return [*payload, struct.pack("<I", checksum)]
+
+
+def check_crc(pieces: Sequence[memoryview | bytes], stored: bytes, where: str) -> None:
+    """Compare the CRC32C of the concatenated ``pieces`` with the 4 stored bytes."""
+    checksum = 0
+    for piece in pieces:
+        checksum = crc32c.crc32c(piece, checksum)
+    (expected,) = struct.unpack("<I", stored)
+    if checksum != expected:
+        raise ChecksumMismatchError(
+            f"{where}: CRC32C is {checksum:08x} but the chunk stores {expected:08x}; "
+            "the chunk is corrupt (re-save or restore it from a copy)"
+        )
+
+
+def decode_chunk(raw: bytes | memoryview, layout: ArrayLayout, where: str) -> np.ndarray:
+    """A chunk's elements, chunk-shaped, after checking its checksum and its size."""
+    if len(raw) < CRC32C_SIZE:
+        raise InconsistentCheckpointError(f"{where}: {len(raw)} bytes cannot hold a checksum")
+    body = memoryview(raw)[:-CRC32C_SIZE]
+    check_crc([body], bytes(raw[-CRC32C_SIZE:]), where)
+    if layout.zstd_level is not None:
+        try:
+            body = memoryview(Zstd().decode(body))
+        except Exception as exc:  # numcodecs raises RuntimeError or ValueError by version
+            raise InconsistentCheckpointError(
+                f"{where}: zstd cannot decode the chunk: {exc}"
+            ) from None
+    if len(body) != layout.chunk_nbytes:
+        raise InconsistentCheckpointError(
+            f"{where}: decodes to {len(body)} bytes; a chunk of {list(layout.chunk_shape)} "
+            f"{layout.dtype.name} is {layout.chunk_nbytes}"
+        )
+    return np.frombuffer(body, dtype=layout.dtype.numpy_dtype).reshape(layout.chunk_shape)

@@ -1,0 +1,112 @@
+"""Nested state dicts to keyed leaves and back (spec §8).
+
+A state dict nests dicts (string or integer keys), lists and tuples. Any
+subtree that is plain JSON (string-keyed dicts, lists, tuples, strings, ints,
+finite floats, bools, None) is one leaf, stored inline in the manifest; other
+containers are walked, and the keys of those that were lists or tuples are
+recorded so that the reader rebuilds lists rather than integer-keyed dicts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidKeyError
+from .format.keys import Key, KeyComponent, format_key
+
+__all__ = ["Flattened", "flatten", "unflatten", "is_json"]
+
+
+@dataclass(frozen=True, slots=True)
+class Flattened:
+    leaves: list[tuple[Key, Any]]
+    """Every leaf with its key, in the state dict's order."""
+    lists: list[Key]
+    """Keys of walked containers that were lists or tuples."""
+
+
+def is_json(value: Any) -> bool:
+    """Whether ``value`` is a subtree that strict JSON holds exactly (up to tuple -> list)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if node is None or isinstance(node, (str, bool, int)):
+            continue
+        if isinstance(node, float):
+            if not math.isfinite(node):
+                return False
+            continue
+        if isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif isinstance(node, dict) and all(type(k) is str for k in node):
+            stack.extend(node.values())
+        else:
+            return False
+    return True
+
+
+def flatten(state_dict: Mapping[Any, Any]) -> Flattened:
+    """Split a state dict into leaves; a top-level JSON subtree is still one leaf per top key."""
+    if not isinstance(state_dict, Mapping):
+        raise InvalidKeyError(f"a state dict must be a dict, got {type(state_dict).__name__}")
+    leaves: list[tuple[Key, Any]] = []
+    lists: list[Key] = []
+    _walk(state_dict, (), leaves, lists)
+    return Flattened(leaves, lists)
+
+
+def _children(
+    container: Mapping[Any, Any] | list[Any] | tuple[Any, ...],
+) -> Iterable[tuple[KeyComponent, Any]]:
+    if isinstance(container, Mapping):
+        return container.items()
+    return enumerate(container)
+
+
+def _walk(
+    container: Mapping[Any, Any] | list[Any] | tuple[Any, ...],
+    prefix: Key,
+    leaves: list[tuple[Key, Any]],
+    lists: list[Key],
+) -> None:
+    for component, value in _children(container):
+        key = (*prefix, component)
+        if isinstance(value, (Mapping, list, tuple)) and not is_json(value):
+            if isinstance(value, (list, tuple)):
+                lists.append(key)
+            _walk(value, key, leaves, lists)
+        else:
+            leaves.append((key, value))
+
+
+def unflatten(leaves: Iterable[tuple[Key, Any]], lists: Iterable[Key]) -> dict[Any, Any]:
+    """Rebuild the nested state dict from keyed leaves (the inverse of :func:`flatten`)."""
+    root: dict[Any, Any] = {}
+    for key, value in leaves:
+        node = root
+        for component in key[:-1]:
+            child = node.setdefault(component, {})
+            if not isinstance(child, dict):
+                raise InvalidKeyError(f"key {format_key(key)} lies under a stored value")
+            node = child
+        node[key[-1]] = value
+    for key in sorted(set(lists), key=len, reverse=True):
+        _to_list(root, key)
+    return root
+
+
+def _to_list(root: dict[Any, Any], key: Key) -> None:
+    """Turn the integer-keyed dict at ``key`` into a list (indices must be 0..n-1).
+
+    Deeper keys are converted first, so every ancestor is still a dict here; a
+    container that a partial load left out is skipped.
+    """
+    parent: Any = root
+    for component in key[:-1]:
+        parent = parent.get(component) if isinstance(parent, dict) else None
+    node = parent.get(key[-1]) if isinstance(parent, dict) else None
+    if isinstance(node, dict) and sorted(node) == list(range(len(node))):
+        parent[key[-1]] = [node[i] for i in range(len(node))]

@@ -1,0 +1,121 @@
+"""The reversible mapping between state-dict keys and paths in the hierarchy (spec §4).
+
+A key is a tuple of components, one per level of nesting: a string (a dict
+key), or an integer (a dict's integer key, such as an optimizer's parameter
+id, or a list index). Each component becomes one path segment:
+
+- a string keeps the characters ``A-Z a-z 0-9 . _ -``; every other byte of its
+  UTF-8 form becomes ``%XX`` (upper-case hex). A leading ``.`` or ``_`` is
+  escaped too, so that no segment is ``.``/``..``, none starts with ``__``
+  (names Zarr reserves) and none collides with Tessera's own dot-files.
+  The segment ``zarr.json`` would shadow a node's metadata: its ``.`` is escaped.
+- an integer is ``~`` followed by its decimal form (``~0``, ``~-3``); ``~`` is
+  never left raw in a string segment, so the two kinds cannot collide.
+
+Decoding is the inverse, and a path is accepted only if encoding its decoded
+key gives back the same text: there is exactly one path per key, so a crafted
+manifest cannot alias two keys or smuggle ``..`` through an escape.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from ..errors import InvalidKeyError
+
+__all__ = [
+    "Key",
+    "KeyComponent",
+    "MAX_SEGMENT_BYTES",
+    "key_to_path",
+    "path_to_key",
+    "format_key",
+]
+
+KeyComponent = str | int
+Key = tuple[KeyComponent, ...]
+
+MAX_SEGMENT_BYTES = 255
+"""Longest segment after escaping: the common file-name limit of POSIX file systems."""
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_INT_SEGMENT = re.compile(r"~(0|-?[1-9][0-9]*)")
+_ESCAPE = re.compile(r"%([0-9A-F]{2})")
+
+
+def _escape_string(component: str) -> str:
+    if component == "":
+        raise InvalidKeyError("empty string key component: every dict key must be non-empty")
+    raw = component.encode("utf-8")
+    out: list[str] = []
+    for i, byte in enumerate(raw):
+        leading = i == 0 and byte in b"._"
+        out.append(chr(byte) if byte in _SAFE and not leading else f"%{byte:02X}")
+    segment = "".join(out)
+    if segment == "zarr.json":
+        segment = "zarr%2Ejson"
+    return segment
+
+
+def _segment(component: KeyComponent) -> str:
+    # bool is an int subclass, but True as a dict key is almost always a bug.
+    if isinstance(component, bool) or not isinstance(component, (str, int)):
+        raise InvalidKeyError(
+            f"key component {component!r} has type {type(component).__name__}; "
+            "only str and int dict keys are allowed"
+        )
+    segment = f"~{component}" if isinstance(component, int) else _escape_string(component)
+    if len(segment.encode("ascii")) > MAX_SEGMENT_BYTES:
+        raise InvalidKeyError(
+            f"key component {component!r} is {len(segment)} bytes once escaped; "
+            f"the limit is {MAX_SEGMENT_BYTES}"
+        )
+    return segment
+
+
+def key_to_path(key: Sequence[KeyComponent]) -> str:
+    """The path, relative to the checkpoint root, of the node that stores ``key``."""
+    if not key:
+        raise InvalidKeyError("empty key: a stored value must sit under at least one dict key")
+    return "/".join(_segment(c) for c in key)
+
+
+def _decode_segment(segment: str, path: str) -> KeyComponent:
+    if _INT_SEGMENT.fullmatch(segment):
+        return int(segment[1:])
+    try:
+        raw = bytearray()
+        pos = 0
+        for match in _ESCAPE.finditer(segment):
+            raw += segment[pos : match.start()].encode("ascii")
+            raw.append(int(match.group(1), 16))
+            pos = match.end()
+        raw += segment[pos:].encode("ascii")
+        return raw.decode("utf-8")
+    except (UnicodeError, ValueError) as exc:
+        raise InvalidKeyError(f"path {path!r}: segment {segment!r} is not a valid escape") from exc
+
+
+def path_to_key(path: str) -> Key:
+    """The key stored at ``path``; refuses any path that is not the canonical form of a key."""
+    if not isinstance(path, str) or path == "":
+        raise InvalidKeyError(f"path {path!r} is not a non-empty string")
+    key = tuple(_decode_segment(s, path) for s in path.split("/"))
+    try:
+        canonical = key_to_path(key)
+    except InvalidKeyError as exc:
+        raise InvalidKeyError(f"path {path!r} does not encode a valid key: {exc}") from exc
+    if canonical != path:
+        raise InvalidKeyError(
+            f"path {path!r} is not canonical (the key it decodes to is stored at {canonical!r})"
+        )
+    return key
+
+
+def format_key(key: Sequence[KeyComponent]) -> str:
+    """A key as people read it in messages: its path (unambiguous, and what ``inspect`` shows)."""
+    try:
+        return key_to_path(key)
+    except InvalidKeyError:
+        return repr(tuple(key))

@@ -1,0 +1,56 @@
+"""Reader limits (spec §11): checked against the metadata before any allocation or I/O.
+
+Stock Zarr libraries open an array of 10^18 chunks without a word; a Tessera
+reader refuses such metadata up front, naming the limit, so that a hostile or
+corrupt checkpoint costs neither memory nor a long stall.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..errors import LimitExceededError
+
+if TYPE_CHECKING:
+    from .layout import ArrayLayout
+
+__all__ = ["ReaderLimits", "DEFAULT_LIMITS"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReaderLimits:
+    """Bounds a reader enforces; raise them deliberately for unusually large checkpoints."""
+
+    max_json_bytes: int = 256 * 2**20
+    """Largest JSON document read (the root manifest of a 1,024-rank 70B model is far below)."""
+    max_json_depth: int = 64
+    """Deepest nesting of objects and arrays in any JSON document."""
+    max_rank: int = 32
+    """Most dimensions an array may have."""
+    max_chunk_bytes: int = 2**31
+    """Largest decoded chunk; the writer's default chunk is 64 MiB."""
+    max_chunks_per_array: int = 2**24
+    max_array_bytes: int = 2**50
+    """Largest tensor (1 PiB): refuses shapes whose element count overflows any real tensor."""
+
+    def check_array(self, layout: ArrayLayout, where: str) -> None:
+        if len(layout.shape) > self.max_rank:
+            raise LimitExceededError(f"{where}: rank {len(layout.shape)} exceeds {self.max_rank}")
+        if layout.chunk_nbytes > self.max_chunk_bytes:
+            raise LimitExceededError(
+                f"{where}: a chunk of {list(layout.chunk_shape)} is {layout.chunk_nbytes} bytes, "
+                f"over the limit of {self.max_chunk_bytes}"
+            )
+        if math.prod(layout.grid_shape) > self.max_chunks_per_array:
+            raise LimitExceededError(
+                f"{where}: {layout.chunk_count} chunks exceed the limit of {self.max_chunks_per_array}"
+            )
+        if layout.nbytes > self.max_array_bytes:
+            raise LimitExceededError(
+                f"{where}: {layout.nbytes} bytes exceed the limit of {self.max_array_bytes}"
+            )
+
+
+DEFAULT_LIMITS = ReaderLimits()

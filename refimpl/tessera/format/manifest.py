@@ -1,0 +1,245 @@
+"""The root manifest (spec §3): one GET of the root ``zarr.json`` plans the whole load.
+
+The manifest lives at ``attributes.tessera`` of the root group. It names the
+format version, the save, the writer, user metadata, the list containers of
+the state dict, and one entry per stored value: a tensor (a Zarr array), an
+opaque object (a ``uint8`` Zarr array with an encoding), or a JSON value held
+inline. These classes are data only; :meth:`Manifest.from_root` is the single
+place a reader turns untrusted JSON into them, after the schema check.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import (
+    InconsistentCheckpointError,
+    SchemaViolationError,
+    UnsupportedVersionError,
+)
+from .keys import Key, key_to_path
+from .layout import ArrayLayout
+from .limits import DEFAULT_LIMITS, ReaderLimits
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SUPPORTED_MAJOR",
+    "UNDERSTOOD_FIELDS",
+    "Entry",
+    "Manifest",
+    "ObjectEntry",
+    "TensorEntry",
+    "ValueEntry",
+    "WriterInfo",
+]
+
+FORMAT_NAME = "tessera"
+FORMAT_VERSION = "1.0"
+SUPPORTED_MAJOR = 1
+UNDERSTOOD_FIELDS: frozenset[str] = frozenset()
+"""Names a manifest's ``must_understand`` may list that this reader implements (none in 1.0)."""
+
+_VERSION = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")
+
+ObjectEncoding = Literal["bytes", "pickle"]
+ValueEncoding = Literal["json", "float"]
+NONFINITE_FLOATS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+"""Spellings of the floats JSON lacks, as Zarr v3 spells them in fill values."""
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry:
+    """A global tensor, stored as the Zarr array at ``path``."""
+
+    key: Key
+    layout: ArrayLayout
+    origin: Literal["torch", "numpy"] = "torch"
+    """What the writer held; a Python reader gives back the same kind of array."""
+
+    kind: Literal["tensor"] = field(default="tensor", init=False)
+
+    @property
+    def path(self) -> str:
+        return key_to_path(self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectEntry:
+    """Opaque bytes (a ``uint8`` array): raw ``bytes``, or a ``pickle`` stored only on request."""
+
+    key: Key
+    layout: ArrayLayout
+    encoding: ObjectEncoding
+
+    kind: Literal["object"] = field(default="object", init=False)
+
+    @property
+    def path(self) -> str:
+        return key_to_path(self.key)
+
+
+@dataclass(frozen=True, slots=True)
+class ValueEntry:
+    """A JSON value held in the manifest itself (``float``: a non-finite float, spelled as Zarr does)."""
+
+    key: Key
+    value: Any
+    encoding: ValueEncoding = "json"
+
+    kind: Literal["value"] = field(default="value", init=False)
+
+    @property
+    def path(self) -> str:
+        return key_to_path(self.key)
+
+    def decoded(self) -> Any:
+        return NONFINITE_FLOATS[self.value] if self.encoding == "float" else self.value
+
+
+Entry = TensorEntry | ObjectEntry | ValueEntry
+
+
+@dataclass(frozen=True, slots=True)
+class WriterInfo:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """Everything the root ``zarr.json`` says about a checkpoint."""
+
+    save_id: str
+    """The UUID the writer claimed the path with (spec §9); it ties the root to its claim."""
+    created: str
+    """RFC 3339 UTC time the save began."""
+    writer: WriterInfo
+    entries: tuple[Entry, ...]
+    """In the order of the original state dict, so a reader rebuilds dicts in that order."""
+    lists: tuple[Key, ...] = ()
+    """Keys of containers that were lists or tuples (rebuilt as lists), not dicts."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """The user's JSON metadata: step, tokens seen, config."""
+    world_size: int = 1
+    parallelism: dict[str, Any] = field(default_factory=dict)
+    """The saving layout (``{"tp": 8, "dp": 16}``...), for provenance only: loads never need it."""
+    format_version: str = FORMAT_VERSION
+    must_understand: tuple[str, ...] = ()
+
+    def to_root(self) -> dict[str, Any]:
+        """The root ``zarr.json`` document."""
+        manifest: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "must_understand": list(self.must_understand),
+            "save_id": self.save_id,
+            "created": self.created,
+            "writer": {"name": self.writer.name, "version": self.writer.version},
+            "provenance": {"world_size": self.world_size, "parallelism": self.parallelism},
+            "metadata": self.metadata,
+            "lists": [list(k) for k in self.lists],
+            "entries": [_entry_to_json(e) for e in self.entries],
+        }
+        return {"zarr_format": 3, "node_type": "group", "attributes": {"tessera": manifest}}
+
+    @classmethod
+    def from_root(cls, root: dict[str, Any], limits: ReaderLimits = DEFAULT_LIMITS) -> Manifest:
+        """Build from a root document that already passed ``root.schema.json``.
+
+        The version is checked first, so that a newer MAJOR is refused as
+        unsupported rather than reported as a pile of schema errors.
+        """
+        doc = root["attributes"]["tessera"]
+        check_version(doc)
+        entries = tuple(_entry_from_json(e, i, limits) for i, e in enumerate(doc["entries"]))
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(entries):
+            if entry.path in seen:
+                raise InconsistentCheckpointError(
+                    f"manifest entries {seen[entry.path]} and {i} both store key {entry.path!r}"
+                )
+            seen[entry.path] = i
+        _check_no_prefix_clash(entries)
+        provenance = doc["provenance"]
+        return cls(
+            save_id=doc["save_id"],
+            created=doc["created"],
+            writer=WriterInfo(doc["writer"]["name"], doc["writer"]["version"]),
+            entries=entries,
+            lists=tuple(tuple(k) for k in doc["lists"]),
+            metadata=doc["metadata"],
+            world_size=provenance["world_size"],
+            parallelism=provenance["parallelism"],
+            format_version=doc["format_version"],
+            must_understand=tuple(doc["must_understand"]),
+        )
+
+
+def check_version(doc: Any) -> None:
+    """Refuse an unknown MAJOR version or an unknown must-understand field (spec §12)."""
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise SchemaViolationError("root zarr.json has no Tessera manifest at attributes.tessera")
+    version = doc.get("format_version")
+    match = _VERSION.fullmatch(version) if isinstance(version, str) else None
+    if match is None:
+        raise SchemaViolationError(f"format_version {version!r} is not MAJOR.MINOR")
+    if int(match.group(1)) != SUPPORTED_MAJOR:
+        raise UnsupportedVersionError(
+            f"checkpoint is Tessera format {version}; this reader reads {SUPPORTED_MAJOR}.x only"
+        )
+    unknown = [f for f in doc.get("must_understand", []) if f not in UNDERSTOOD_FIELDS]
+    if unknown:
+        raise UnsupportedVersionError(
+            f"checkpoint (format {version}) marks {unknown} must-understand; "
+            "this reader does not implement them: upgrade Tessera"
+        )
+
+
+def _entry_to_json(entry: Entry) -> dict[str, Any]:
+    doc: dict[str, Any] = {"kind": entry.kind, "key": list(entry.key), "path": entry.path}
+    if isinstance(entry, TensorEntry):
+        doc.update(entry.layout.manifest_fields())
+        doc["origin"] = entry.origin
+    elif isinstance(entry, ObjectEntry):
+        doc.update(entry.layout.manifest_fields())
+        doc["encoding"] = entry.encoding
+    else:
+        doc["encoding"] = entry.encoding
+        doc["value"] = entry.value
+    return doc
+
+
+def _entry_from_json(doc: dict[str, Any], index: int, limits: ReaderLimits) -> Entry:
+    key = tuple(doc["key"])
+    where = f"manifest entry {index} ({doc['path']!r})"
+    if key_to_path(key) != doc["path"]:
+        raise InconsistentCheckpointError(
+            f"{where}: path does not match key {list(key)} (expected {key_to_path(key)!r})"
+        )
+    kind = doc["kind"]
+    if kind == "tensor":
+        return TensorEntry(key, ArrayLayout.from_manifest(doc, where, limits), doc["origin"])
+    if kind == "object":
+        layout = ArrayLayout.from_manifest(doc, where, limits)
+        if layout.dtype.name != "uint8" or len(layout.shape) != 1:
+            raise SchemaViolationError(f"{where}: an object is a 1-d uint8 array")
+        return ObjectEntry(key, layout, doc["encoding"])
+    if doc["encoding"] == "float" and doc["value"] not in NONFINITE_FLOATS:
+        raise SchemaViolationError(f"{where}: float value must be one of {list(NONFINITE_FLOATS)}")
+    return ValueEntry(key, doc["value"], doc["encoding"])
+
+
+def _check_no_prefix_clash(entries: tuple[Entry, ...]) -> None:
+    """No key may be both a stored value and a container of other keys."""
+    paths = {e.path for e in entries}
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            prefix = "/".join(parts[:depth])
+            if prefix in paths:
+                raise InconsistentCheckpointError(
+                    f"key {prefix!r} is stored as a value and also contains {path!r}"
+                )

@@ -1,0 +1,55 @@
+"""Validation of every JSON document of a checkpoint against ``schemas/`` (spec §3).
+
+Schemas load from the package's own ``schemas`` folder (the repository's
+``schemas/``), never from a network; cross-references resolve through a local
+registry. All violations of a document are reported together, each with its
+JSON path, so that one run of ``tessera verify`` lists every problem.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+
+from ..errors import SchemaViolationError
+
+__all__ = ["SCHEMA_DIR", "SchemaName", "schema_problems", "validate"]
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+SchemaName = Literal["root", "manifest", "array", "group", "claim"]
+
+
+@cache
+def _validators() -> dict[str, Draft202012Validator]:
+    schemas = {
+        p.name.removesuffix(".schema.json"): json.loads(p.read_text())
+        for p in sorted(SCHEMA_DIR.glob("*.schema.json"))
+    }
+    registry: Registry = Registry().with_resources(
+        (doc["$id"], Resource.from_contents(doc)) for doc in schemas.values()
+    )
+    return {name: Draft202012Validator(doc, registry=registry) for name, doc in schemas.items()}
+
+
+def schema_problems(doc: Any, schema: SchemaName) -> list[str]:
+    """Every violation of ``schema`` by ``doc``, as ``"at <json path>: <message>"`` lines."""
+    validator = _validators()[schema]
+    return [
+        f"at {error.json_path}: {error.message}"
+        for error in sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    ]
+
+
+def validate(doc: Any, schema: SchemaName, where: str) -> None:
+    """Raise one :class:`SchemaViolationError` naming ``where`` and listing every violation."""
+    problems = schema_problems(doc, schema)
+    if problems:
+        listed = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise SchemaViolationError(f"{where} violates {schema}.schema.json:\n  {listed}{more}")

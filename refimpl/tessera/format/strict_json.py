@@ -1,0 +1,68 @@
+"""Strict JSON (spec §11): no NaN or Infinity, no duplicate keys, bounded size and depth.
+
+Python's ``json`` accepts ``NaN`` and silently keeps the last of two duplicate
+keys; two readers of one manifest could then disagree about what it says. The
+format allows neither, and this module is the only place Tessera parses or
+writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import LimitExceededError, SchemaViolationError
+from .limits import DEFAULT_LIMITS, ReaderLimits
+
+__all__ = ["dumps", "loads"]
+
+
+def dumps(doc: Any) -> bytes:
+    """Compact UTF-8 JSON; refuses NaN and Infinity rather than writing non-JSON."""
+    return json.dumps(doc, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in doc:
+            raise ValueError(f"duplicate key {name!r}")
+        doc[name] = value
+    return doc
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(doc: Any) -> int:
+    deepest = 0
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in node)
+    return deepest
+
+
+def loads(data: bytes, where: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Any:
+    """Parse one JSON document read from ``where`` (named in every error)."""
+    if len(data) > limits.max_json_bytes:
+        raise LimitExceededError(
+            f"{where}: {len(data)} bytes of JSON exceed the limit of {limits.max_json_bytes}"
+        )
+    try:
+        doc = json.loads(
+            data.decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_refuse_constant,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SchemaViolationError(f"{where}: not strict JSON: {exc}") from None
+    if _depth(doc) > limits.max_json_depth:
+        raise LimitExceededError(f"{where}: JSON nests deeper than {limits.max_json_depth}")
+    return doc

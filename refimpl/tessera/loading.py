@@ -1,0 +1,217 @@
+"""``tessera.load``: a whole checkpoint, a subset of keys, or into an existing state dict (spec §14).
+
+Given a template state dict, every tensor in it is filled in place (any
+device, any strides; shape and dtype must match exactly) and every other leaf
+is replaced by the stored value. Without one, a new nested dict is built.
+
+Key mismatches follow Megatron's ``StrictHandling``, with its meaning of the
+words: *missing* keys are stored but not requested, *unexpected* keys are
+requested but not stored. A template leaf may also stand for a whole stored
+subtree (``{"config": {}}`` loads every key under ``config``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections.abc import Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import KeyMismatchError
+from .flatten import flatten, unflatten
+from .format.keys import Key, format_key
+from .format.limits import DEFAULT_LIMITS, ReaderLimits
+from .format.manifest import Entry, ObjectEntry, TensorEntry
+from .reader import Checkpoint, open_checkpoint
+
+__all__ = ["LoadResult", "Strict", "load"]
+
+log = logging.getLogger("tessera")
+
+
+class Strict(enum.Enum):
+    """How ``load`` treats keys that differ between the template and the checkpoint."""
+
+    ASSUME_OK_UNEXPECTED = "assume_ok_unexpected"
+    """No check up front; an unexpected key fails when it is read. Missing keys are ignored."""
+    LOG_UNEXPECTED = "log_unexpected"
+    """Warn about unexpected keys and skip them; ignore missing ones."""
+    LOG_ALL = "log_all"
+    """Warn about both; skip unexpected keys."""
+    RAISE_UNEXPECTED = "raise_unexpected"
+    """Raise on unexpected keys before reading anything (the default)."""
+    RAISE_ALL = "raise_all"
+    """Raise on any difference (as ``nn.Module.load_state_dict(strict=True)``)."""
+    RETURN_UNEXPECTED = "return_unexpected"
+    """Skip unexpected keys and report them in the :class:`LoadResult`."""
+    RETURN_ALL = "return_all"
+    """Skip unexpected keys and report both kinds in the :class:`LoadResult`."""
+    IGNORE_ALL = "ignore_all"
+    """Skip unexpected keys silently (not recommended)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """What ``load`` read, and the key differences when asked to return them."""
+
+    state_dict: dict[Any, Any]
+    missing: frozenset[str]
+    """Stored, not requested (reported by the ``*_ALL`` modes)."""
+    unexpected: frozenset[str]
+    """Requested, not stored."""
+
+
+def load(
+    path: str | os.PathLike[str] | Checkpoint,
+    state_dict: MutableMapping[Any, Any] | None = None,
+    *,
+    keys: Iterable[str] | None = None,
+    strict: Strict | str = Strict.RAISE_UNEXPECTED,
+    allow_pickle: bool = False,
+    limits: ReaderLimits = DEFAULT_LIMITS,
+) -> Any:
+    """Load a checkpoint; returns the state dict, or a :class:`LoadResult` in the ``RETURN_*`` modes.
+
+    ``keys`` (paths or path prefixes, as ``tessera inspect`` prints them)
+    selects what to load when no template is given. Pickled values are
+    refused unless ``allow_pickle=True``.
+    """
+    mode = Strict(strict)
+    checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path, limits=limits)
+    if state_dict is None:
+        requested = {k: None for k in keys} if keys is not None else {p: None for p in checkpoint}
+        plan = _match(checkpoint, requested, mode)
+        loaded = [
+            (e.key, checkpoint.value(e.path, allow_pickle=allow_pickle)) for e in plan.entries
+        ]
+        result = unflatten(loaded, checkpoint.manifest.lists)
+    else:
+        flat = flatten(state_dict)
+        templates = {format_key(k): (k, v) for k, v in flat.leaves}
+        plan = _match(checkpoint, dict.fromkeys(templates), mode)
+        for path in plan.found:
+            key, template = templates[path]
+            stored = checkpoint.entry(path) if path in checkpoint else None
+            if isinstance(template, torch.Tensor) and isinstance(
+                stored, (TensorEntry, ObjectEntry)
+            ):
+                checkpoint.read_into(path, template)
+            else:
+                _assign(
+                    state_dict, key, _read_subtree(checkpoint, key, path, template, allow_pickle)
+                )
+        result = state_dict
+    if mode in (Strict.RETURN_UNEXPECTED, Strict.RETURN_ALL):
+        missing = plan.missing if mode is Strict.RETURN_ALL else frozenset()
+        return LoadResult(result, missing, plan.unexpected)
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    found: list[str]
+    """Requested keys that are stored (as a value or as a subtree)."""
+    entries: list[Entry]
+    missing: frozenset[str]
+    unexpected: frozenset[str]
+
+
+def _match(checkpoint: Checkpoint, requested: Mapping[str, None], mode: Strict) -> _Match:
+    found: list[str] = []
+    entries: list[Entry] = []
+    unexpected: list[str] = []
+    covered: set[str] = set()
+    for path in requested:
+        subtree = checkpoint.subtree(path)
+        if subtree:
+            found.append(path)
+            entries.extend(subtree)
+            covered.update(e.path for e in subtree)
+        else:
+            unexpected.append(path)
+    missing = frozenset(p for p in checkpoint if p not in covered)
+    match = _Match(found, entries, missing, frozenset(unexpected))
+    _report(checkpoint, match, mode)
+    if mode is Strict.ASSUME_OK_UNEXPECTED and unexpected:
+        # Nothing was checked up front; the first unexpected key fails as a read would.
+        checkpoint.entry(unexpected[0])
+    return match
+
+
+def _report(checkpoint: Checkpoint, match: _Match, mode: Strict) -> None:
+    report_missing = mode in (Strict.LOG_ALL, Strict.RAISE_ALL)
+    problems = []
+    if match.unexpected and mode in (
+        Strict.LOG_UNEXPECTED,
+        Strict.LOG_ALL,
+        Strict.RAISE_UNEXPECTED,
+        Strict.RAISE_ALL,
+    ):
+        problems.append(
+            f"unexpected (requested, not in the checkpoint): {sorted(match.unexpected)}"
+        )
+    if match.missing and report_missing:
+        problems.append(f"missing (in the checkpoint, not requested): {sorted(match.missing)}")
+    if not problems:
+        return
+    message = f"{checkpoint.storage.location}: keys differ; " + "; ".join(problems)
+    if mode in (Strict.RAISE_UNEXPECTED, Strict.RAISE_ALL):
+        raise KeyMismatchError(message)
+    log.warning(message)
+
+
+def _read_subtree(
+    checkpoint: Checkpoint, key: Key, path: str, template: Any, allow_pickle: bool
+) -> Any:
+    """The stored value at ``path``, or the nested dict of everything stored under it."""
+    if path in checkpoint:
+        value = checkpoint.value(path, allow_pickle=allow_pickle)
+    else:
+        leaves = [
+            (e.key[len(key) :], checkpoint.value(e.path, allow_pickle=allow_pickle))
+            for e in checkpoint.subtree(path)
+        ]
+        lists = [
+            k[len(key) :]
+            for k in checkpoint.manifest.lists
+            if k[: len(key)] == key and len(k) > len(key)
+        ]
+        value = unflatten(leaves, lists)
+        if tuple(key) in checkpoint.manifest.lists:
+            value = [value[i] for i in range(len(value))]
+    return _conform(template, value)
+
+
+def _conform(template: Any, value: Any) -> Any:
+    """Give JSON lists back the tuple type the template had (JSON has no tuples)."""
+    if isinstance(template, tuple) and isinstance(value, list) and len(template) == len(value):
+        return (
+            type(template)(*value)
+            if hasattr(template, "_fields")
+            else tuple(_conform(t, v) for t, v in zip(template, value, strict=True))
+        )
+    if isinstance(template, dict) and isinstance(value, dict):
+        return {k: _conform(template.get(k), v) for k, v in value.items()}
+    if isinstance(template, list) and isinstance(value, list) and len(template) == len(value):
+        return [_conform(t, v) for t, v in zip(template, value, strict=True)]
+    return value
+
+
+def _assign(root: MutableMapping[Any, Any], key: Key, value: Any) -> None:
+    """Replace the leaf at ``key`` in the template (rebuilding tuples on the way)."""
+    parents: list[Any] = [root]
+    for component in key[:-1]:
+        parents.append(parents[-1][component])
+    for depth in range(len(key) - 1, -1, -1):
+        container = parents[depth]
+        if isinstance(container, tuple):
+            items = list(container)
+            items[key[depth]] = value  # type: ignore[index]
+            value = type(container)(items)
+            continue
+        container[key[depth]] = value
+        return

@@ -1,0 +1,350 @@
+"""``tessera.open``: a lazy, validated handle on a committed checkpoint (spec §11).
+
+Opening reads one document, the root ``zarr.json``: its version is checked
+first, then its schema, then every entry against the reader limits, all before
+any array is touched. Reads then fetch only the chunks that overlap the
+requested region, check each chunk's CRC32C and size, and write straight into
+the destination tensor wherever the chunk's bytes are contiguous there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import pickle
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .chunk_codec import check_crc, decode_chunk, prefix_elements
+from .errors import (
+    CheckpointNotFoundError,
+    InconsistentCheckpointError,
+    KeyMismatchError,
+    LimitExceededError,
+    MissingChunkError,
+    TensorMismatchError,
+    UncommittedCheckpointError,
+    UnsafeEncodingError,
+)
+from .format.keys import Key, key_to_path
+from .format.layout import CRC32C_SIZE, ChunkIndex, chunk_key
+from .format.limits import DEFAULT_LIMITS, ReaderLimits
+from .format.manifest import Entry, Manifest, ObjectEntry, TensorEntry, ValueEntry, check_version
+from .format.schemas import validate
+from .format.strict_json import loads
+from .parallel import run_all
+from .storage.base import CLAIM_FILE, ROOT_METADATA, Storage
+from .storage.local import LocalStorage
+from .tensors import as_numpy
+
+__all__ = ["Checkpoint", "Region", "open_checkpoint"]
+
+Bounds = tuple[tuple[int, int], ...]
+Region = Sequence[slice | int] | None
+"""A NumPy-style basic index: one ``slice`` (step 1) or ``int`` per leading dimension."""
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    limits: ReaderLimits = DEFAULT_LIMITS,
+    threads: int | None = None,
+) -> Checkpoint:
+    """Open the committed checkpoint at ``path``; raises before any array is read if it is not one."""
+    storage = LocalStorage(path)
+    return Checkpoint(storage, read_manifest(storage, limits), limits=limits, threads=threads)
+
+
+def read_manifest(storage: Storage, limits: ReaderLimits = DEFAULT_LIMITS) -> Manifest:
+    """The validated manifest of ``storage``; the error class says what is wrong (spec §13)."""
+    if not storage.exists():
+        raise CheckpointNotFoundError(f"no checkpoint at {storage.location}")
+    if storage.size(ROOT_METADATA) is None:
+        claimed = storage.size(CLAIM_FILE) is not None
+        raise UncommittedCheckpointError(
+            f"{storage.location} has no root zarr.json: "
+            + (
+                "a save claimed it but never committed (interrupted or still running)"
+                if claimed
+                else "it is not a committed Tessera checkpoint"
+            )
+        )
+    where = f"{storage.location}/{ROOT_METADATA}"
+    doc = loads(storage.read_file(ROOT_METADATA, limits.max_json_bytes), where, limits)
+    attributes = doc.get("attributes") if isinstance(doc, dict) else None
+    check_version(attributes.get("tessera") if isinstance(attributes, dict) else None)
+    validate(doc, "root", where)
+    return Manifest.from_root(doc, limits)
+
+
+def _bounds(region: Region, shape: tuple[int, ...], key: str) -> tuple[Bounds, tuple[int, ...]]:
+    """Half-open bounds per dimension, and which dimensions an ``int`` index drops."""
+    items = list(region or ())
+    if len(items) > len(shape):
+        raise TensorMismatchError(
+            f"{key}: region has {len(items)} indices for {len(shape)} dimensions"
+        )
+    bounds: list[tuple[int, int]] = []
+    dropped: list[int] = []
+    for dim, size in enumerate(shape):
+        item = items[dim] if dim < len(items) else slice(None)
+        if isinstance(item, int) and not isinstance(item, bool):
+            index = item + size if item < 0 else item
+            if not 0 <= index < size:
+                raise TensorMismatchError(
+                    f"{key}: index {item} out of range for dimension {dim} of {size}"
+                )
+            bounds.append((index, index + 1))
+            dropped.append(dim)
+        elif isinstance(item, slice) and item.step in (None, 1):
+            start, stop, _ = item.indices(size)
+            bounds.append((start, max(start, stop)))
+        else:
+            raise TensorMismatchError(
+                f"{key}: region items must be ints or slices with step 1, got {item!r}"
+            )
+    return tuple(bounds), tuple(dropped)
+
+
+def _contiguous_span(inner: Bounds, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """``(first element, count)`` if ``inner`` is one contiguous run of a C-order ``shape``."""
+    extents = [b - a for a, b in inner]
+    count = math.prod(extents)
+    if count == 0:
+        return None
+    outer = next((d for d, e in enumerate(extents) if e != 1), len(extents))
+    if any(extents[d] != shape[d] for d in range(outer + 1, len(shape))):
+        return None
+    first = 0
+    for (a, _), size in zip(inner, shape, strict=True):
+        first = first * size + a
+    return first, count
+
+
+class Checkpoint:
+    """A committed checkpoint: its manifest in memory, its arrays read on demand."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        manifest: Manifest,
+        *,
+        limits: ReaderLimits = DEFAULT_LIMITS,
+        threads: int | None = None,
+    ) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self._limits = limits
+        self._threads = threads
+        self._by_path = {e.path: e for e in manifest.entries}
+        self._checked_arrays: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- what is stored ---------------------------------------------------------------------
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.manifest.metadata
+
+    def keys(self) -> list[str]:
+        """Every stored key as a path (``optimizer/state/~0/exp_avg``), in state-dict order."""
+        return list(self._by_path)
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, (str, tuple)) and self._path(key) in self._by_path
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._by_path)
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def entry(self, key: str | Key) -> Entry:
+        path = self._path(key)
+        try:
+            return self._by_path[path]
+        except KeyError:
+            raise KeyMismatchError(f"{self.storage.location} has no key {path!r}") from None
+
+    @staticmethod
+    def _path(key: str | Key) -> str:
+        return key if isinstance(key, str) else key_to_path(key)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def read(self, key: str | Key, region: Region = None) -> torch.Tensor | np.ndarray:
+        """A tensor (or NumPy array, if one was saved), whole or the ``region`` of it."""
+        entry = self._array_entry(key)
+        bounds, dropped = _bounds(region, entry.layout.shape, entry.path)
+        out = torch.empty([b - a for a, b in bounds], dtype=entry.layout.dtype.torch_dtype)
+        self._fill(entry, bounds, out)
+        for dim in reversed(dropped):
+            out = out.squeeze(dim)
+        if isinstance(entry, TensorEntry) and entry.origin == "numpy":
+            return as_numpy(out, entry.layout.dtype)
+        return out
+
+    def read_into(self, key: str | Key, out: torch.Tensor, region: Region = None) -> None:
+        """Read into an existing tensor (any device, any strides) of matching shape and dtype."""
+        entry = self._array_entry(key)
+        bounds, dropped = _bounds(region, entry.layout.shape, entry.path)
+        shape = [b - a for d, (a, b) in enumerate(bounds) if d not in dropped]
+        if list(out.shape) != shape or out.dtype != entry.layout.dtype.torch_dtype:
+            raise TensorMismatchError(
+                f"{entry.path}: stored {entry.layout.dtype.torch_dtype} {shape}, "
+                f"destination is {out.dtype} {list(out.shape)}; no implicit cast or reshape"
+            )
+        if out.device.type == "cpu" and out.is_contiguous() and not dropped:
+            self._fill(entry, bounds, out)
+        else:
+            staged = torch.empty([b - a for a, b in bounds], dtype=out.dtype)
+            self._fill(entry, bounds, staged)
+            out.copy_(staged.reshape(out.shape))
+
+    def value(self, key: str | Key, *, allow_pickle: bool = False) -> Any:
+        """Any stored value: a tensor, an array, bytes, a JSON value, or an unpickled object."""
+        entry = self.entry(key)
+        if isinstance(entry, ValueEntry):
+            return entry.decoded()
+        if isinstance(entry, TensorEntry):
+            return self.read(entry.path)
+        blob = self.read(entry.path)
+        assert isinstance(blob, torch.Tensor)
+        raw = blob.numpy().tobytes()
+        if entry.encoding == "bytes":
+            return raw
+        if not allow_pickle:
+            raise UnsafeEncodingError(
+                f"{entry.path} is pickled; unpickling can run arbitrary code. "
+                "Pass allow_pickle=True only for checkpoints you trust"
+            )
+        return pickle.loads(raw)  # noqa: S301 - explicit opt-in above
+
+    # -- chunks -----------------------------------------------------------------------------
+
+    def _array_entry(self, key: str | Key) -> TensorEntry | ObjectEntry:
+        entry = self.entry(key)
+        if isinstance(entry, ValueEntry):
+            raise TensorMismatchError(f"{entry.path} is a JSON value, not an array; use value()")
+        self.check_array_metadata(entry)
+        return entry
+
+    def check_array_metadata(self, entry: TensorEntry | ObjectEntry) -> None:
+        """Check the array's own ``zarr.json`` against the manifest, once per handle."""
+        if entry.path in self._checked_arrays:
+            return
+        where = f"{self.storage.location}/{entry.path}/zarr.json"
+        if self.storage.size(f"{entry.path}/zarr.json") is None:
+            raise InconsistentCheckpointError(
+                f"{where} is missing though the manifest lists the array"
+            )
+        doc = loads(
+            self.storage.read_file(f"{entry.path}/zarr.json", self._limits.max_json_bytes),
+            where,
+            self._limits,
+        )
+        validate(doc, "array", where)
+        entry.layout.check_zarr_json(doc, where)
+        with self._lock:
+            self._checked_arrays.add(entry.path)
+
+    def chunk_where(self, entry: TensorEntry | ObjectEntry, index: ChunkIndex) -> str:
+        return f"{entry.path} chunk {chunk_key(index)} ({self.storage.location})"
+
+    def chunk_size(self, entry: TensorEntry | ObjectEntry, index: ChunkIndex) -> int:
+        """The stored size of a chunk, checked: missing and misshapen chunks raise here."""
+        layout = entry.layout
+        where = self.chunk_where(entry, index)
+        size = self.storage.size(f"{entry.path}/{chunk_key(index)}")
+        if size is None:
+            raise MissingChunkError(
+                f"{where} is missing; the checkpoint is damaged (never read as fill value)"
+            )
+        if layout.zstd_level is None and size != layout.chunk_nbytes + CRC32C_SIZE:
+            raise InconsistentCheckpointError(
+                f"{where} is {size} bytes; a raw chunk of {list(layout.chunk_shape)} "
+                f"{layout.dtype.name} plus its checksum is {layout.chunk_nbytes + CRC32C_SIZE}"
+            )
+        bound = layout.chunk_nbytes + layout.chunk_nbytes // 128 + 1024 + CRC32C_SIZE
+        if size > bound:
+            raise LimitExceededError(
+                f"{where} is {size} bytes, more than zstd can produce ({bound})"
+            )
+        return size
+
+    def read_chunk(self, entry: TensorEntry | ObjectEntry, index: ChunkIndex) -> np.ndarray:
+        """One whole chunk, chunk-shaped, its checksum and size checked."""
+        size = self.chunk_size(entry, index)
+        raw = self.storage.read_file(f"{entry.path}/{chunk_key(index)}", size)
+        return decode_chunk(raw, entry.layout, self.chunk_where(entry, index))
+
+    def _fill(self, entry: TensorEntry | ObjectEntry, bounds: Bounds, out: torch.Tensor) -> None:
+        """Fill the CPU, C-contiguous ``out`` with the array's ``bounds``, chunk by chunk."""
+        layout = entry.layout
+        dst = as_numpy(out, layout.dtype)
+        ranges = [
+            range(a // c, math.ceil(b / c)) if b > a else range(0)
+            for (a, b), c in zip(bounds, layout.chunk_shape, strict=True)
+        ]
+        tasks: list[Callable[[], None]] = []
+        for index in itertools.product(*ranges):
+            tasks.append(self._chunk_task(entry, index, bounds, dst))
+        run_all(tasks, self._threads)
+
+    def _chunk_task(
+        self, entry: TensorEntry | ObjectEntry, index: ChunkIndex, bounds: Bounds, dst: np.ndarray
+    ) -> Callable[[], None]:
+        layout = entry.layout
+        chunk = layout.chunk_region(index)
+        inner = tuple(
+            (max(a, ca), min(b, cb)) for (a, b), (ca, cb) in zip(bounds, chunk, strict=True)
+        )
+        local = tuple((a - o, b - o) for (a, b), (o, _) in zip(inner, bounds, strict=True))
+        span = _contiguous_span(local, dst.shape) if inner == chunk else None
+        in_place = (
+            span is not None
+            and layout.zstd_level is None
+            and prefix_elements(layout, index) is not None
+        )
+
+        def direct() -> None:
+            assert span is not None
+            self.chunk_size(entry, index)
+            itemsize = layout.dtype.itemsize
+            flat = dst.reshape(-1).view(np.uint8)
+            data = memoryview(flat[span[0] * itemsize : (span[0] + span[1]) * itemsize])
+            tail = bytearray(layout.chunk_nbytes - len(data) + CRC32C_SIZE)
+            path = f"{entry.path}/{chunk_key(index)}"
+            self.storage.read_into(path, 0, data)
+            self.storage.read_into(path, len(data), memoryview(tail))
+            check_crc(
+                [data, tail[:-CRC32C_SIZE]],
+                bytes(tail[-CRC32C_SIZE:]),
+                self.chunk_where(entry, index),
+            )
+
+        def gathered() -> None:
+            decoded = self.read_chunk(entry, index)
+            dst[tuple(slice(a, b) for a, b in local)] = decoded[
+                tuple(slice(a - ca, b - ca) for (a, b), (ca, _) in zip(inner, chunk, strict=True))
+            ]
+
+        return direct if in_place else gathered
+
+    # -- whole subtrees ---------------------------------------------------------------------
+
+    def subtree(self, prefix: str | Key) -> list[Entry]:
+        """The entries stored at ``prefix`` or below it, in state-dict order."""
+        path = self._path(prefix)
+        return [e for p, e in self._by_path.items() if p == path or p.startswith(path + "/")]
+
+    def __repr__(self) -> str:
+        return (
+            f"<tessera.Checkpoint {self.storage.location} "
+            f"format {self.manifest.format_version}, {len(self)} keys>"
+        )

@@ -1,0 +1,1 @@
+"""Storage media a checkpoint lives on: the interface and the POSIX directory implementation."""

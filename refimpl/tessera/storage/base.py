@@ -1,0 +1,89 @@
+"""The storage interface: where a checkpoint's files live, and the guarantees the commit needs.
+
+Call order of a save (one writer; the distributed writer keeps it per rank):
+
+1. ``claim(doc)``: exclusive creation of the claim file; fails if any other
+   save claimed or committed the path (spec §9).
+2. ``write_file(path, buffers)``: each chunk and ``zarr.json``, once each,
+   possibly from many threads; a file is durable when the call returns.
+3. ``sync()``: every directory the writes created is durable.
+4. ``publish_root(data, save_id)``: the root ``zarr.json``, first-wins; its
+   presence is the commit (spec §9).
+
+Readers call only ``read_file``, ``read_into``, ``size`` and ``list``. Every
+``path`` is relative to the checkpoint root, ``/``-separated, and checked by
+:func:`check_relative_path` before it reaches the medium.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from ..errors import InvalidKeyError
+
+__all__ = ["Buffer", "Storage", "check_relative_path", "ROOT_METADATA", "CLAIM_FILE"]
+
+Buffer = bytes | bytearray | memoryview
+
+ROOT_METADATA = "zarr.json"
+CLAIM_FILE = ".tessera-claim.json"
+
+
+def check_relative_path(path: str) -> str:
+    """Refuse any path that could leave the checkpoint root (spec §11)."""
+    parts = path.split("/")
+    if (
+        not path
+        or path.startswith("/")
+        or "\\" in path
+        or "\x00" in path
+        or any(p in ("", ".", "..") for p in parts)
+    ):
+        raise InvalidKeyError(f"path {path!r} is not a plain relative path inside the checkpoint")
+    return path
+
+
+class Storage(ABC):
+    """One checkpoint's location on some medium (a directory, an object-store prefix)."""
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the checkpoint lives, as shown in messages."""
+
+    @abstractmethod
+    def claim(self, doc: bytes) -> None:
+        """Create the claim file exclusively; raise ``CheckpointExistsError`` if taken."""
+
+    @abstractmethod
+    def write_file(self, path: str, buffers: Sequence[Buffer]) -> None:
+        """Create ``path`` (never overwrite) with the buffers' bytes, durably."""
+
+    @abstractmethod
+    def sync(self) -> None:
+        """Make every directory created by ``write_file`` durable."""
+
+    @abstractmethod
+    def publish_root(self, data: bytes, save_id: str) -> None:
+        """Publish the root ``zarr.json``: first-wins, durable; raise if a rival won."""
+
+    @abstractmethod
+    def size(self, path: str) -> int | None:
+        """Byte size of ``path``, or ``None`` when it does not exist."""
+
+    @abstractmethod
+    def read_file(self, path: str, max_bytes: int) -> bytes:
+        """The whole file; raise ``LimitExceededError`` beyond ``max_bytes``."""
+
+    @abstractmethod
+    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with the bytes of ``path`` from ``offset``; a short file is an error."""
+
+    @abstractmethod
+    def list(self, path: str) -> list[str]:
+        """Names directly under the directory (or prefix) ``path``; ``""`` is the root."""
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether anything is at the location at all."""

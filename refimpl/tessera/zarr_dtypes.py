@@ -1,0 +1,87 @@
+"""Tessera's ML float types for zarr-python, which has none of them (spec §7).
+
+Importing this module registers them with zarr-python's data type registry;
+from then on a plain ``zarr.open_array`` reads ``bfloat16`` and the float8
+arrays, with no other Tessera code. (zarr-python 3.1 collects the
+``zarr.data_type`` entry points but never loads them, so registration is
+explicit.) The names and byte layouts are
+tensorstore's, so both libraries read what either writes. Two-byte types take
+the ``bytes`` codec's ``endian``; one-byte types must not (tensorstore writes
+``{"name": "bytes"}`` for them).
+
+This module imports zarr-python; the rest of Tessera never does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import ml_dtypes
+import numpy as np
+from zarr.core.dtype import data_type_registry
+from zarr.core.dtype.npy.float import BaseFloat
+
+__all__ = ["BFloat16", "Float8E4M3FN", "Float8E4M3FNUZ", "Float8E5M2", "Float8E5M2FNUZ"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BFloat16(BaseFloat):  # type: ignore[type-arg]
+    """bfloat16: 1 sign, 8 exponent (bias 127), 7 mantissa bits; the top half of a float32."""
+
+    dtype_cls = type(np.dtype(ml_dtypes.bfloat16))
+    _zarr_v3_name: ClassVar[str] = "bfloat16"  # type: ignore[misc]
+    _zarr_v2_names: ClassVar[tuple[str, ...]] = ("bfloat16",)
+
+    @property
+    def item_size(self) -> int:
+        return 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Float8(BaseFloat):  # type: ignore[type-arg]
+    """One-byte floats: no byte order, so no ``endian`` in the ``bytes`` codec."""
+
+    @property
+    def item_size(self) -> int:
+        return 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Float8E4M3FN(_Float8):
+    """PyTorch's float8_e4m3fn: bias 7, no infinities, NaN is S.1111.111, max 448."""
+
+    dtype_cls = type(np.dtype(ml_dtypes.float8_e4m3fn))
+    _zarr_v3_name: ClassVar[str] = "float8_e4m3fn"  # type: ignore[misc]
+    _zarr_v2_names: ClassVar[tuple[str, ...]] = ("float8_e4m3fn",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Float8E5M2(_Float8):
+    """float8_e5m2: bias 15, IEEE-style infinities and NaNs, max 57344."""
+
+    dtype_cls = type(np.dtype(ml_dtypes.float8_e5m2))
+    _zarr_v3_name: ClassVar[str] = "float8_e5m2"  # type: ignore[misc]
+    _zarr_v2_names: ClassVar[tuple[str, ...]] = ("float8_e5m2",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Float8E4M3FNUZ(_Float8):
+    """float8_e4m3fnuz: bias 8, no infinities, no negative zero, NaN is 0x80."""
+
+    dtype_cls = type(np.dtype(ml_dtypes.float8_e4m3fnuz))
+    _zarr_v3_name: ClassVar[str] = "float8_e4m3fnuz"  # type: ignore[misc]
+    _zarr_v2_names: ClassVar[tuple[str, ...]] = ("float8_e4m3fnuz",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Float8E5M2FNUZ(_Float8):
+    """float8_e5m2fnuz: bias 16, no infinities, no negative zero, NaN is 0x80."""
+
+    dtype_cls = type(np.dtype(ml_dtypes.float8_e5m2fnuz))
+    _zarr_v3_name: ClassVar[str] = "float8_e5m2fnuz"  # type: ignore[misc]
+    _zarr_v2_names: ClassVar[tuple[str, ...]] = ("float8_e5m2fnuz",)
+
+
+for _dtype in (BFloat16, Float8E4M3FN, Float8E5M2, Float8E4M3FNUZ, Float8E5M2FNUZ):
+    data_type_registry.register(_dtype._zarr_v3_name, _dtype)
