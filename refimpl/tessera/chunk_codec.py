@@ -46,9 +46,7 @@ def _bytes_of(array: np.ndarray) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))
 
 
-def encode_chunk(
-    array: np.ndarray, layout: ArrayLayout, index: ChunkIndex
-) -> list[memoryview | bytes]:
+def encode_chunk(array: np.ndarray, layout: ArrayLayout, index: ChunkIndex) -> list[memoryview | bytes]:
     """The buffers whose concatenation is the stored chunk ``index`` of ``array``."""
     region = layout.chunk_region(index)
     data = array[tuple(slice(start, stop) for start, stop in region)]
@@ -84,6 +82,25 @@ def check_crc(pieces: Sequence[memoryview | bytes], stored: bytes, where: str) -
         )
 
 
+_ZSTD_MAGIC = 0xFD2FB528
+_FCS_FIELD_SIZE = (0, 2, 4, 8)
+_DID_FIELD_SIZE = (0, 1, 2, 4)
+
+
+def zstd_content_size(frame: memoryview) -> int | None:
+    """The content size a zstd frame header declares (RFC 8878 §3.1.1.1), or ``None`` if absent."""
+    if len(frame) < 5 or struct.unpack_from("<I", frame)[0] != _ZSTD_MAGIC:
+        return None
+    descriptor = frame[4]
+    single_segment = bool(descriptor & 0x20)
+    fcs_size = _FCS_FIELD_SIZE[descriptor >> 6] or (1 if single_segment else 0)
+    offset = 5 + (0 if single_segment else 1) + _DID_FIELD_SIZE[descriptor & 0x03]
+    if fcs_size == 0 or len(frame) < offset + fcs_size:
+        return None
+    value = int.from_bytes(frame[offset : offset + fcs_size], "little")
+    return value + 256 if fcs_size == 2 else value
+
+
 def decode_chunk(raw: bytes | memoryview, layout: ArrayLayout, where: str) -> np.ndarray:
     """A chunk's elements, chunk-shaped, after checking its checksum and its size."""
     if len(raw) < CRC32C_SIZE:
@@ -94,9 +111,7 @@ def decode_chunk(raw: bytes | memoryview, layout: ArrayLayout, where: str) -> np
         try:
             body = memoryview(Zstd().decode(body))
         except Exception as exc:  # numcodecs raises RuntimeError or ValueError by version
-            raise InconsistentCheckpointError(
-                f"{where}: zstd cannot decode the chunk: {exc}"
-            ) from None
+            raise InconsistentCheckpointError(f"{where}: zstd cannot decode the chunk: {exc}") from None
     if len(body) != layout.chunk_nbytes:
         raise InconsistentCheckpointError(
             f"{where}: decodes to {len(body)} bytes; a chunk of {list(layout.chunk_shape)} "

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import KeyMismatchError
+from .errors import KeyMismatchError, TensorMismatchError
 from .flatten import flatten, unflatten
 from .format.keys import Key, format_key
 from .format.limits import DEFAULT_LIMITS, ReaderLimits
@@ -85,9 +85,7 @@ def load(
     if state_dict is None:
         requested = {k: None for k in keys} if keys is not None else {p: None for p in checkpoint}
         plan = _match(checkpoint, requested, mode)
-        loaded = [
-            (e.key, checkpoint.value(e.path, allow_pickle=allow_pickle)) for e in plan.entries
-        ]
+        loaded = [(e.key, checkpoint.value(e.path, allow_pickle=allow_pickle)) for e in plan.entries]
         result = unflatten(loaded, checkpoint.manifest.lists)
     else:
         flat = flatten(state_dict)
@@ -96,14 +94,15 @@ def load(
         for path in plan.found:
             key, template = templates[path]
             stored = checkpoint.entry(path) if path in checkpoint else None
-            if isinstance(template, torch.Tensor) and isinstance(
-                stored, (TensorEntry, ObjectEntry)
-            ):
+            if isinstance(template, torch.Tensor):
+                if not isinstance(stored, (TensorEntry, ObjectEntry)):
+                    raise TensorMismatchError(
+                        f"{path}: the template holds a tensor, the checkpoint "
+                        + ("a JSON value" if stored else "a subtree of keys")
+                    )
                 checkpoint.read_into(path, template)
             else:
-                _assign(
-                    state_dict, key, _read_subtree(checkpoint, key, path, template, allow_pickle)
-                )
+                _assign(state_dict, key, _read_subtree(checkpoint, key, path, template, allow_pickle))
         result = state_dict
     if mode in (Strict.RETURN_UNEXPECTED, Strict.RETURN_ALL):
         missing = plan.missing if mode is Strict.RETURN_ALL else frozenset()
@@ -151,9 +150,7 @@ def _report(checkpoint: Checkpoint, match: _Match, mode: Strict) -> None:
         Strict.RAISE_UNEXPECTED,
         Strict.RAISE_ALL,
     ):
-        problems.append(
-            f"unexpected (requested, not in the checkpoint): {sorted(match.unexpected)}"
-        )
+        problems.append(f"unexpected (requested, not in the checkpoint): {sorted(match.unexpected)}")
     if match.missing and report_missing:
         problems.append(f"missing (in the checkpoint, not requested): {sorted(match.missing)}")
     if not problems:
@@ -164,9 +161,7 @@ def _report(checkpoint: Checkpoint, match: _Match, mode: Strict) -> None:
     log.warning(message)
 
 
-def _read_subtree(
-    checkpoint: Checkpoint, key: Key, path: str, template: Any, allow_pickle: bool
-) -> Any:
+def _read_subtree(checkpoint: Checkpoint, key: Key, path: str, template: Any, allow_pickle: bool) -> Any:
     """The stored value at ``path``, or the nested dict of everything stored under it."""
     if path in checkpoint:
         value = checkpoint.value(path, allow_pickle=allow_pickle)
@@ -176,9 +171,7 @@ def _read_subtree(
             for e in checkpoint.subtree(path)
         ]
         lists = [
-            k[len(key) :]
-            for k in checkpoint.manifest.lists
-            if k[: len(key)] == key and len(k) > len(key)
+            k[len(key) :] for k in checkpoint.manifest.lists if k[: len(key)] == key and len(k) > len(key)
         ]
         value = unflatten(leaves, lists)
         if tuple(key) in checkpoint.manifest.lists:

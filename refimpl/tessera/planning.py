@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InvalidKeyError, TensorMismatchError, UnsafeEncodingError
+from .errors import InvalidKeyError, LimitExceededError, TensorMismatchError, UnsafeEncodingError
 from .flatten import Flattened, is_json
 from .format.dtypes import DTYPES, DType, dtype_of_numpy, dtype_of_torch
-from .format.keys import Key, format_key, key_to_path
+from .format.keys import Key, key_to_path
 from .format.layout import ArrayLayout
+from .format.limits import DEFAULT_LIMITS
 from .format.manifest import Entry, ObjectEntry, TensorEntry, ValueEntry
 from .tensors import as_numpy
 
@@ -81,19 +82,18 @@ def choose_chunk_shape(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) 
 
 def plan_save(flat: Flattened, options: SaveOptions) -> SavePlan:
     """Check every leaf and decide how it is stored; raises before anything is written."""
+    if not 0 < options.chunk_bytes <= DEFAULT_LIMITS.max_chunk_bytes:
+        raise LimitExceededError(
+            f"chunk_bytes={options.chunk_bytes}: readers refuse chunks "
+            f"over {DEFAULT_LIMITS.max_chunk_bytes} bytes"
+        )
     entries: list[Entry] = []
     arrays: list[ArrayWrite] = []
-    seen: dict[str, Key] = {}
+    folded_paths: dict[str, str] = {}
     pickle_keys = set(options.pickle_keys)
     for key, value in flat.leaves:
         path = key_to_path(key)
-        folded = path.lower()
-        if folded in seen:
-            raise InvalidKeyError(
-                f"keys {format_key(seen[folded])} and {path} differ only in letter case; "
-                "they would collide on case-insensitive file systems"
-            )
-        seen[folded] = key
+        _check_case_collisions(path, folded_paths)
         entry, data = _plan_leaf(key, path, value, options, path in pickle_keys)
         pickle_keys.discard(path)
         entries.append(entry)
@@ -103,6 +103,19 @@ def plan_save(flat: Flattened, options: SaveOptions) -> SavePlan:
     if pickle_keys:
         raise InvalidKeyError(f"pickle_keys names keys the state dict lacks: {sorted(pickle_keys)}")
     return SavePlan(tuple(entries), tuple(flat.lists), tuple(arrays))
+
+
+def _check_case_collisions(path: str, folded_paths: dict[str, str]) -> None:
+    """Refuse a path or a group on its way that equals another ignoring case (spec R4.8)."""
+    parts = path.split("/")
+    for depth in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:depth])
+        other = folded_paths.setdefault(prefix.lower(), prefix)
+        if other != prefix:
+            raise InvalidKeyError(
+                f"keys {other} and {prefix} differ only in letter case; "
+                "they would collide on case-insensitive file systems"
+            )
 
 
 def _plan_leaf(

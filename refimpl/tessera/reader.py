@@ -75,7 +75,12 @@ def read_manifest(storage: Storage, limits: ReaderLimits = DEFAULT_LIMITS) -> Ma
             )
         )
     where = f"{storage.location}/{ROOT_METADATA}"
-    doc = loads(storage.read_file(ROOT_METADATA, limits.max_json_bytes), where, limits)
+    return check_root_document(storage.read_file(ROOT_METADATA, limits.max_json_bytes), where, limits)
+
+
+def check_root_document(data: bytes, where: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Manifest:
+    """Parse a root ``zarr.json``: strict JSON, then version, then schema, then entries (spec §13)."""
+    doc = loads(data, where, limits)
     attributes = doc.get("attributes") if isinstance(doc, dict) else None
     check_version(attributes.get("tessera") if isinstance(attributes, dict) else None)
     validate(doc, "root", where)
@@ -86,9 +91,7 @@ def _bounds(region: Region, shape: tuple[int, ...], key: str) -> tuple[Bounds, t
     """Half-open bounds per dimension, and which dimensions an ``int`` index drops."""
     items = list(region or ())
     if len(items) > len(shape):
-        raise TensorMismatchError(
-            f"{key}: region has {len(items)} indices for {len(shape)} dimensions"
-        )
+        raise TensorMismatchError(f"{key}: region has {len(items)} indices for {len(shape)} dimensions")
     bounds: list[tuple[int, int]] = []
     dropped: list[int] = []
     for dim, size in enumerate(shape):
@@ -96,18 +99,14 @@ def _bounds(region: Region, shape: tuple[int, ...], key: str) -> tuple[Bounds, t
         if isinstance(item, int) and not isinstance(item, bool):
             index = item + size if item < 0 else item
             if not 0 <= index < size:
-                raise TensorMismatchError(
-                    f"{key}: index {item} out of range for dimension {dim} of {size}"
-                )
+                raise TensorMismatchError(f"{key}: index {item} out of range for dimension {dim} of {size}")
             bounds.append((index, index + 1))
             dropped.append(dim)
         elif isinstance(item, slice) and item.step in (None, 1):
             start, stop, _ = item.indices(size)
             bounds.append((start, max(start, stop)))
         else:
-            raise TensorMismatchError(
-                f"{key}: region items must be ints or slices with step 1, got {item!r}"
-            )
+            raise TensorMismatchError(f"{key}: region items must be ints or slices with step 1, got {item!r}")
     return tuple(bounds), tuple(dropped)
 
 
@@ -240,9 +239,7 @@ class Checkpoint:
             return
         where = f"{self.storage.location}/{entry.path}/zarr.json"
         if self.storage.size(f"{entry.path}/zarr.json") is None:
-            raise InconsistentCheckpointError(
-                f"{where} is missing though the manifest lists the array"
-            )
+            raise InconsistentCheckpointError(f"{where} is missing though the manifest lists the array")
         doc = loads(
             self.storage.read_file(f"{entry.path}/zarr.json", self._limits.max_json_bytes),
             where,
@@ -272,9 +269,7 @@ class Checkpoint:
             )
         bound = layout.chunk_nbytes + layout.chunk_nbytes // 128 + 1024 + CRC32C_SIZE
         if size > bound:
-            raise LimitExceededError(
-                f"{where} is {size} bytes, more than zstd can produce ({bound})"
-            )
+            raise LimitExceededError(f"{where} is {size} bytes, more than zstd can produce ({bound})")
         return size
 
     def read_chunk(self, entry: TensorEntry | ObjectEntry, index: ChunkIndex) -> np.ndarray:
@@ -301,15 +296,11 @@ class Checkpoint:
     ) -> Callable[[], None]:
         layout = entry.layout
         chunk = layout.chunk_region(index)
-        inner = tuple(
-            (max(a, ca), min(b, cb)) for (a, b), (ca, cb) in zip(bounds, chunk, strict=True)
-        )
+        inner = tuple((max(a, ca), min(b, cb)) for (a, b), (ca, cb) in zip(bounds, chunk, strict=True))
         local = tuple((a - o, b - o) for (a, b), (o, _) in zip(inner, bounds, strict=True))
         span = _contiguous_span(local, dst.shape) if inner == chunk else None
         in_place = (
-            span is not None
-            and layout.zstd_level is None
-            and prefix_elements(layout, index) is not None
+            span is not None and layout.zstd_level is None and prefix_elements(layout, index) is not None
         )
 
         def direct() -> None:

@@ -67,9 +67,7 @@ def verify(
                 report.problems.append(Problem(exc.code, str(exc)))
 
     try:
-        checkpoint = Checkpoint(
-            storage, read_manifest(storage, limits), limits=limits, threads=threads
-        )
+        checkpoint = Checkpoint(storage, read_manifest(storage, limits), limits=limits, threads=threads)
     except TesseraError as exc:
         report.problems.append(Problem(exc.code, str(exc)))
         return report
@@ -129,13 +127,9 @@ def _check_claim(checkpoint: Checkpoint, limits: ReaderLimits) -> None:
 def _check_group(checkpoint: Checkpoint, group: str, limits: ReaderLimits) -> None:
     where = f"{checkpoint.storage.location}/{group}/zarr.json"
     if checkpoint.storage.size(f"{group}/zarr.json") is None:
-        raise InconsistentCheckpointError(
-            f"{where} is missing: every group on the way to an array has one"
-        )
+        raise InconsistentCheckpointError(f"{where} is missing: every group on the way to an array has one")
     validate(
-        loads(
-            checkpoint.storage.read_file(f"{group}/zarr.json", limits.max_json_bytes), where, limits
-        ),
+        loads(checkpoint.storage.read_file(f"{group}/zarr.json", limits.max_json_bytes), where, limits),
         "group",
         where,
     )

@@ -27,6 +27,7 @@ from .format.strict_json import dumps
 from .parallel import run_all
 from .planning import DEFAULT_CHUNK_BYTES, ArrayWrite, SaveOptions, SavePlan, plan_save
 from .progress import Progress
+from .reader import check_root_document
 from .storage.base import Storage
 from .storage.local import LocalStorage
 
@@ -75,6 +76,9 @@ def save(
         metadata=dict(metadata or {}),
     )
     root = dumps(manifest.to_root())
+    # The writer reads its own root back as every reader will, so that it never
+    # commits what a reader refuses (too deep metadata, limits, schema).
+    check_root_document(root, f"the root zarr.json for {path}")
     storage = LocalStorage(path)
     storage.claim(dumps(claim_document(manifest)))
     write_plan(plan, storage, threads=threads, progress=progress)
@@ -108,13 +112,10 @@ def write_plan(plan: SavePlan, storage: Storage, *, threads: int | None, progres
     with Progress(plan.nbytes, "saving", progress) as bar:
         for array in plan.arrays:
             tasks.append(
-                _write_json(
-                    storage, f"{array.entry.path}/zarr.json", dumps(array.entry.layout.zarr_json())
-                )
+                _write_json(storage, f"{array.entry.path}/zarr.json", dumps(array.entry.layout.zarr_json()))
             )
             tasks.extend(
-                _write_chunk(storage, array, index, bar)
-                for index in array.entry.layout.chunk_indices()
+                _write_chunk(storage, array, index, bar) for index in array.entry.layout.chunk_indices()
             )
         run_all(tasks, threads)
 

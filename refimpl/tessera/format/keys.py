@@ -8,7 +8,8 @@ id, or a list index). Each component becomes one path segment:
   UTF-8 form becomes ``%XX`` (upper-case hex). A leading ``.`` or ``_`` is
   escaped too, so that no segment is ``.``/``..``, none starts with ``__``
   (names Zarr reserves) and none collides with Tessera's own dot-files.
-  The segment ``zarr.json`` would shadow a node's metadata: its ``.`` is escaped.
+  A segment that equals ``zarr.json`` ignoring case would shadow a node's
+  metadata (on case-insensitive file systems too): its ``.`` is escaped.
 - an integer is ``~`` followed by its decimal form (``~0``, ``~-3``); ``~`` is
   never left raw in a string segment, so the two kinds cannot collide.
 
@@ -53,8 +54,8 @@ def _escape_string(component: str) -> str:
         leading = i == 0 and byte in b"._"
         out.append(chr(byte) if byte in _SAFE and not leading else f"%{byte:02X}")
     segment = "".join(out)
-    if segment == "zarr.json":
-        segment = "zarr%2Ejson"
+    if segment.lower() == "zarr.json":  # also on case-insensitive file systems
+        segment = f"{segment[:4]}%2E{segment[5:]}"
     return segment
 
 

@@ -9,6 +9,7 @@ trusting either one alone.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -64,9 +65,7 @@ class ArrayLayout:
         """The codec chain: ``bytes``, optional ``zstd``, then ``crc32c`` always last."""
         chain: list[dict[str, Any]] = [self.dtype.bytes_codec]
         if self.zstd_level is not None:
-            chain.append(
-                {"name": "zstd", "configuration": {"level": self.zstd_level, "checksum": False}}
-            )
+            chain.append({"name": "zstd", "configuration": {"level": self.zstd_level, "checksum": False}})
         chain.append({"name": "crc32c"})
         return chain
 
@@ -77,8 +76,7 @@ class ArrayLayout:
     def chunk_region(self, index: ChunkIndex) -> tuple[tuple[int, int], ...]:
         """The half-open global ranges ``[start, stop)`` of the array that a chunk holds."""
         return tuple(
-            (i * c, min((i + 1) * c, s))
-            for i, c, s in zip(index, self.chunk_shape, self.shape, strict=True)
+            (i * c, min((i + 1) * c, s)) for i, c, s in zip(index, self.chunk_shape, self.shape, strict=True)
         )
 
     def zarr_json(self) -> dict[str, Any]:
@@ -143,11 +141,20 @@ class ArrayLayout:
             del got["storage_transformers"]
         want = self.zarr_json()
         del want["attributes"]
-        if got != want:
-            diffs = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        # Compared as JSON text: Python's == lets false stand for 0 and 1.0 for 1.
+        if dumps_sorted(got) != dumps_sorted(want):
+            diffs = sorted(
+                k
+                for k in set(got) | set(want)
+                if dumps_sorted({k: got.get(k)}) != dumps_sorted({k: want.get(k)})
+            )
             raise InconsistentCheckpointError(
                 f"{where}: zarr.json disagrees with the manifest on {', '.join(diffs)}"
             )
+
+
+def dumps_sorted(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, sort_keys=True, allow_nan=False)
 
 
 def _parse_codecs(codecs: list[dict[str, Any]], dtype: DType, where: str) -> int | None:
@@ -164,11 +171,7 @@ def _parse_codecs(codecs: list[dict[str, Any]], dtype: DType, where: str) -> int
     if len(middle) == 1 and middle[0].get("name") == "zstd":
         config = middle[0].get("configuration", {})
         level = config.get("level")
-        if (
-            isinstance(level, int)
-            and not isinstance(level, bool)
-            and config.get("checksum") is False
-        ):
+        if isinstance(level, int) and not isinstance(level, bool) and config.get("checksum") is False:
             return level
     raise SchemaViolationError(
         f"{where}: codecs between bytes and crc32c must be nothing or one zstd, got {middle}"

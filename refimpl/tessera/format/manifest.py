@@ -190,7 +190,10 @@ def check_version(doc: Any) -> None:
         raise UnsupportedVersionError(
             f"checkpoint is Tessera format {version}; this reader reads {SUPPORTED_MAJOR}.x only"
         )
-    unknown = [f for f in doc.get("must_understand", []) if f not in UNDERSTOOD_FIELDS]
+    declared = doc.get("must_understand", [])
+    if not isinstance(declared, list) or not all(isinstance(f, str) for f in declared):
+        raise SchemaViolationError(f"must_understand must be a list of field names, got {declared!r}")
+    unknown = [f for f in declared if f not in UNDERSTOOD_FIELDS]
     if unknown:
         raise UnsupportedVersionError(
             f"checkpoint (format {version}) marks {unknown} must-understand; "

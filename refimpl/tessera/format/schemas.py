@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 from referencing import Registry, Resource
 
 from ..errors import SchemaViolationError
@@ -25,8 +25,19 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 SchemaName = Literal["root", "manifest", "array", "group", "claim"]
 
 
+def _is_integer(checker: object, instance: object) -> bool:
+    """JSON Schema counts ``3.0`` as an integer; a Tessera document must write ``3`` (spec R3.7)."""
+    return type(instance) is int
+
+
+_StrictValidator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)
+
+
 @cache
-def _validators() -> dict[str, Draft202012Validator]:
+def _validators() -> dict[str, Any]:
     schemas = {
         p.name.removesuffix(".schema.json"): json.loads(p.read_text())
         for p in sorted(SCHEMA_DIR.glob("*.schema.json"))

@@ -9,6 +9,7 @@ writes JSON.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from ..errors import LimitExceededError, SchemaViolationError
@@ -35,18 +36,28 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _depth(doc: Any) -> int:
-    deepest = 0
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text} overflows a double")
+    return value
+
+
+def _check_tree(doc: Any, where: str, limits: ReaderLimits) -> None:
+    """Bounded depth, and strings that are valid Unicode (JSON escapes allow lone surrogates)."""
     stack = [(doc, 1)]
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, dict):
-            deepest = max(deepest, depth)
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            deepest = max(deepest, depth)
-            stack.extend((v, depth + 1) for v in node)
-    return deepest
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SchemaViolationError(f"{where}: string {node[:40]!r} is not valid Unicode") from None
+        elif isinstance(node, (dict, list)):
+            if depth > limits.max_json_depth:
+                raise LimitExceededError(f"{where}: JSON nests deeper than {limits.max_json_depth}")
+            children = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in children)
 
 
 def loads(data: bytes, where: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Any:
@@ -60,9 +71,9 @@ def loads(data: bytes, where: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Any
             data.decode("utf-8"),
             object_pairs_hook=_no_duplicates,
             parse_constant=_refuse_constant,
+            parse_float=_finite_float,
         )
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise SchemaViolationError(f"{where}: not strict JSON: {exc}") from None
-    if _depth(doc) > limits.max_json_depth:
-        raise LimitExceededError(f"{where}: JSON nests deeper than {limits.max_json_depth}")
+    _check_tree(doc, where, limits)
     return doc

@@ -90,8 +90,8 @@ class LocalStorage(Storage):
             fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             raise CheckpointExistsError(
-                f"{self._root} was already claimed by another save ({CLAIM_FILE} exists); "
-                "two writers never share a path"
+                f"{self._root} was already claimed by another save ({CLAIM_FILE} exists) and "
+                "two writers never share a path; if that save died uncommitted, delete the directory"
             ) from None
         except OSError as exc:
             with _os_errors(f"cannot claim {claim}"):
@@ -140,9 +140,7 @@ class LocalStorage(Storage):
             created, self._created_dirs = self._created_dirs, set()
         # A directory's entry lives in its parent: fsync each parent of a new directory.
         with _os_errors(f"cannot sync directories under {self._root}"):
-            for directory in sorted(
-                {d.parent for d in created} | created, key=lambda p: -len(p.parts)
-            ):
+            for directory in sorted({d.parent for d in created} | created, key=lambda p: -len(p.parts)):
                 _fsync_dir(directory)
 
     def publish_root(self, data: bytes, save_id: str) -> None:

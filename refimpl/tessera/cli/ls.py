@@ -1,0 +1,126 @@
+"""``tessera ls RUN_DIR``: the checkpoints of a run, oldest first, the latest marked ``*``.
+
+A checkpoint is ``committed`` when its root ``zarr.json`` exists and
+``UNCOMMITTED`` otherwise (a save in progress, or one that died: loaders
+refuse it). Only the manifest of each committed checkpoint is read, for its
+creation time; sizes come from the files on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointNotFoundError, TesseraError
+from ..format.strict_json import loads
+from ..reader import open_checkpoint
+from ..run_dir import RunDirectory
+from ..storage.base import CLAIM_FILE
+from .common import UsageError, disk_usage, human_bytes, is_run_directory, one_line
+
+__all__ = ["add_parser", "list_run", "run"]
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "ls",
+        help="list the checkpoints of a run directory",
+        description=(
+            "List the checkpoints of a run directory: name, step, committed or UNCOMMITTED, "
+            "size on disk, creation time; '*' marks the one 'latest' names."
+        ),
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds step-*/ and latest)")
+    parser.add_argument("--json", action="store_true", help="print the list as JSON")
+    parser.set_defaults(run=run)
+
+
+def _created(path: Path, committed: bool) -> tuple[str | None, str | None]:
+    """The save's creation time, from the manifest (or the claim, if uncommitted), and any error."""
+    try:
+        if committed:
+            return open_checkpoint(path).manifest.created, None
+        claim = loads((path / CLAIM_FILE).read_bytes(), str(path / CLAIM_FILE))
+        created = claim.get("created") if isinstance(claim, dict) else None
+        return (created if isinstance(created, str) else None), None
+    except TesseraError as exc:
+        return None, f"error[{exc.code}]: {one_line(str(exc))}"
+    except OSError:
+        return None, None
+
+
+def list_run(root: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """One record per checkpoint, and a warning if ``latest`` is unusable."""
+    run_dir = RunDirectory(root)
+    warning = None
+    try:
+        run_dir.latest()
+    except TesseraError as exc:
+        warning = f"'latest' is unusable: {one_line(str(exc))}"
+    records = []
+    for info in run_dir.checkpoints():
+        path = root / info.name
+        created, error = _created(path, info.committed)
+        records.append(
+            {
+                "name": info.name,
+                "step": info.step,
+                "committed": info.committed,
+                "latest": info.latest,
+                "bytes": disk_usage(path),
+                "created": created,
+                "error": error,
+            }
+        )
+    return records, warning
+
+
+def _when(created: str | None) -> str:
+    """``2026-11-21 08:38:19Z`` from the RFC 3339 time the writer stores."""
+    if created is None:
+        return "?"
+    date, _, time = created.partition("T")
+    return f"{date} {time.split('.')[0].rstrip('Z')}Z" if time else created
+
+
+def run(args: argparse.Namespace) -> int:
+    root = Path(args.run_dir)
+    if not root.exists():
+        raise CheckpointNotFoundError(f"no run directory at {root}")
+    if not root.is_dir() or not (is_run_directory(root) or not any(root.iterdir())):
+        raise UsageError(
+            f"{root} is not a run directory (no 'latest', no step-* checkpoints); "
+            "for a single checkpoint use 'tessera inspect'"
+        )
+    records, warning = list_run(root)
+    if args.json:
+        doc = {"run_directory": str(root.absolute()), "warning": warning, "checkpoints": records}
+        print(json.dumps(doc, indent=2, ensure_ascii=False))
+        return 0
+    if warning:
+        print(f"warning: {warning}")
+    if not records:
+        print(f"{root}: no checkpoints yet")
+        return 0
+    rows = [["", "NAME", "STEP", "STATE", "SIZE", "CREATED"]]
+    for r in records:
+        state = "committed" if r["committed"] else "UNCOMMITTED"
+        when = _when(r["created"]) + (f"  {r['error']}" if r["error"] else "")
+        rows.append(
+            ["*" if r["latest"] else "", r["name"], str(r["step"]), state, human_bytes(r["bytes"]), when]
+        )
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    for row in rows:
+        cells = [
+            cell.rjust(widths[c]) if c in (2, 4) else cell.ljust(widths[c]) for c, cell in enumerate(row)
+        ]
+        print("  ".join(cells).rstrip())
+    committed = sum(r["committed"] for r in records)
+    latest = next((r["name"] for r in records if r["latest"]), "none")
+    print(
+        f"{len(records)} checkpoints ({committed} committed), latest: {latest}, "
+        f"{human_bytes(sum(r['bytes'] for r in records))} in all"
+    )
+    return 0

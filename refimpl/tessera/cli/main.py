@@ -1,0 +1,78 @@
+"""The ``tessera`` command: parses the command line and dispatches to one module per subcommand.
+
+Every subcommand module has ``add_parser(subparsers)``, which registers its
+arguments and sets ``run``, and ``run(args) -> int``, the exit status. This
+module owns the exit-status contract: 0 success, 1 ``verify`` found problems,
+2 an error. Every :class:`~tessera.TesseraError` ends the program with one line
+``tessera: error[<code>]: <message>`` on stderr, never a traceback, so scripts
+can branch on the code; bad usage exits 2 through argparse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import StorageError, TesseraError
+from . import inspect, ls, verify
+from .common import UsageError, one_line
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tessera",
+        description="Inspect, verify and list Tessera checkpoints (Zarr v3 + manifest).",
+        epilog="Exit status: 0 ok, 1 verify found problems, 2 error. "
+        "Errors print 'tessera: error[<code>]: <message>'.",
+    )
+    parser.add_argument("--version", action="version", version=f"tessera {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (inspect, verify, ls):
+        module.add_parser(subparsers)
+    return parser
+
+
+def _error(code: str, message: str) -> int:
+    print(f"tessera: error[{code}]: {one_line(message)}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or bad usage (argparse printed why)
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    try:
+        status: int = args.run(args)
+        sys.stdout.flush()
+        return status
+    except TesseraError as exc:
+        return _error(exc.code, str(exc))
+    except UsageError as exc:
+        print(f"tessera {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader of our output went away (`tessera inspect ... | head`): not an error
+        # worth a traceback; point stdout at /dev/null so the final flush stays quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PROBLEMS
+    except OSError as exc:
+        return _error(StorageError.code, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""``tessera verify PATH``: every document, every chunk and every checksum; exit 1 on any problem.
+
+Output: one ``code: message`` line per problem, then one summary line per
+checkpoint. The progress bar goes to stderr, and only when stderr is a
+terminal (never in logs or pipes) and ``--quiet`` is not given. ``--quiet``
+prints the problems only, so that an empty output means a sound checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointNotFoundError
+from ..run_dir import RunDirectory
+from ..verify import VerifyReport, verify
+from .common import UsageError, human_bytes, is_run_directory, one_line, resolve
+
+__all__ = ["add_parser", "report_document", "run", "summary_line"]
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="check every chunk and document of a checkpoint",
+        description=(
+            "Check a checkpoint completely: the manifest and every zarr.json against their "
+            "schemas, every chunk present, of the right size and matching its CRC32C. Lists "
+            "every problem found as 'code: message'. PATH may be a run directory: its latest "
+            "checkpoint is verified, or every checkpoint with --all. Exit status: 0 sound, "
+            "1 problems found, 2 error (no checkpoint at PATH, bad usage)."
+        ),
+    )
+    parser.add_argument("path", metavar="PATH", help="a checkpoint or a run directory")
+    parser.add_argument(
+        "--all", action="store_true", help="verify every checkpoint of the run directory PATH"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="print problems only: no progress, no summary"
+    )
+    parser.add_argument("--json", action="store_true", help="print the reports as JSON")
+    parser.set_defaults(run=run)
+
+
+def _targets(path: str, every: bool) -> tuple[list[Path], Path | None]:
+    """The checkpoints to verify, and the run directory they belong to, if any."""
+    if not every:
+        target = resolve(path)
+        return [target.path], target.run_dir
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointNotFoundError(f"no run directory at {root}")
+    if not is_run_directory(root):
+        raise UsageError(f"--all needs a run directory; {root} is not one (no 'latest', no step-*)")
+    return [root / info.name for info in RunDirectory(root).checkpoints()], root
+
+
+def summary_line(report: VerifyReport, seconds: float) -> str:
+    """``OK  <path>: 12 arrays, 40 chunks, 4.3 MiB in 0.05 s`` (``FAILED`` with a count)."""
+    status = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
+    return (
+        f"{status}  {report.location}: {report.arrays} arrays, {report.chunks} chunks, "
+        f"{human_bytes(report.nbytes)} in {seconds:.2f} s"
+    )
+
+
+def report_document(report: VerifyReport, seconds: float) -> dict[str, Any]:
+    return {
+        "location": report.location,
+        "ok": report.ok,
+        "problems": [{"code": p.code, "message": p.message} for p in report.problems],
+        "arrays": report.arrays,
+        "chunks": report.chunks,
+        "bytes": report.nbytes,
+        "seconds": round(seconds, 6),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    paths, run_dir = _targets(args.path, args.all)
+    progress = sys.stderr.isatty() and not args.quiet and not args.json
+    documents = []
+    ok = True
+    for path in paths:
+        start = time.monotonic()
+        report = verify(path, progress=progress)
+        seconds = time.monotonic() - start
+        ok = ok and report.ok
+        if args.json:
+            documents.append(report_document(report, seconds))
+            continue
+        for problem in report.problems:
+            print(f"{problem.code}: {one_line(problem.message)}")
+        if not args.quiet:
+            print(summary_line(report, seconds))
+    if args.json:
+        if args.all:
+            doc: dict[str, Any] = {
+                "ok": ok,
+                "run_directory": str(run_dir.absolute()) if run_dir else None,
+                "checkpoints": documents,
+            }
+            print(json.dumps(doc, indent=2, ensure_ascii=False))
+        else:
+            print(json.dumps(documents[0], indent=2, ensure_ascii=False))
+    elif args.all and not paths and not args.quiet:
+        print(f"{args.path}: no checkpoints to verify")
+    return 0 if ok else 1
