@@ -85,12 +85,13 @@ def load(
     if state_dict is None:
         requested = {k: None for k in keys} if keys is not None else {p: None for p in checkpoint}
         plan = _match(checkpoint, requested, mode)
-        loaded = [(e.key, checkpoint.value(e.path, allow_pickle=allow_pickle)) for e in plan.entries]
-        result = unflatten(loaded, checkpoint.manifest.lists)
+        values = checkpoint.values([e.path for e in plan.entries], allow_pickle=allow_pickle)
+        result = unflatten(zip([e.key for e in plan.entries], values, strict=True), checkpoint.manifest.lists)
     else:
         flat = flatten(state_dict)
         templates = {format_key(k): (k, v) for k, v in flat.leaves}
         plan = _match(checkpoint, dict.fromkeys(templates), mode)
+        in_place: list[tuple[str, torch.Tensor, None]] = []
         for path in plan.found:
             key, template = templates[path]
             stored = checkpoint.entry(path) if path in checkpoint else None
@@ -100,9 +101,10 @@ def load(
                         f"{path}: the template holds a tensor, the checkpoint "
                         + ("a JSON value" if stored else "a subtree of keys")
                     )
-                checkpoint.read_into(path, template)
+                in_place.append((path, template, None))
             else:
                 _assign(state_dict, key, _read_subtree(checkpoint, key, path, template, allow_pickle))
+        checkpoint.read_many(in_place)
         result = state_dict
     if mode in (Strict.RETURN_UNEXPECTED, Strict.RETURN_ALL):
         missing = plan.missing if mode is Strict.RETURN_ALL else frozenset()
@@ -166,10 +168,9 @@ def _read_subtree(checkpoint: Checkpoint, key: Key, path: str, template: Any, al
     if path in checkpoint:
         value = checkpoint.value(path, allow_pickle=allow_pickle)
     else:
-        leaves = [
-            (e.key[len(key) :], checkpoint.value(e.path, allow_pickle=allow_pickle))
-            for e in checkpoint.subtree(path)
-        ]
+        subtree = checkpoint.subtree(path)
+        values = checkpoint.values([e.path for e in subtree], allow_pickle=allow_pickle)
+        leaves = [(e.key[len(key) :], v) for e, v in zip(subtree, values, strict=True)]
         lists = [
             k[len(key) :] for k in checkpoint.manifest.lists if k[: len(key)] == key and len(k) > len(key)
         ]

@@ -181,7 +181,7 @@ class Checkpoint:
         entry = self._array_entry(key)
         bounds, dropped = _bounds(region, entry.layout.shape, entry.path)
         out = torch.empty([b - a for a, b in bounds], dtype=entry.layout.dtype.torch_dtype)
-        self._fill(entry, bounds, out)
+        run_all(self._fill_tasks(entry, bounds, out), self._threads)
         for dim in reversed(dropped):
             out = out.squeeze(dim)
         if isinstance(entry, TensorEntry) and entry.origin == "numpy":
@@ -190,39 +190,61 @@ class Checkpoint:
 
     def read_into(self, key: str | Key, out: torch.Tensor, region: Region = None) -> None:
         """Read into an existing tensor (any device, any strides) of matching shape and dtype."""
-        entry = self._array_entry(key)
-        bounds, dropped = _bounds(region, entry.layout.shape, entry.path)
-        shape = [b - a for d, (a, b) in enumerate(bounds) if d not in dropped]
-        if list(out.shape) != shape or out.dtype != entry.layout.dtype.torch_dtype:
-            raise TensorMismatchError(
-                f"{entry.path}: stored {entry.layout.dtype.torch_dtype} {shape}, "
-                f"destination is {out.dtype} {list(out.shape)}; no implicit cast or reshape"
-            )
-        if out.device.type == "cpu" and out.is_contiguous() and not dropped:
-            self._fill(entry, bounds, out)
-        else:
-            staged = torch.empty([b - a for a, b in bounds], dtype=out.dtype)
-            self._fill(entry, bounds, staged)
-            out.copy_(staged.reshape(out.shape))
+        self.read_many([(key, out, region)])
+
+    def read_many(self, requests: Sequence[tuple[str | Key, torch.Tensor, Region]]) -> None:
+        """Fill each ``(key, out, region)`` request; the chunks of all of them are read in one
+        parallel pass, so that many small tensors load as fast as one large one."""
+        tasks: list[Callable[[], None]] = []
+        staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for key, out, region in requests:
+            entry = self._array_entry(key)
+            bounds, dropped = _bounds(region, entry.layout.shape, entry.path)
+            shape = [b - a for d, (a, b) in enumerate(bounds) if d not in dropped]
+            if list(out.shape) != shape or out.dtype != entry.layout.dtype.torch_dtype:
+                raise TensorMismatchError(
+                    f"{entry.path}: stored {entry.layout.dtype.torch_dtype} {shape}, "
+                    f"destination is {out.dtype} {list(out.shape)}; no implicit cast or reshape"
+                )
+            target = out
+            if out.device.type != "cpu" or not out.is_contiguous() or dropped:
+                target = torch.empty([b - a for a, b in bounds], dtype=out.dtype)
+                staged.append((out, target))
+            tasks.extend(self._fill_tasks(entry, bounds, target))
+        run_all(tasks, self._threads)
+        for out, target in staged:
+            out.copy_(target.reshape(out.shape))
 
     def value(self, key: str | Key, *, allow_pickle: bool = False) -> Any:
         """Any stored value: a tensor, an array, bytes, a JSON value, or an unpickled object."""
-        entry = self.entry(key)
-        if isinstance(entry, ValueEntry):
-            return entry.decoded()
-        if isinstance(entry, TensorEntry):
-            return self.read(entry.path)
-        blob = self.read(entry.path)
-        assert isinstance(blob, torch.Tensor)
-        raw = blob.numpy().tobytes()
-        if entry.encoding == "bytes":
-            return raw
-        if not allow_pickle:
+        return self.values([key], allow_pickle=allow_pickle)[0]
+
+    def values(self, keys: Sequence[str | Key], *, allow_pickle: bool = False) -> list[Any]:
+        """The values of several keys, their arrays read in one parallel pass."""
+        entries = [self.entry(k) for k in keys]
+        pickled = [e.path for e in entries if isinstance(e, ObjectEntry) and e.encoding == "pickle"]
+        if pickled and not allow_pickle:
             raise UnsafeEncodingError(
-                f"{entry.path} is pickled; unpickling can run arbitrary code. "
+                f"{pickled[0]} is pickled; unpickling can run arbitrary code. "
                 "Pass allow_pickle=True only for checkpoints you trust"
             )
-        return pickle.loads(raw)  # noqa: S301 - explicit opt-in above
+        arrays = {
+            e.path: torch.empty(e.layout.shape, dtype=e.layout.dtype.torch_dtype)
+            for e in entries
+            if not isinstance(e, ValueEntry)
+        }
+        self.read_many([(path, out, None) for path, out in arrays.items()])
+        return [self._decode(e, arrays.get(e.path)) for e in entries]
+
+    @staticmethod
+    def _decode(entry: Entry, array: torch.Tensor | None) -> Any:
+        if isinstance(entry, ValueEntry):
+            return entry.decoded()
+        assert array is not None
+        if isinstance(entry, TensorEntry):
+            return as_numpy(array, entry.layout.dtype) if entry.origin == "numpy" else array
+        raw = array.numpy().tobytes()
+        return raw if entry.encoding == "bytes" else pickle.loads(raw)  # noqa: S301 - opted in
 
     # -- chunks -----------------------------------------------------------------------------
 
@@ -245,8 +267,13 @@ class Checkpoint:
             where,
             self._limits,
         )
-        validate(doc, "array", where)
-        entry.layout.check_zarr_json(doc, where)
+        try:
+            entry.layout.check_zarr_json(doc, where)
+        except InconsistentCheckpointError:
+            # Equal to the expected document implies schema-valid; a document that differs
+            # may be malformed altogether, which is the more precise error (spec §13).
+            validate(doc, "array", where)
+            raise
         with self._lock:
             self._checked_arrays.add(entry.path)
 
@@ -278,18 +305,17 @@ class Checkpoint:
         raw = self.storage.read_file(f"{entry.path}/{chunk_key(index)}", size)
         return decode_chunk(raw, entry.layout, self.chunk_where(entry, index))
 
-    def _fill(self, entry: TensorEntry | ObjectEntry, bounds: Bounds, out: torch.Tensor) -> None:
-        """Fill the CPU, C-contiguous ``out`` with the array's ``bounds``, chunk by chunk."""
-        layout = entry.layout
-        dst = as_numpy(out, layout.dtype)
+    def _fill_tasks(
+        self, entry: TensorEntry | ObjectEntry, bounds: Bounds, out: torch.Tensor
+    ) -> list[Callable[[], None]]:
+        """One task per chunk overlapping ``bounds``, each filling its part of the CPU,
+        C-contiguous ``out``."""
+        dst = as_numpy(out, entry.layout.dtype)
         ranges = [
             range(a // c, math.ceil(b / c)) if b > a else range(0)
-            for (a, b), c in zip(bounds, layout.chunk_shape, strict=True)
+            for (a, b), c in zip(bounds, entry.layout.chunk_shape, strict=True)
         ]
-        tasks: list[Callable[[], None]] = []
-        for index in itertools.product(*ranges):
-            tasks.append(self._chunk_task(entry, index, bounds, dst))
-        run_all(tasks, self._threads)
+        return [self._chunk_task(entry, index, bounds, dst) for index in itertools.product(*ranges)]
 
     def _chunk_task(
         self, entry: TensorEntry | ObjectEntry, index: ChunkIndex, bounds: Bounds, dst: np.ndarray

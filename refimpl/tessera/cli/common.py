@@ -28,6 +28,7 @@ __all__ = [
     "human_bytes",
     "is_run_directory",
     "one_line",
+    "plural",
     "resolve",
     "shorten",
     "unicode_ok",
@@ -109,7 +110,18 @@ def disk_usage(path: Path) -> int:
 
 def one_line(message: str) -> str:
     """A multi-line message (a schema error lists each violation) joined into one line."""
-    return "; ".join(part.strip() for part in message.splitlines() if part.strip())
+    line = ""
+    for part in (p.strip() for p in message.splitlines()):
+        if part:
+            line += ("" if not line else " " if line.endswith(":") else "; ") + part
+    return line
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 chunk``, ``2 chunks``, ``3 entries``."""
+    if count == 1:
+        return f"{count} {noun}"
+    return f"{count} {noun[:-1]}ies" if noun.endswith("y") else f"{count} {noun}s"
 
 
 def unicode_ok(stream: TextIO = sys.stdout) -> bool:

@@ -27,6 +27,7 @@ from .common import (
     compact_json,
     disk_usage,
     human_bytes,
+    plural,
     resolve,
     shorten,
     unicode_ok,
@@ -52,7 +53,20 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("path", metavar="PATH", help="a checkpoint or a run directory")
     parser.add_argument("--json", action="store_true", help="print the manifest and computed sizes as JSON")
     parser.add_argument("--values", action="store_true", help="print JSON values and metadata in full")
+    parser.add_argument(
+        "--depth",
+        type=_depth,
+        metavar="N",
+        help="show N levels of the tree; deeper groups are summed up in one line",
+    )
     parser.set_defaults(run=run)
+
+
+def _depth(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("depth must be at least 1")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +141,10 @@ class _Node:
             return sizes[self.entry.path].nbytes if self.entry.path in sizes else 0
         return sum(child.nbytes(sizes) for child in self.children.values())
 
+    def count(self) -> int:
+        """Entries at or below this node."""
+        return int(self.entry is not None) + sum(c.count() for c in self.children.values())
+
 
 def _tree(entries: tuple[Entry, ...]) -> _Node:
     """Entries nested by path segment, in state-dict order."""
@@ -161,23 +179,29 @@ def _entry_cells(entry: Entry, values: bool, times: str) -> list[str]:
     ]
 
 
-def _rows(node: _Node, sizes: dict[str, ArraySizes], values: bool, fancy: bool) -> list[list[str]]:
+def _rows(
+    node: _Node, sizes: dict[str, ArraySizes], values: bool, fancy: bool, depth: int | None
+) -> list[list[str]]:
     tee, last, bar, blank = ("├── ", "└── ", "│   ", "    ") if fancy else ("|-- ", "`-- ", "|   ", "    ")
     times = "×" if fancy else "x"
     rows: list[list[str]] = []
 
-    def walk(current: _Node, prefix: str) -> None:
+    def walk(current: _Node, prefix: str, level: int) -> None:
         items = list(current.children.items())
         for i, (name, child) in enumerate(items):
             final = i == len(items) - 1
             label = prefix + (last if final else tee) + name
-            if child.entry is None:
-                rows.append([label + "/", "", "", "", "", human_bytes(child.nbytes(sizes)), "", ""])
-                walk(child, prefix + (blank if final else bar))
-            else:
+            if child.entry is not None:
                 rows.append([label, *_entry_cells(child.entry, values, times)])
+                continue
+            size = human_bytes(child.nbytes(sizes))
+            if depth is not None and level >= depth:
+                rows.append([label + "/", "", "", "", plural(child.count(), "entry"), size, "", ""])
+            else:
+                rows.append([label + "/", "", "", "", "", size, "", ""])
+                walk(child, prefix + (blank if final else bar), level + 1)
 
-    walk(node, "")
+    walk(node, "", 1)
     return rows
 
 
@@ -206,6 +230,7 @@ def render(
     *,
     values: bool = False,
     fancy: bool = True,
+    depth: int | None = None,
 ) -> str:
     """The text ``tessera inspect`` prints."""
     manifest = checkpoint.manifest
@@ -232,15 +257,16 @@ def render(
     width = max(len(name) for name, _ in header)
     lines = [f"{name:<{width}}  {value}" for name, value in header]
     lines.append("")
-    lines.extend(_table(_rows(_tree(manifest.entries), sizes, values, fancy)))
+    lines.extend(_table(_rows(_tree(manifest.entries), sizes, values, fancy, depth)))
     lines.append("")
     entries = manifest.entries
     tensors = sum(isinstance(e, TensorEntry) for e in entries)
     objects = sum(isinstance(e, ObjectEntry) for e in entries)
     chunks = sum(e.layout.chunk_count for e in entries if not isinstance(e, ValueEntry))
     lines.append(
-        f"{len(entries)} entries ({tensors} tensors, {objects} objects, "
-        f"{len(entries) - tensors - objects} values), {chunks} chunks: "
+        f"{plural(len(entries), 'entry')} "
+        f"({plural(tensors, 'tensor')}, {plural(objects, 'object')}, "
+        f"{plural(len(entries) - tensors - objects, 'value')}), {plural(chunks, 'chunk')}: "
         f"{human_bytes(sum(s.nbytes for s in sizes.values()))} of data, "
         f"{human_bytes(disk_usage(Path(checkpoint.storage.location)))} on disk"
     )
@@ -254,11 +280,20 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(inspect_document(checkpoint, target, sizes), indent=2, ensure_ascii=False))
     else:
-        print(render(checkpoint, target, sizes, values=args.values, fancy=unicode_ok(sys.stdout)))
+        print(
+            render(
+                checkpoint,
+                target,
+                sizes,
+                values=args.values,
+                fancy=unicode_ok(sys.stdout),
+                depth=args.depth,
+            )
+        )
     missing = sum(s.missing_chunks for s in sizes.values())
     if missing:
         print(
-            f"tessera: warning: {missing} chunk(s) missing from {checkpoint.storage.location}; "
+            f"tessera: warning: {plural(missing, 'chunk')} missing from {checkpoint.storage.location}; "
             "run 'tessera verify' for a full check",
             file=sys.stderr,
         )

@@ -18,7 +18,7 @@ from ..format.strict_json import loads
 from ..reader import open_checkpoint
 from ..run_dir import RunDirectory
 from ..storage.base import CLAIM_FILE
-from .common import UsageError, disk_usage, human_bytes, is_run_directory, one_line
+from .common import UsageError, disk_usage, human_bytes, is_run_directory, one_line, plural
 
 __all__ = ["add_parser", "list_run", "run"]
 
@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     root = Path(args.run_dir)
     if not root.exists():
         raise CheckpointNotFoundError(f"no run directory at {root}")
-    if not root.is_dir() or not (is_run_directory(root) or not any(root.iterdir())):
+    empty = root.is_dir() and not any(root.iterdir())
+    if not (empty or is_run_directory(root)):
         raise UsageError(
             f"{root} is not a run directory (no 'latest', no step-* checkpoints); "
             "for a single checkpoint use 'tessera inspect'"
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     committed = sum(r["committed"] for r in records)
     latest = next((r["name"] for r in records if r["latest"]), "none")
     print(
-        f"{len(records)} checkpoints ({committed} committed), latest: {latest}, "
+        f"{plural(len(records), 'checkpoint')} ({committed} committed), latest: {latest}, "
         f"{human_bytes(sum(r['bytes'] for r in records))} in all"
     )
     return 0

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import CheckpointNotFoundError
 from ..run_dir import RunDirectory
 from ..verify import VerifyReport, verify
-from .common import UsageError, human_bytes, is_run_directory, one_line, resolve
+from .common import UsageError, human_bytes, is_run_directory, one_line, plural, resolve
 
 __all__ = ["add_parser", "report_document", "run", "summary_line"]
 
@@ -61,9 +61,10 @@ def _targets(path: str, every: bool) -> tuple[list[Path], Path | None]:
 
 def summary_line(report: VerifyReport, seconds: float) -> str:
     """``OK  <path>: 12 arrays, 40 chunks, 4.3 MiB in 0.05 s`` (``FAILED`` with a count)."""
-    status = "OK" if report.ok else f"FAILED ({len(report.problems)} problems)"
+    status = "OK" if report.ok else f"FAILED ({plural(len(report.problems), 'problem')})"
     return (
-        f"{status}  {report.location}: {report.arrays} arrays, {report.chunks} chunks, "
+        f"{status}  {report.location}: {plural(report.arrays, 'array')}, "
+        f"{plural(report.chunks, 'chunk')}, "
         f"{human_bytes(report.nbytes)} in {seconds:.2f} s"
     )
 

@@ -48,7 +48,10 @@ _ESCAPE = re.compile(r"%([0-9A-F]{2})")
 def _escape_string(component: str) -> str:
     if component == "":
         raise InvalidKeyError("empty string key component: every dict key must be non-empty")
-    raw = component.encode("utf-8")
+    try:
+        raw = component.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidKeyError(f"key component {component!r} is not valid Unicode (lone surrogate)") from None
     out: list[str] = []
     for i, byte in enumerate(raw):
         leading = i == 0 and byte in b"._"

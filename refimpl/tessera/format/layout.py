@@ -127,8 +127,8 @@ class ArrayLayout:
 
     def check_zarr_json(self, doc: object, where: str) -> None:
         """Refuse an array ``zarr.json`` that differs from what the manifest implies."""
-        if not isinstance(doc, dict):
-            raise SchemaViolationError(f"{where}: zarr.json is not a JSON object")
+        if not isinstance(doc, dict) or not isinstance(doc.get("attributes", {}), dict):
+            raise SchemaViolationError(f"{where}: zarr.json is not a JSON object with object attributes")
         # Equivalent spellings other Zarr writers use are accepted; the writer
         # always stores the explicit forms of zarr_json().
         got = dict(doc)
