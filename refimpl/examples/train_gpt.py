@@ -27,13 +27,16 @@ Run: ``python refimpl/examples/train_gpt.py [--out DIR]`` (about 10 s on 2 CPU c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import random
 import shutil
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +62,13 @@ class Config:
     n_head: int = 4
     n_layer: int = 4
     dropout: float = 0.1
-    batch: int = 16
+    batch: int = 8
     lr: float = 3e-3
     weight_decay: float = 0.1
     warmup: int = 10
-    steps: int = 60
+    steps: int = 50
     every: int = 10
-    crash_at: int = 45
+    crash_at: int = 35
     seed: int = 1234
 
 
@@ -291,11 +294,22 @@ def prepare(out: Path) -> None:
     (out / MARKER).write_text("made by refimpl/examples/train_gpt.py; safe to delete\n")
 
 
-def cli(*argv: str) -> int:
+class _Captured(io.StringIO):
+    encoding = sys.stdout.encoding  # so the CLI draws its tree as it would on this terminal
+
+
+def cli(*argv: str, head: int = 0, tail: int = 0) -> int:
+    """Run ``tessera ARGV`` in this process; print its output indented, cut to head + tail lines."""
     print(f"   $ tessera {' '.join(argv)}")
-    sys.stdout.flush()
-    status = tessera_cli(list(argv))
-    sys.stdout.flush()
+    captured = _Captured()
+    with contextlib.redirect_stdout(captured):
+        status = tessera_cli(list(argv))
+    lines = captured.getvalue().splitlines()
+    if head and len(lines) > head + tail + 1:
+        cut = len(lines) - head - tail
+        lines = [*lines[:head], f"... {cut} more lines ...", *lines[-tail:]]
+    for line in lines:
+        print(f"     {line}".rstrip())
     return status
 
 
@@ -307,19 +321,21 @@ def stock_readers(checkpoint: Path, key: str, expected: torch.Tensor) -> bool:
 
     want = expected.view(torch.int16).numpy().view(np.uint16)
     group = zarr.open_group(checkpoint, mode="r")
-    with_zarr = group[key][...]
+    array = group[key]
+    assert isinstance(array, zarr.Array)
+    with_zarr = np.asarray(array[...])
     store = ts.open(
         {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(checkpoint / key)}}
     ).result()
-    with_ts = store.read().result()
+    with_ts = np.asarray(store.read().result())
     ok = True
-    for name, got in (
-        (f"zarr-python {zarr.__version__}", with_zarr),
-        (f"tensorstore {ts.__version__}", with_ts),
-    ):
+    for name, got in (("zarr", with_zarr), ("tensorstore", with_ts)):
         same = got.dtype.name == "bfloat16" and np.array_equal(got.view(np.uint16), want)
         ok = ok and same
-        print(f"   {name:20s} {key}: {got.dtype.name} {list(got.shape)}, equal to the model's: {same}")
+        print(
+            f"   {name} {version(name)}: {key} {got.dtype.name} {list(got.shape)}, "
+            f"bit-identical to the model's weight: {same}"
+        )
     return ok
 
 
@@ -413,7 +429,7 @@ def main() -> int:
     print("\n4. the tessera command")
     latest = run.latest()
     assert latest is not None
-    cli("inspect", str(root))
+    cli("inspect", str(root), head=26, tail=15)
     status = cli("verify", str(root))
     print(f"   (exit status {status})")
     damaged = args.out / "damaged"

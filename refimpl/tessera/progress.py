@@ -22,11 +22,11 @@ def _human(n: float) -> str:
 class Progress:
     """``with Progress(total, "saving") as bar: bar.advance(n)``; silent when disabled."""
 
-    def __init__(self, total: int, label: str, enabled: bool, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, total: int, label: str, enabled: bool, stream: TextIO | None = None) -> None:
         self._total = max(total, 1)
         self._label = label
         self._enabled = enabled
-        self._stream = stream
+        self._stream = stream if stream is not None else sys.stderr
         self._done = 0
         self._lock = threading.Lock()
         self._start = time.monotonic()

@@ -121,7 +121,9 @@ def plural(count: int, noun: str) -> str:
     """``1 chunk``, ``2 chunks``, ``3 entries``."""
     if count == 1:
         return f"{count} {noun}"
-    return f"{count} {noun[:-1]}ies" if noun.endswith("y") else f"{count} {noun}s"
+    if noun.endswith("y") and noun[-2:-1] not in tuple("aeiou"):
+        return f"{count} {noun[:-1]}ies"
+    return f"{count} {noun}s"
 
 
 def unicode_ok(stream: TextIO = sys.stdout) -> bool:

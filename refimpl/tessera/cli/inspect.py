@@ -137,9 +137,15 @@ class _Node:
     children: dict[str, _Node] = field(default_factory=dict)
 
     def nbytes(self, sizes: dict[str, ArraySizes]) -> int:
+        return sum(s.nbytes for s in self._sizes(sizes))
+
+    def stored_bytes(self, sizes: dict[str, ArraySizes]) -> int:
+        return sum(s.stored_bytes for s in self._sizes(sizes))
+
+    def _sizes(self, sizes: dict[str, ArraySizes]) -> list[ArraySizes]:
         if self.entry is not None:
-            return sizes[self.entry.path].nbytes if self.entry.path in sizes else 0
-        return sum(child.nbytes(sizes) for child in self.children.values())
+            return [sizes[self.entry.path]] if self.entry.path in sizes else []
+        return [s for child in self.children.values() for s in child._sizes(sizes)]
 
     def count(self) -> int:
         """Entries at or below this node."""
@@ -158,11 +164,12 @@ def _tree(entries: tuple[Entry, ...]) -> _Node:
     return root
 
 
-_HEAD = ("KEY", "KIND", "DTYPE", "SHAPE", "CHUNKS", "SIZE", "CODECS", "ENCODING")
-_RIGHT = {"SIZE"}
+_HEAD = ("KEY", "KIND", "DTYPE", "SHAPE", "CHUNKS", "SIZE", "STORED", "CODECS", "ENCODING")
+_RIGHT = {"SIZE", "STORED"}
+_STORED = _HEAD.index("STORED")
 
 
-def _entry_cells(entry: Entry, values: bool, times: str) -> list[str]:
+def _entry_cells(entry: Entry, sizes: dict[str, ArraySizes], values: bool, times: str) -> list[str]:
     if isinstance(entry, ValueEntry):
         text = compact_json(entry.value) if entry.encoding == "json" else str(entry.value)
         return ["value", text if values else shorten(text, PREVIEW_WIDTH)]
@@ -174,6 +181,7 @@ def _entry_cells(entry: Entry, values: bool, times: str) -> list[str]:
         str(list(layout.shape)),
         f"{list(layout.chunk_shape)} {times}{layout.chunk_count}",
         human_bytes(layout.nbytes),
+        human_bytes(sizes[entry.path].stored_bytes),
         codecs_label(layout),
         entry.encoding if isinstance(entry, ObjectEntry) else "",
     ]
@@ -192,30 +200,39 @@ def _rows(
             final = i == len(items) - 1
             label = prefix + (last if final else tee) + name
             if child.entry is not None:
-                rows.append([label, *_entry_cells(child.entry, values, times)])
+                rows.append([label, *_entry_cells(child.entry, sizes, values, times)])
                 continue
             size = human_bytes(child.nbytes(sizes))
-            if depth is not None and level >= depth:
-                rows.append([label + "/", "", "", "", plural(child.count(), "entry"), size, "", ""])
-            else:
-                rows.append([label + "/", "", "", "", "", size, "", ""])
+            stored = human_bytes(child.stored_bytes(sizes))
+            collapse = depth is not None and level >= depth
+            count = plural(child.count(), "entry") if collapse else ""
+            rows.append([label + "/", "", "", "", count, size, stored, "", ""])
+            if not collapse:
                 walk(child, prefix + (blank if final else bar), level + 1)
 
     walk(node, "", 1)
     return rows
 
 
-def _table(rows: list[list[str]]) -> list[str]:
-    """Aligned columns; a value row (3 cells) lets its JSON run on from the DTYPE column."""
-    full = [r for r in rows if len(r) == len(_HEAD)]
-    widths = [max(len(r[c]) for r in [list(_HEAD), *full]) for c in range(len(_HEAD))]
+def _table(rows: list[list[str]], stored: bool) -> list[str]:
+    """Aligned columns; a value row (3 cells) lets its JSON run on from the DTYPE column.
+
+    The STORED column (bytes of the chunk files) is shown only when some array
+    is compressed; otherwise it is SIZE plus 4 bytes of checksum per chunk.
+    """
+    head = list(_HEAD)
+    if not stored:
+        head.pop(_STORED)
+        rows = [r[:_STORED] + r[_STORED + 1 :] if len(r) == len(_HEAD) else r for r in rows]
+    full = [r for r in rows if len(r) == len(head)]
+    widths = [max(len(r[c]) for r in [head, *full]) for c in range(len(head))]
     lines = []
-    for row in [list(_HEAD), *rows]:
+    for row in [head, *rows]:
         cells = []
         for column, cell in enumerate(row):
-            if column == len(row) - 1 and len(row) < len(_HEAD):
+            if column == len(row) - 1 and len(row) < len(head):
                 cells.append(cell)
-            elif _HEAD[column] in _RIGHT:
+            elif head[column] in _RIGHT:
                 cells.append(cell.rjust(widths[column]))
             else:
                 cells.append(cell.ljust(widths[column]))
@@ -257,7 +274,10 @@ def render(
     width = max(len(name) for name, _ in header)
     lines = [f"{name:<{width}}  {value}" for name, value in header]
     lines.append("")
-    lines.extend(_table(_rows(_tree(manifest.entries), sizes, values, fancy, depth)))
+    compressed = any(
+        e.layout.zstd_level is not None for e in manifest.entries if not isinstance(e, ValueEntry)
+    )
+    lines.extend(_table(_rows(_tree(manifest.entries), sizes, values, fancy, depth), compressed))
     lines.append("")
     entries = manifest.entries
     tensors = sum(isinstance(e, TensorEntry) for e in entries)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
     if warning:
-        print(f"warning: {warning}")
+        print(f"tessera: warning: {warning}", file=sys.stderr)
     if not records:
         print(f"{root}: no checkpoints yet")
         return 0

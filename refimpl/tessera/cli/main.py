@@ -48,6 +48,10 @@ def _error(code: str, message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    if hasattr(sys.stdout, "reconfigure"):
+        # A key or a value may hold characters the terminal's encoding lacks: escape them
+        # rather than fail halfway through a listing.
+        sys.stdout.reconfigure(errors="backslashreplace")
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -63,10 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tessera {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:
-        # The reader of our output went away (`tessera inspect ... | head`): not an error
-        # worth a traceback; point stdout at /dev/null so the final flush stays quiet.
+        # The reader of our output went away (`tessera inspect ... | head`): no traceback;
+        # point stdout at /dev/null so the final flush stays quiet, and exit as a process
+        # killed by SIGPIPE would (128 + 13), not with a status that means something else.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_PROBLEMS
+        return 141
     except OSError as exc:
         return _error(StorageError.code, f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
     except KeyboardInterrupt:

@@ -54,7 +54,7 @@ def _targets(path: str, every: bool) -> tuple[list[Path], Path | None]:
     root = Path(path)
     if not root.exists():
         raise CheckpointNotFoundError(f"no run directory at {root}")
-    if not is_run_directory(root):
+    if not (is_run_directory(root) or (root.is_dir() and not any(root.iterdir()))):
         raise UsageError(f"--all needs a run directory; {root} is not one (no 'latest', no step-*)")
     return [root / info.name for info in RunDirectory(root).checkpoints()], root
 

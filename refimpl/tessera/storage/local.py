@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -193,9 +194,11 @@ class LocalStorage(Storage):
             with _os_errors(f"cannot open {self._root / path}"):
                 raise exc
         try:
-            return os.fstat(fd).st_size
+            status = os.fstat(fd)
         finally:
             os.close(fd)
+        # A directory where a file should be (an emptied chunk folder) is no file at all.
+        return status.st_size if stat.S_ISREG(status.st_mode) else None
 
     def read_file(self, path: str, max_bytes: int) -> bytes:
         with _os_errors(f"cannot read {self._root / path}"):
