@@ -108,8 +108,15 @@ def decode_chunk(raw: bytes | memoryview, layout: ArrayLayout, where: str) -> np
     body = memoryview(raw)[:-CRC32C_SIZE]
     check_crc([body], bytes(raw[-CRC32C_SIZE:]), where)
     if layout.zstd_level is not None:
+        declared = zstd_content_size(body)
+        if declared != layout.chunk_nbytes:
+            raise InconsistentCheckpointError(
+                f"{where}: the zstd frame declares {declared} bytes of content; "
+                f"the chunk is {layout.chunk_nbytes} (spec R6.3)"
+            )
         try:
-            body = memoryview(Zstd().decode(body))
+            # Decoding into a buffer of exactly the chunk's size bounds memory: no zstd bomb.
+            body = memoryview(Zstd().decode(body, out=bytearray(layout.chunk_nbytes)))
         except Exception as exc:  # numcodecs raises RuntimeError or ValueError by version
             raise InconsistentCheckpointError(f"{where}: zstd cannot decode the chunk: {exc}") from None
     if len(body) != layout.chunk_nbytes:

@@ -205,7 +205,7 @@ def _assign(root: MutableMapping[Any, Any], key: Key, value: Any) -> None:
         if isinstance(container, tuple):
             items = list(container)
             items[key[depth]] = value  # type: ignore[index]
-            value = type(container)(items)
+            value = type(container)(*items) if hasattr(container, "_fields") else type(container)(items)
             continue
         container[key[depth]] = value
         return

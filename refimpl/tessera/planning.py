@@ -74,10 +74,11 @@ def choose_chunk_shape(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) 
         return ()
     trailing = [math.prod(shape[d + 1 :]) * itemsize for d in range(len(shape))]
     for k, block in enumerate(trailing):
-        if block <= chunk_bytes:
+        # The innermost dimension always fits: a chunk is at least one element.
+        if block <= chunk_bytes or k == len(shape) - 1:
             n = max(1, min(shape[k], chunk_bytes // max(block, 1)))
             return (*([1] * k), n, *(max(s, 1) for s in shape[k + 1 :]))
-    raise AssertionError("the last dimension's trailing block is one element")  # pragma: no cover
+    raise AssertionError("unreachable: the loop returns at the innermost dimension")
 
 
 def plan_save(flat: Flattened, options: SaveOptions) -> SavePlan:
@@ -127,7 +128,7 @@ def _plan_leaf(
     if isinstance(value, torch.Tensor):
         return _plan_tensor(key, path, value, options)
     if isinstance(value, (np.ndarray, np.generic)):
-        array = np.ascontiguousarray(value)
+        array = np.ascontiguousarray(value).reshape(np.shape(value))
         if array.dtype.byteorder == ">":
             array = array.astype(array.dtype.newbyteorder("<"))
         dtype = dtype_of_numpy(array.dtype, path)

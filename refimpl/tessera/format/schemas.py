@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from jsonschema import Draft202012Validator, validators
-from referencing import Registry, Resource
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
 
 from ..errors import SchemaViolationError
 
@@ -38,14 +39,20 @@ _StrictValidator = validators.extend(
 
 @cache
 def _validators() -> dict[str, Any]:
+    # Each file declares "$schema" (draft 2020-12). jsonschema switches to its stock
+    # validator wherever a "$ref" lands in a document that declares one, which would
+    # drop the strict integer type; so the loaded copies leave it out and the
+    # registry is told the draft explicitly.
     schemas = {
-        p.name.removesuffix(".schema.json"): json.loads(p.read_text())
+        p.name.removesuffix(".schema.json"): {
+            k: v for k, v in json.loads(p.read_text()).items() if k != "$schema"
+        }
         for p in sorted(SCHEMA_DIR.glob("*.schema.json"))
     }
     registry: Registry = Registry().with_resources(
-        (doc["$id"], Resource.from_contents(doc)) for doc in schemas.values()
+        (doc["$id"], DRAFT202012.create_resource(doc)) for doc in schemas.values()
     )
-    return {name: Draft202012Validator(doc, registry=registry) for name, doc in schemas.items()}
+    return {name: _StrictValidator(doc, registry=registry) for name, doc in schemas.items()}
 
 
 def schema_problems(doc: Any, schema: SchemaName) -> list[str]:

@@ -73,7 +73,9 @@ def loads(data: bytes, where: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Any
             parse_constant=_refuse_constant,
             parse_float=_finite_float,
         )
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise LimitExceededError(f"{where}: JSON nests deeper than {limits.max_json_depth}") from None
+    except (UnicodeDecodeError, ValueError) as exc:
         raise SchemaViolationError(f"{where}: not strict JSON: {exc}") from None
     _check_tree(doc, where, limits)
     return doc

@@ -1,0 +1,1 @@
+"""Tessera test suite (spec/tessera-v1.md rule numbers in test names and docstrings)."""
