@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-
 import tessera
+import torch
 from tessera.cli.main import main
 
 from .conftest import flip_byte
