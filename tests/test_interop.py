@@ -224,11 +224,6 @@ def test_tessera_reads_stock_writers_R5_10(tmp_path: Path, writer: str, zstd_lev
         "nan_only": (np.full((3, 4), np.nan, np.float32), (2, 2)),
         "zero_d": (np.array(2.5, np.float64), ()),
     }
-    if writer == "zarr-python":
-        # zarr-python refuses to create a float8 array without an endian (tessera.zarr_dtypes
-        # gives its float8 types an endianness), and a one-byte type with one is not Tessera
-        # (R6.1): zarr-python reads float8 arrays but cannot write Tessera-valid ones.
-        del arrays["f8"]
     root = tmp_path / "ckpt"
     _foreign_checkpoint(root, arrays, writer, zstd_level)
     # Every chunk exists, even those equal to the fill value (R5.7).

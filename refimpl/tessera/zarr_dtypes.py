@@ -20,7 +20,9 @@ from typing import ClassVar
 import ml_dtypes
 import numpy as np
 from zarr.core.dtype import data_type_registry
+from zarr.core.dtype.common import DataTypeValidationError, HasItemSize
 from zarr.core.dtype.npy.float import BaseFloat
+from zarr.core.dtype.wrapper import ZDType
 
 __all__ = ["BFloat16", "Float8E4M3FN", "Float8E4M3FNUZ", "Float8E5M2", "Float8E5M2FNUZ"]
 
@@ -39,8 +41,34 @@ class BFloat16(BaseFloat):  # type: ignore[type-arg]
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Float8(BaseFloat):  # type: ignore[type-arg]
-    """One-byte floats: no byte order, so no ``endian`` in the ``bytes`` codec."""
+class _Float8(ZDType, HasItemSize):  # type: ignore[type-arg]
+    """One-byte floats: no byte order, so no ``endian`` in the ``bytes`` codec.
+
+    Not a ``BaseFloat``: that class carries an endianness, and zarr-python 3.4
+    demands ``endian`` of every type that does. The JSON and scalar handling
+    is BaseFloat's own.
+    """
+
+    _check_json_v2 = BaseFloat.__dict__["_check_json_v2"]
+    _check_json_v3 = BaseFloat.__dict__["_check_json_v3"]
+    _from_json_v2 = BaseFloat.__dict__["_from_json_v2"]
+    _from_json_v3 = BaseFloat.__dict__["_from_json_v3"]
+    to_json = BaseFloat.__dict__["to_json"]
+    _check_scalar = BaseFloat.__dict__["_check_scalar"]
+    _cast_scalar_unchecked = BaseFloat.__dict__["_cast_scalar_unchecked"]
+    cast_scalar = BaseFloat.__dict__["cast_scalar"]
+    default_scalar = BaseFloat.__dict__["default_scalar"]
+    from_json_scalar = BaseFloat.__dict__["from_json_scalar"]
+    to_json_scalar = BaseFloat.__dict__["to_json_scalar"]
+
+    @classmethod
+    def from_native_dtype(cls, dtype: object) -> _Float8:
+        if cls._check_native_dtype(dtype):  # type: ignore[arg-type]
+            return cls()
+        raise DataTypeValidationError(f"{dtype} is not {cls._zarr_v3_name}")
+
+    def to_native_dtype(self) -> np.dtype:  # type: ignore[type-arg]
+        return self.dtype_cls()  # type: ignore[no-any-return]
 
     @property
     def item_size(self) -> int:
