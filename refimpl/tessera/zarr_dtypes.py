@@ -20,7 +20,12 @@ from typing import ClassVar
 import ml_dtypes
 import numpy as np
 from zarr.core.dtype import data_type_registry
-from zarr.core.dtype.common import DataTypeValidationError, HasItemSize
+from zarr.core.dtype.common import HasItemSize
+
+try:  # zarr-python 3.4 moved it and deprecates the old home
+    from zarr.errors import DataTypeValidationError
+except ImportError:  # zarr-python 3.1
+    from zarr.core.dtype.common import DataTypeValidationError
 from zarr.core.dtype.npy.float import BaseFloat
 from zarr.core.dtype.wrapper import ZDType
 
