@@ -43,7 +43,7 @@ def prefix_elements(layout: ArrayLayout, index: ChunkIndex) -> int | None:
 
 def _bytes_of(array: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array; ml_dtypes types lack the buffer protocol, uint8 has it."""
-    return memoryview(array.reshape(-1).view(np.uint8))
+    return array.reshape(-1).view(np.uint8).data
 
 
 def encode_chunk(array: np.ndarray, layout: ArrayLayout, index: ChunkIndex) -> list[memoryview | bytes]:
@@ -69,7 +69,7 @@ def encode_chunk(array: np.ndarray, layout: ArrayLayout, index: ChunkIndex) -> l
     return [*payload, struct.pack("<I", checksum)]
 
 
-def check_crc(pieces: Sequence[memoryview | bytes], stored: bytes, where: str) -> None:
+def check_crc(pieces: Sequence[memoryview | bytes | bytearray], stored: bytes, where: str) -> None:
     """Compare the CRC32C of the concatenated ``pieces`` with the 4 stored bytes."""
     checksum = 0
     for piece in pieces:

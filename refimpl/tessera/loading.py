@@ -82,6 +82,7 @@ def load(
     """
     mode = Strict(strict)
     checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path, limits=limits)
+    result: Any
     if state_dict is None:
         requested = {k: None for k in keys} if keys is not None else {p: None for p in checkpoint}
         plan = _match(checkpoint, requested, mode)

@@ -334,7 +334,7 @@ class Checkpoint:
             self.chunk_size(entry, index)
             itemsize = layout.dtype.itemsize
             flat = dst.reshape(-1).view(np.uint8)
-            data = memoryview(flat[span[0] * itemsize : (span[0] + span[1]) * itemsize])
+            data = flat[span[0] * itemsize : (span[0] + span[1]) * itemsize].data
             tail = bytearray(layout.chunk_nbytes - len(data) + CRC32C_SIZE)
             path = f"{entry.path}/{chunk_key(index)}"
             self.storage.read_into(path, 0, data)

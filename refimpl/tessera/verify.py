@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from .errors import InconsistentCheckpointError, TesseraError
 from .format.layout import chunk_key
@@ -59,7 +60,7 @@ def verify(
     report = VerifyReport(storage.location)
     lock = threading.Lock()
 
-    def guarded(check: Callable[[], None]) -> None:
+    def guarded(check: Callable[[], object]) -> None:
         try:
             check()
         except TesseraError as exc:
@@ -71,12 +72,12 @@ def verify(
     except TesseraError as exc:
         report.problems.append(Problem(exc.code, str(exc)))
         return report
-    guarded(lambda: _check_claim(checkpoint, limits))
+    guarded(partial(_check_claim, checkpoint, limits))
     arrays = [e for e in checkpoint.manifest.entries if isinstance(e, (TensorEntry, ObjectEntry))]
     for group in sorted(
         {"/".join(a.path.split("/")[:d]) for a in arrays for d in range(1, a.path.count("/") + 1)}
     ):
-        guarded(lambda group=group: _check_group(checkpoint, group, limits))
+        guarded(partial(_check_group, checkpoint, group, limits))
     report.arrays = len(arrays)
     with Progress(sum(a.layout.nbytes for a in arrays), "verifying", progress) as bar:
         tasks: list[Callable[[], None]] = []
@@ -86,7 +87,7 @@ def verify(
             except TesseraError as exc:
                 report.problems.append(Problem(exc.code, str(exc)))
                 continue
-            guarded(lambda entry=entry: _check_no_extra_chunks(checkpoint, entry))
+            guarded(partial(_check_no_extra_chunks, checkpoint, entry))
             for index in entry.layout.chunk_indices():
                 tasks.append(_chunk_task(checkpoint, entry, index, bar, guarded))
             report.chunks += entry.layout.chunk_count
@@ -100,10 +101,10 @@ def _chunk_task(
     entry: TensorEntry | ObjectEntry,
     index: tuple[int, ...],
     bar: Progress,
-    guarded: Callable[[Callable[[], None]], None],
+    guarded: Callable[[Callable[[], object]], None],
 ) -> Callable[[], None]:
     def task() -> None:
-        guarded(lambda: checkpoint.read_chunk(entry, index))
+        guarded(partial(checkpoint.read_chunk, entry, index))
         bar.advance(entry.layout.nbytes // max(entry.layout.chunk_count, 1))
 
     return task

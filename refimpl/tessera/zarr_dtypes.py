@@ -23,7 +23,7 @@ from zarr.core.dtype import data_type_registry
 from zarr.core.dtype.common import HasItemSize
 
 try:  # zarr-python 3.4 moved it and deprecates the old home
-    from zarr.errors import DataTypeValidationError
+    from zarr.errors import DataTypeValidationError  # type: ignore[attr-defined]
 except ImportError:  # zarr-python 3.1
     from zarr.core.dtype.common import DataTypeValidationError
 from zarr.core.dtype.npy.float import BaseFloat
