@@ -21,7 +21,7 @@ import torch
 from .errors import InvalidKeyError, LimitExceededError, TensorMismatchError, UnsafeEncodingError
 from .flatten import Flattened, is_json
 from .format.dtypes import DTYPES, DType, dtype_of_numpy, dtype_of_torch
-from .format.keys import Key, key_to_path
+from .format.keys import Key, key_to_path, parent_paths
 from .format.layout import ArrayLayout
 from .format.limits import DEFAULT_LIMITS
 from .format.manifest import Entry, ObjectEntry, TensorEntry, ValueEntry
@@ -108,9 +108,7 @@ def plan_save(flat: Flattened, options: SaveOptions) -> SavePlan:
 
 def _check_case_collisions(path: str, folded_paths: dict[str, str]) -> None:
     """Refuse a path or a group on its way that equals another ignoring case (spec R4.8)."""
-    parts = path.split("/")
-    for depth in range(1, len(parts) + 1):
-        prefix = "/".join(parts[:depth])
+    for prefix in [*parent_paths(path), path]:
         other = folded_paths.setdefault(prefix.lower(), prefix)
         if other != prefix:
             raise InvalidKeyError(

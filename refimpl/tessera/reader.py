@@ -337,8 +337,7 @@ class Checkpoint:
             data = flat[span[0] * itemsize : (span[0] + span[1]) * itemsize].data
             tail = bytearray(layout.chunk_nbytes - len(data) + CRC32C_SIZE)
             path = f"{entry.path}/{chunk_key(index)}"
-            self.storage.read_into(path, 0, data)
-            self.storage.read_into(path, len(data), memoryview(tail))
+            self.storage.read_into(path, 0, [data, memoryview(tail)])
             check_crc(
                 [data, tail[:-CRC32C_SIZE]],
                 bytes(tail[-CRC32C_SIZE:]),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from .errors import InconsistentCheckpointError, TesseraError
+from .format.keys import parent_paths
 from .format.layout import chunk_key
 from .format.limits import DEFAULT_LIMITS, ReaderLimits
 from .format.manifest import ObjectEntry, TensorEntry
@@ -74,9 +75,7 @@ def verify(
         return report
     guarded(partial(_check_claim, checkpoint, limits))
     arrays = [e for e in checkpoint.manifest.entries if isinstance(e, (TensorEntry, ObjectEntry))]
-    for group in sorted(
-        {"/".join(a.path.split("/")[:d]) for a in arrays for d in range(1, a.path.count("/") + 1)}
-    ):
+    for group in sorted({group for a in arrays for group in parent_paths(a.path)}):
         guarded(partial(_check_group, checkpoint, group, limits))
     report.arrays = len(arrays)
     with Progress(sum(a.layout.nbytes for a in arrays), "verifying", progress) as bar:

@@ -21,6 +21,7 @@ from . import __version__
 from .chunk_codec import encode_chunk
 from .errors import SchemaViolationError
 from .flatten import flatten, is_json
+from .format.keys import parent_paths
 from .format.layout import chunk_key
 from .format.manifest import FORMAT_NAME, Manifest, WriterInfo
 from .format.strict_json import dumps
@@ -99,13 +100,7 @@ def claim_document(manifest: Manifest) -> dict[str, Any]:
 
 def write_plan(plan: SavePlan, storage: Storage, *, threads: int | None, progress: bool) -> None:
     """Write every group, array ``zarr.json`` and chunk of the plan, durably; not the root."""
-    groups = sorted(
-        {
-            "/".join(parts[:depth])
-            for parts in (a.entry.path.split("/") for a in plan.arrays)
-            for depth in range(1, len(parts))
-        }
-    )
+    groups = sorted({group for a in plan.arrays for group in parent_paths(a.entry.path)})
     tasks: list[Callable[[], None]] = [
         _write_json(storage, f"{group}/zarr.json", GROUP_JSON) for group in groups
     ]

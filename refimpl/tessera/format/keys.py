@@ -32,6 +32,7 @@ __all__ = [
     "key_to_path",
     "path_to_key",
     "format_key",
+    "parent_paths",
 ]
 
 KeyComponent = str | int
@@ -115,6 +116,12 @@ def path_to_key(path: str) -> Key:
             f"path {path!r} is not canonical (the key it decodes to is stored at {canonical!r})"
         )
     return key
+
+
+def parent_paths(path: str) -> list[str]:
+    """The paths of the groups on the way to ``path``, outermost first (``a``, ``a/b`` for ``a/b/c``)."""
+    parts = path.split("/")
+    return ["/".join(parts[:depth]) for depth in range(1, len(parts))]
 
 
 def format_key(key: Sequence[KeyComponent]) -> str:

@@ -19,7 +19,7 @@ from ..errors import (
     SchemaViolationError,
     UnsupportedVersionError,
 )
-from .keys import Key, key_to_path
+from .keys import Key, key_to_path, parent_paths
 from .layout import ArrayLayout
 from .limits import DEFAULT_LIMITS, ReaderLimits
 
@@ -239,9 +239,7 @@ def _check_no_prefix_clash(entries: tuple[Entry, ...]) -> None:
     """No key may be both a stored value and a container of other keys."""
     paths = {e.path for e in entries}
     for path in paths:
-        parts = path.split("/")
-        for depth in range(1, len(parts)):
-            prefix = "/".join(parts[:depth])
+        for prefix in parent_paths(path):
             if prefix in paths:
                 raise InconsistentCheckpointError(
                     f"key {prefix!r} is stored as a value and also contains {path!r}"

@@ -77,8 +77,9 @@ class Storage(ABC):
         """The whole file; raise ``LimitExceededError`` beyond ``max_bytes``."""
 
     @abstractmethod
-    def read_into(self, path: str, offset: int, out: memoryview) -> None:
-        """Fill ``out`` with the bytes of ``path`` from ``offset``; a short file is an error."""
+    def read_into(self, path: str, offset: int, outs: Sequence[memoryview]) -> None:
+        """Fill the buffers in turn with the bytes of ``path`` from ``offset`` (one request);
+        a short file is an error."""
 
     @abstractmethod
     def list(self, path: str) -> list[str]:

@@ -215,11 +215,13 @@ class LocalStorage(Storage):
             finally:
                 os.close(fd)
 
-    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+    def read_into(self, path: str, offset: int, outs: Sequence[memoryview]) -> None:
         with _os_errors(f"cannot read {self._root / path}"):
             fd = self._open(path)
             try:
-                self._read_exact(fd, offset, out, path)
+                for out in outs:
+                    self._read_exact(fd, offset, out, path)
+                    offset += out.nbytes
             finally:
                 os.close(fd)
 
