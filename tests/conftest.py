@@ -184,11 +184,11 @@ def forced_chunks(chunk_shape_of: Callable[[tuple[int, ...]], tuple[int, ...]]) 
     The writer normally picks C-contiguous chunks; this reaches the general
     regular grid (several short dimensions per edge chunk) of R5.3.
     """
-    import tessera.planning
+    import tessera.planning.chunk_grid
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(
-            tessera.planning,
+            tessera.planning.chunk_grid,
             "choose_chunk_shape",
             lambda shape, itemsize, chunk_bytes: tuple(chunk_shape_of(tuple(shape))),
         )

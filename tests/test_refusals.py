@@ -1058,6 +1058,8 @@ def test_every_error_class_has_its_spec_code_R13_1() -> None:
         "key_mismatch",
         "already_exists",
         "io_error",
+        "bad_sharding",
+        "collective_failed",
     }
     for code, cls in ERROR_CLASSES.items():
         assert cls.code == code and issubclass(cls, tessera.TesseraError)

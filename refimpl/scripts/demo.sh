@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Run the Tessera demo (refimpl/examples/train_gpt.py) in .venv, from any directory:
-# train a small GPT, checkpoint it, crash, resume bit-exactly, inspect, verify,
-# read it back with zarr-python and tensorstore. Extra arguments go to the demo
-# (e.g. --out DIR; the default is ./demo-run at the repository root).
-# Exit status: the demo's (0 PASS, 1 FAIL).
+# Run the Tessera demos in .venv, from any directory:
+# 1. refimpl/examples/train_gpt.py: one process trains a small GPT, checkpoints, crashes,
+#    resumes bit-exactly, inspects, verifies, reads back with zarr-python and tensorstore
+#    (extra arguments go to it, e.g. --out DIR; default ./demo-run);
+# 2. refimpl/examples/train_sharded.py: four ranks train with ZeRO-sharded AdamW and save
+#    together; the run resumes at two ranks and at one, bit-exactly (./demo-run-sharded).
+# Exit status: 0 if both PASS, 1 otherwise.
 
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 
-exec "$PY" refimpl/examples/train_gpt.py "$@"
+"$PY" refimpl/examples/train_gpt.py "$@"
+echo
+exec "$PY" refimpl/examples/train_sharded.py

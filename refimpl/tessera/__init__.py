@@ -14,12 +14,14 @@ from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
+    CollectiveError,
     InconsistentCheckpointError,
     InvalidKeyError,
     KeyMismatchError,
     LimitExceededError,
     MissingChunkError,
     SchemaViolationError,
+    ShardingError,
     StorageError,
     TensorMismatchError,
     TesseraError,
@@ -30,9 +32,11 @@ from .errors import (
 from .format.limits import ReaderLimits
 from .format.manifest import FORMAT_VERSION, Manifest
 from .loading import LoadResult, Strict, load
+from .planning import PlanCache
 from .reader import Checkpoint
 from .reader import open_checkpoint as open
 from .run_dir import RunDirectory
+from .sharding import ShardedObject, ShardedTensor
 from .verify import VerifyReport, verify
 from .writer import save
 
@@ -42,16 +46,21 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "ChecksumMismatchError",
+    "CollectiveError",
     "InconsistentCheckpointError",
     "InvalidKeyError",
     "KeyMismatchError",
     "LoadResult",
     "LimitExceededError",
     "Manifest",
+    "PlanCache",
     "MissingChunkError",
     "ReaderLimits",
     "RunDirectory",
     "SchemaViolationError",
+    "ShardedObject",
+    "ShardedTensor",
+    "ShardingError",
     "StorageError",
     "Strict",
     "TensorMismatchError",

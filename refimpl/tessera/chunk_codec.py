@@ -46,10 +46,9 @@ def _bytes_of(array: np.ndarray) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
 
-def encode_chunk(array: np.ndarray, layout: ArrayLayout, index: ChunkIndex) -> list[memoryview | bytes]:
-    """The buffers whose concatenation is the stored chunk ``index`` of ``array``."""
+def encode_chunk(data: np.ndarray, layout: ArrayLayout, index: ChunkIndex) -> list[memoryview | bytes]:
+    """The buffers whose concatenation is the stored chunk ``index``, given its part of the array."""
     region = layout.chunk_region(index)
-    data = array[tuple(slice(start, stop) for start, stop in region)]
     valid = prefix_elements(layout, index)
     if valid is not None and data.flags.c_contiguous:
         payload: list[memoryview | bytes] = [_bytes_of(data)]

@@ -22,6 +22,8 @@ __all__ = [
     "MissingChunkError",
     "SchemaViolationError",
     "StorageError",
+    "ShardingError",
+    "CollectiveError",
     "TensorMismatchError",
     "TesseraError",
     "UncommittedCheckpointError",
@@ -92,6 +94,18 @@ class TensorMismatchError(TesseraError):
     code = "tensor_mismatch"
 
 
+class ShardingError(TesseraError):
+    """The ranks' shards do not form valid global tensors: overlap, gap, or disagreeing shape or dtype."""
+
+    code = "bad_sharding"
+
+
+class CollectiveError(TesseraError):
+    """Another rank failed or vanished during a multi-rank save; nothing was committed."""
+
+    code = "collective_failed"
+
+
 class UnsafeEncodingError(TesseraError):
     """A value needs pickle and the caller did not opt in (on save or on load)."""
 
@@ -139,6 +153,8 @@ ERROR_CLASSES: dict[str, type[TesseraError]] = {
         KeyMismatchError,
         CheckpointExistsError,
         StorageError,
+        ShardingError,
+        CollectiveError,
     )
 }
 """Every error class by its spec code, for the CLI and conformance backends."""

@@ -19,14 +19,19 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import KeyMismatchError, TensorMismatchError
 from .flatten import flatten, unflatten
-from .format.keys import Key, format_key
+from .format.dtypes import dtype_of_numpy
+from .format.keys import Key, format_key, key_to_path
 from .format.limits import DEFAULT_LIMITS, ReaderLimits
 from .format.manifest import Entry, ObjectEntry, TensorEntry
-from .reader import Checkpoint, open_checkpoint
+from .reader import Checkpoint, Region, open_checkpoint
+from .sharding.dtensor import is_dtensor, sharded_from_dtensor
+from .sharding.sharded import ShardedObject, ShardedTensor
+from .tensors import as_torch
 
 __all__ = ["LoadResult", "Strict", "load"]
 
@@ -92,11 +97,19 @@ def load(
         flat = flatten(state_dict)
         templates = {format_key(k): (k, v) for k, v in flat.leaves}
         plan = _match(checkpoint, dict.fromkeys(templates), mode)
-        in_place: list[tuple[str, torch.Tensor, None]] = []
+        in_place: list[tuple[str, torch.Tensor, Region]] = []
         for path in plan.found:
             key, template = templates[path]
             stored = checkpoint.entry(path) if path in checkpoint else None
-            if isinstance(template, torch.Tensor):
+            if isinstance(template, ShardedObject):
+                cell = key_to_path((*key, *template.grid_offset))
+                value = checkpoint.value(cell, allow_pickle=allow_pickle)
+                _assign(state_dict, key, _conform(template.value, value))
+            elif isinstance(template, ShardedTensor) or is_dtensor(template):
+                in_place.extend(_shard_requests(checkpoint, path, template))
+                if isinstance(template, ShardedTensor):
+                    _assign(state_dict, key, template.local)
+            elif isinstance(template, torch.Tensor):
                 if not isinstance(stored, (TensorEntry, ObjectEntry)):
                     raise TensorMismatchError(
                         f"{path}: the template holds a tensor, the checkpoint "
@@ -179,6 +192,40 @@ def _read_subtree(checkpoint: Checkpoint, key: Key, path: str, template: Any, al
         if tuple(key) in checkpoint.manifest.lists:
             value = [value[i] for i in range(len(value))]
     return _conform(template, value)
+
+
+def _shard_requests(
+    checkpoint: Checkpoint, path: str, template: Any
+) -> list[tuple[str, torch.Tensor, tuple[slice, ...]]]:
+    """Read requests that fill a ``ShardedTensor``'s or a ``DTensor``'s local data in place:
+    only the chunks that overlap this rank's boxes are read (spec R14.x)."""
+    stored = checkpoint.entry(path)
+    if not isinstance(stored, (TensorEntry, ObjectEntry)):
+        raise TensorMismatchError(f"{path}: the template holds a sharded tensor, the checkpoint a JSON value")
+    shards = [template] if isinstance(template, ShardedTensor) else sharded_from_dtensor(template)
+    shape = tuple(template.shape) if is_dtensor(template) else template.global_shape
+    if shape != stored.layout.shape:
+        raise TensorMismatchError(
+            f"{path}: stored global shape {list(stored.layout.shape)}, the template's is {list(shape)}"
+        )
+    requests = []
+    for shard in shards:
+        for piece in shard.pieces():
+            out = piece.data
+            if isinstance(out, np.ndarray):
+                if not out.flags.c_contiguous:
+                    raise TensorMismatchError(
+                        f"{path}: a NumPy shard must be C-contiguous to be loaded in place"
+                    )
+                out = as_torch(out, dtype_of_numpy(out.dtype, path))
+            requests.append(
+                (
+                    path,
+                    out,
+                    tuple(slice(o, o + n) for o, n in zip(piece.box.offset, piece.box.shape, strict=True)),
+                )
+            )
+    return requests
 
 
 def _conform(template: Any, value: Any) -> Any:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidKeyError, UncommittedCheckpointError
+from .collective import collective_for
+from .errors import InvalidKeyError, StorageError, TesseraError, UncommittedCheckpointError
 from .format.manifest import Manifest
 from .storage.base import ROOT_METADATA
 from .writer import save
@@ -61,8 +62,19 @@ class RunDirectory:
         """Save the step's checkpoint, then move ``latest`` to it, then apply retention."""
         metadata = {"step": step, **options.pop("metadata", {})}
         manifest = save(state_dict, self.root / self.name_of(step), metadata=metadata, **options)
-        self._point_latest(self.name_of(step))
-        self.apply_retention()
+        # Under torch.distributed only the coordinator moves the pointer and deletes; the
+        # other ranks wait for it, so that every rank sees the new ``latest`` on return.
+        collective = collective_for(options.get("process_group"))
+        error: TesseraError | None = None
+        if collective.rank == 0:
+            try:
+                self._point_latest(self.name_of(step))
+                self.apply_retention()
+            except OSError as exc:
+                error = StorageError(f"{self.root}: cannot move {LATEST} or apply retention: {exc}")
+        error = collective.broadcast(error, "moving the latest pointer")
+        if error is not None:
+            raise error
         return manifest
 
     def latest(self) -> Path | None:

@@ -1,41 +1,53 @@
-"""``tessera.save``: plan, then claim, then write, then commit (spec §9).
+"""``tessera.save``: plan, then claim, then write, then commit, from one rank or many (spec §9, §16).
 
-Nothing touches storage until the plan is made and the root document built,
-so a bad key, an unpicklable value or non-JSON metadata fails before the path
-is claimed. Once claimed, every chunk and every ``zarr.json`` is written and
-made durable; the root ``zarr.json`` is published last. A save that fails or
-is killed midway leaves an uncommitted checkpoint that every reader refuses,
-and never touches any other checkpoint.
+Every rank describes what it holds (a local plan, metadata only); the
+coordinator (rank 0) checks the ranks' shards against each other, assigns
+every chunk one writer, builds the root document, and claims the path, all
+before a byte of data is written. Each rank then moves the pieces of shared
+chunks to their owners, writes its chunks and makes them durable; only when
+every rank reports success does the coordinator publish the root. A bad key
+or a bad sharding fails on every rank before the path is claimed; a rank that
+fails or dies later leaves an uncommitted checkpoint that readers refuse.
+One process is the same code with a world of one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import math
 import os
 import uuid
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import torch.distributed as dist
 
 from . import __version__
 from .chunk_codec import encode_chunk
-from .errors import SchemaViolationError
+from .collective import Collective, collective_for
+from .errors import CollectiveError, InvalidKeyError, SchemaViolationError, TesseraError
 from .flatten import flatten, is_json
-from .format.keys import parent_paths
+from .format.dtypes import dtype_by_name
 from .format.layout import chunk_key
 from .format.manifest import FORMAT_NAME, Manifest, WriterInfo
 from .format.strict_json import dumps
 from .parallel import run_all
-from .planning import DEFAULT_CHUNK_BYTES, ArrayWrite, SaveOptions, SavePlan, plan_save
+from .planning.cache import PlanCache
+from .planning.contents import manifest_contents
+from .planning.global_plan import ArrayTask, ChunkWrite, GlobalPlan, RankPlan, Source, make_global_plan
+from .planning.local_plan import LeafSpec, LocalPlan, make_local_plan, piece_array
+from .planning.options import DEFAULT_CHUNK_BYTES, SaveOptions
 from .progress import Progress
 from .reader import check_root_document
 from .storage.base import Storage
 from .storage.local import LocalStorage
 
-__all__ = ["save", "WRITER"]
+__all__ = ["WRITER", "claim_document", "save"]
 
 WRITER = WriterInfo("tessera-python", __version__)
 GROUP_JSON = dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})
+T = TypeVar("T")
 
 
 def save(
@@ -49,43 +61,223 @@ def save(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     threads: int | None = None,
     progress: bool = False,
+    process_group: dist.ProcessGroup | None = None,
+    plan_cache: PlanCache | None = None,
+    parallelism: Mapping[str, Any] | None = None,
 ) -> Manifest:
     """Save a nested state dict as a committed checkpoint at ``path`` (a new or empty directory).
 
-    ``metadata`` is any JSON object (step, tokens, config), stored in the
-    manifest. ``pickle_keys`` names the keys (as ``tessera inspect`` prints
-    them) whose values may be pickled; any other non-tensor, non-JSON value is
-    refused. Returns the manifest that was committed. Raises
-    :class:`~tessera.CheckpointExistsError` if the path was already claimed.
+    Under ``torch.distributed`` every rank of ``process_group`` (default: the
+    world) calls ``save`` with the same path and its own state dict, in which
+    ``ShardedTensor``, ``ShardedObject`` and ``DTensor`` values say what part
+    of each global tensor the rank holds; plain values are replicas and are
+    written once. ``metadata`` (any JSON object) and ``parallelism`` (the
+    layout, e.g. ``{"tp": 2, "dp": 2}``, provenance only) are taken from rank
+    0. ``pickle_keys`` names the keys whose values may be pickled; any other
+    non-tensor, non-JSON value is refused. ``plan_cache`` reuses the global
+    plan of an earlier save with the same layout. Returns the committed
+    manifest on every rank. Raises :class:`~tessera.CheckpointExistsError`
+    if the path was already claimed, :class:`~tessera.ShardingError` if the
+    ranks' shards do not tile their tensors.
     """
+    collective = collective_for(process_group)
     options = SaveOptions(
         chunk_bytes=chunk_bytes,
         zstd_level=zstd_level if compression == "zstd" else None,
         pickle_keys=pickle_keys,
     )
+    local, error = _attempt(lambda: _local_plan(state_dict, options, compression, metadata, parallelism))
+    digest = local.layout_digest(options, collective.world_size) if local else None
+    reusable = plan_cache is not None and digest is not None and plan_cache.holds(digest)
+    report = _Report(error, digest, None if reusable or local is None else local.arrays, local)
+    reports = collective.gather(report.compact(), "gathering the local plans")
+    resend = collective.broadcast(_must_resend(reports, plan_cache), "agreeing on the plan cache")
+    if resend:
+        report = _Report(error, digest, local.arrays if local else None, local)
+        reports = collective.gather(report.compact(), "gathering the local plans")
+    storage = LocalStorage(path)
+    orders = None
+    if collective.rank == 0:
+        assert reports is not None
+        orders = _coordinate(
+            reports, options, storage, metadata, parallelism, plan_cache, collective.world_size
+        )
+    instruction: _Instruction = collective.scatter(orders, "handing out the global plan")
+    if instruction.error is not None:
+        raise instruction.error
+    assert local is not None and digest is not None
+    rank_plan = instruction.rank_plan
+    if rank_plan is None:
+        assert plan_cache is not None and plan_cache.rank_plan is not None
+        rank_plan = plan_cache.rank_plan
+        plan_cache.hits += 1
+    elif plan_cache is not None:
+        plan_cache.digest, plan_cache.rank_plan = digest, rank_plan
+    _, error = _attempt(lambda: _write_rank(rank_plan, local, storage, collective, threads, progress))
+    statuses = collective.gather(error, "reporting durable data")
+    outcome: _Outcome | None = None
+    if collective.rank == 0:
+        assert statuses is not None and instruction.manifest is not None
+        outcome = _commit(statuses, storage, instruction.manifest)
+    outcome = collective.broadcast(outcome, "announcing the commit")
+    if error is not None:
+        raise error
+    if outcome.error is not None:
+        raise outcome.error
+    assert outcome.manifest is not None
+    return outcome.manifest
+
+
+@dataclass(frozen=True, slots=True)
+class _Report:
+    """What a rank sends the coordinator: its layout (unless the cached plan still fits) and its values."""
+
+    error: TesseraError | None
+    digest: bytes | None
+    arrays: tuple[LeafSpec, ...] | None
+    local: LocalPlan | None
+
+    def compact(self) -> tuple[Any, ...]:
+        if self.local is None:
+            return (self.error, None, None, (), (), (), frozenset())
+        return (
+            self.error,
+            self.digest,
+            self.arrays,
+            self.local.values,
+            self.local.order,
+            self.local.lists,
+            self.local.unused_pickle_keys,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class _Instruction:
+    error: TesseraError | None
+    rank_plan: RankPlan | None
+    """``None``: use the plan cache's."""
+    manifest: Manifest | None = None
+    """Coordinator only: the manifest to commit."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    error: TesseraError | None
+    manifest: Manifest | None
+
+
+def _attempt(step: Callable[[], T]) -> tuple[T | None, TesseraError | None]:
+    """Run a step whose failure every rank must learn of, instead of leaving peers waiting."""
+    try:
+        return step(), None
+    except TesseraError as exc:
+        return None, exc
+    except Exception as exc:
+        return None, CollectiveError(f"{type(exc).__name__}: {exc}")
+
+
+def _local_plan(
+    state_dict: Mapping[Any, Any],
+    options: SaveOptions,
+    compression: str | None,
+    metadata: Mapping[str, Any] | None,
+    parallelism: Mapping[str, Any] | None,
+) -> LocalPlan:
     if compression not in (None, "zstd"):
         raise SchemaViolationError(f"compression must be None or 'zstd', got {compression!r}")
-    if metadata is not None and not (isinstance(metadata, Mapping) and is_json(dict(metadata))):
-        raise SchemaViolationError("metadata must be a JSON object (str keys, finite numbers)")
-    plan = plan_save(flatten(state_dict), options)
-    manifest = Manifest(
-        save_id=str(uuid.uuid4()),
-        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        writer=WRITER,
-        entries=plan.entries,
-        lists=plan.lists,
-        metadata=dict(metadata or {}),
+    for name, value in (("metadata", metadata), ("parallelism", parallelism)):
+        if value is not None and not (isinstance(value, Mapping) and is_json(dict(value))):
+            raise SchemaViolationError(f"{name} must be a JSON object (str keys, finite numbers)")
+    return make_local_plan(flatten(state_dict), options)
+
+
+def _must_resend(reports: list[Any] | None, cache: PlanCache | None) -> bool:
+    """Coordinator: some rank sent only its digest, but the cached plan cannot be reused."""
+    if reports is None:
+        return False
+    if all(r[2] is not None for r in reports):
+        return False
+    return not _reusable(reports, cache)
+
+
+def _reusable(reports: list[Any], cache: PlanCache | None) -> bool:
+    return (
+        cache is not None
+        and cache.plan is not None
+        and all(r[2] is None for r in reports)
+        and tuple(r[1] for r in reports) == cache.all_digests
     )
-    root = dumps(manifest.to_root())
-    # The writer reads its own root back as every reader will, so that it never
-    # commits what a reader refuses (too deep metadata, limits, schema).
-    check_root_document(root, f"the root zarr.json for {path}")
-    storage = LocalStorage(path)
-    storage.claim(dumps(claim_document(manifest)))
-    write_plan(plan, storage, threads=threads, progress=progress)
-    storage.sync()
-    storage.publish_root(root, manifest.save_id)
-    return manifest
+
+
+def _coordinate(
+    reports: list[Any],
+    options: SaveOptions,
+    storage: Storage,
+    metadata: Mapping[str, Any] | None,
+    parallelism: Mapping[str, Any] | None,
+    cache: PlanCache | None,
+    world_size: int,
+) -> list[_Instruction]:
+    """Rank 0: the global plan, the manifest and the claim; or the error every rank raises."""
+    errors = [r[0] for r in reports if r[0] is not None]
+    try:
+        if errors:
+            raise errors[0]
+        plan, rank_plans = _global_plan(reports, options, cache)
+        unused = frozenset.intersection(*(r[6] for r in reports))
+        if unused:
+            raise InvalidKeyError(f"pickle_keys names keys the state dict lacks: {sorted(unused)}")
+        entries, lists = manifest_contents(
+            plan, [r[3] for r in reports], [r[4] for r in reports], [r[5] for r in reports]
+        )
+        manifest = Manifest(
+            save_id=str(uuid.uuid4()),
+            created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            writer=WRITER,
+            entries=entries,
+            lists=lists,
+            metadata=dict(metadata or {}),
+            world_size=world_size,
+            parallelism=dict(parallelism or {}),
+        )
+        root = dumps(manifest.to_root())
+        # The writer reads its own root back as every reader will, so that it never
+        # commits what a reader refuses (too deep metadata, limits, schema).
+        check_root_document(root, f"the root zarr.json for {storage.location}")
+        storage.claim(dumps(claim_document(manifest)))
+    except TesseraError as exc:
+        return [_Instruction(exc, None)] * world_size
+    return [_Instruction(None, rank_plans[r], manifest if r == 0 else None) for r in range(world_size)]
+
+
+def _global_plan(
+    reports: list[Any], options: SaveOptions, cache: PlanCache | None
+) -> tuple[GlobalPlan, list[RankPlan | None]]:
+    if cache is not None and _reusable(reports, cache):
+        assert cache.plan is not None
+        return cache.plan, [None] * len(reports)
+    plan = make_global_plan([r[2] for r in reports], options)
+    if cache is not None:
+        cache.plan, cache.all_digests = plan, tuple(r[1] for r in reports)
+    return plan, list(plan.ranks)
+
+
+def _commit(statuses: list[Any], storage: Storage, manifest: Manifest) -> _Outcome:
+    """Rank 0: publish the root only if every rank's data is durable."""
+    failed = [(rank, e) for rank, e in enumerate(statuses) if e is not None]
+    if failed:
+        rank, error = failed[0]
+        return _Outcome(
+            CollectiveError(
+                f"rank {rank} failed to write its data ({error}); the checkpoint was not committed"
+            ),
+            None,
+        )
+    try:
+        storage.publish_root(dumps(manifest.to_root()), manifest.save_id)
+    except TesseraError as exc:
+        return _Outcome(exc, None)
+    return _Outcome(None, manifest)
 
 
 def claim_document(manifest: Manifest) -> dict[str, Any]:
@@ -98,21 +290,52 @@ def claim_document(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def write_plan(plan: SavePlan, storage: Storage, *, threads: int | None, progress: bool) -> None:
-    """Write every group, array ``zarr.json`` and chunk of the plan, durably; not the root."""
-    groups = sorted({group for a in plan.arrays for group in parent_paths(a.entry.path)})
+def _write_rank(
+    plan: RankPlan,
+    local: LocalPlan,
+    storage: Storage,
+    collective: Collective,
+    threads: int | None,
+    progress: bool,
+) -> None:
+    """Move shared pieces to their owners, then write this rank's documents and chunks, durably."""
+    arrays: dict[tuple[int, int], np.ndarray] = {}
+
+    def held(source: Source) -> np.ndarray:
+        """The source region from this rank's own memory (a view where possible)."""
+        dtype = dtype_by_name(local.arrays[source.leaf].dtype)
+        piece = local.pieces[source.leaf][source.piece]
+        if (source.leaf, source.piece) not in arrays:
+            arrays[source.leaf, source.piece] = piece_array(piece, dtype)
+        return arrays[source.leaf, source.piece][source.region.relative_to(piece.box.offset)]
+
+    dtypes = {s: a.layout.dtype for a in plan.arrays for c in a.chunks for s in c.sources}
+    incoming = [(t, dtypes[t.source]) for t in plan.receives]
+    received_bytes = collective.exchange(
+        [(t.peer, t.tag, held(t.source)) for t in plan.sends],
+        [(t.peer, t.tag, t.source.region.volume * dtype.itemsize) for t, dtype in incoming],
+        "moving shared chunks' pieces to their owners",
+    )
+    received = {
+        t.source: raw.view(dtype.numpy_dtype).reshape(t.source.region.shape)
+        for (t, dtype), raw in zip(incoming, received_bytes, strict=True)
+    }
+    own = {s for a in plan.arrays for c in a.chunks for s in c.sources if s not in received}
+    for source in own:
+        held(source)
     tasks: list[Callable[[], None]] = [
-        _write_json(storage, f"{group}/zarr.json", GROUP_JSON) for group in groups
+        _write_json(storage, f"{g}/zarr.json", GROUP_JSON) for g in plan.groups
     ]
-    with Progress(plan.nbytes, "saving", progress) as bar:
+    with Progress(plan.nbytes, "saving", progress and collective.rank == 0) as bar:
         for array in plan.arrays:
-            tasks.append(
-                _write_json(storage, f"{array.entry.path}/zarr.json", dumps(array.entry.layout.zarr_json()))
-            )
+            if array.write_metadata:
+                tasks.append(_write_json(storage, f"{array.path}/zarr.json", dumps(array.layout.zarr_json())))
             tasks.extend(
-                _write_chunk(storage, array, index, bar) for index in array.entry.layout.chunk_indices()
+                _write_chunk(storage, array, chunk, lambda s: received[s] if s in received else held(s), bar)
+                for chunk in array.chunks
             )
         run_all(tasks, threads)
+    storage.sync()
 
 
 def _write_json(storage: Storage, path: str, data: bytes) -> Callable[[], None]:
@@ -120,14 +343,23 @@ def _write_json(storage: Storage, path: str, data: bytes) -> Callable[[], None]:
 
 
 def _write_chunk(
-    storage: Storage, array: ArrayWrite, index: tuple[int, ...], bar: Progress
+    storage: Storage,
+    array: ArrayTask,
+    chunk: ChunkWrite,
+    data_of: Callable[[Source], np.ndarray],
+    bar: Progress,
 ) -> Callable[[], None]:
-    layout = array.entry.layout
+    layout = array.layout
 
     def task() -> None:
-        buffers = encode_chunk(array.data, layout, index)
-        storage.write_file(f"{array.entry.path}/{chunk_key(index)}", buffers)
-        region = layout.chunk_region(index)
-        bar.advance(layout.dtype.itemsize * math.prod(b - a for a, b in region))
+        bounds = layout.chunk_region(chunk.index)
+        if len(chunk.sources) == 1:
+            data = data_of(chunk.sources[0])
+        else:
+            data = np.empty([b - a for a, b in bounds], dtype=layout.dtype.numpy_dtype)
+            for source in chunk.sources:
+                data[source.region.relative_to(tuple(a for a, _ in bounds))] = data_of(source)
+        storage.write_file(f"{array.path}/{chunk_key(chunk.index)}", encode_chunk(data, layout, chunk.index))
+        bar.advance(data.nbytes)
 
     return task

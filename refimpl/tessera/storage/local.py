@@ -61,6 +61,7 @@ class LocalStorage(Storage):
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self._root = Path(root).absolute()
         self._created_dirs: set[Path] = set()
+        self._written_dirs: set[Path] = set()
         self._lock = threading.Lock()
         self._real_root: Path | None = None
 
@@ -118,6 +119,8 @@ class LocalStorage(Storage):
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        with self._lock:
+            self._written_dirs.add(target.parent)
 
     def _make_parents(self, directory: Path) -> None:
         if directory.is_dir():
@@ -139,9 +142,12 @@ class LocalStorage(Storage):
     def sync(self) -> None:
         with self._lock:
             created, self._created_dirs = self._created_dirs, set()
-        # A directory's entry lives in its parent: fsync each parent of a new directory.
+            written, self._written_dirs = self._written_dirs, set()
+        # A file's entry lives in its directory and a directory's in its parent. The directory
+        # of every file written here is synced even if another rank created it (spec R16.14).
         with _os_errors(f"cannot sync directories under {self._root}"):
-            for directory in sorted({d.parent for d in created} | created, key=lambda p: -len(p.parts)):
+            directories = {d.parent for d in created} | created | written
+            for directory in sorted(directories, key=lambda p: -len(p.parts)):
                 _fsync_dir(directory)
 
     def publish_root(self, data: bytes, save_id: str) -> None:

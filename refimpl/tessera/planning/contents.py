@@ -1,0 +1,106 @@
+"""The manifest's entries of one save: the plan's arrays plus this save's JSON values.
+
+JSON values (step, config, learning rate) change from save to save while the
+arrays' layout does not, so they are merged here, after a fresh or a cached
+global plan: a value held by several ranks must be equal on all of them, a
+key cannot be a value on one rank and an array on another, and every cell of
+a sharded object's grid must have exactly one main copy (spec R16.2, R16.6).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterator, Sequence
+
+from ..errors import InvalidKeyError, ShardingError
+from ..format.keys import Key, parent_paths
+from ..format.manifest import Entry, ValueEntry
+from .global_plan import GlobalPlan
+from .local_plan import Cell, LeafSpec
+
+__all__ = ["manifest_contents"]
+
+
+def manifest_contents(
+    plan: GlobalPlan,
+    values: Sequence[Sequence[LeafSpec]],
+    orders: Sequence[Sequence[str]],
+    lists: Sequence[Sequence[Key]],
+) -> tuple[tuple[Entry, ...], tuple[Key, ...]]:
+    """Every entry in state-dict order (first seen on the lowest rank), and the list keys."""
+    merged: dict[str, ValueEntry] = {}
+    holder: dict[str, int] = {}
+    cells: list[tuple[Cell, int]] = list(plan.cells)
+    for rank, specs in enumerate(values):
+        for spec in specs:
+            path = spec.path
+            if path in plan.entries:
+                raise ShardingError(f"{path}: rank {rank} holds a JSON value where other ranks hold an array")
+            entry = ValueEntry(spec.key, spec.value, "float" if spec.tag == "float" else "json")
+            if path in merged:
+                if _canonical(merged[path]) != _canonical(entry):
+                    raise ShardingError(
+                        f"{path}: ranks {holder[path]} and {rank} hold different values "
+                        f"({merged[path].value!r} and {spec.value!r}); a per-rank value is a ShardedObject"
+                    )
+            else:
+                merged[path], holder[path] = entry, rank
+            if spec.cell is not None:
+                cells.append((spec.cell, rank))
+    _check_cells(cells)
+    order: dict[str, None] = {}
+    for paths in orders:
+        order.update(dict.fromkeys(paths))
+    entries: tuple[Entry, ...] = tuple(plan.entries[p] if p in plan.entries else merged[p] for p in order)
+    _check_case_collisions([e.path for e in entries])
+    return entries, tuple(dict.fromkeys(k for keys in lists for k in keys))
+
+
+def _canonical(entry: ValueEntry) -> str:
+    """JSON equality that tells 1, 1.0 and true apart."""
+    return entry.encoding + json.dumps(entry.value, sort_keys=True)
+
+
+def _check_cells(cells: list[tuple[Cell, int]]) -> None:
+    grids: dict[str, tuple[tuple[int, ...], dict[tuple[int, ...], int]]] = {}
+    for cell, rank in cells:
+        shape, mains = grids.setdefault(cell.grid_path, (cell.grid_shape, {}))
+        if cell.grid_shape != shape:
+            raise ShardingError(
+                f"{cell.grid_path}: ranks disagree on the grid of the sharded object: "
+                f"{list(shape)} and {list(cell.grid_shape)} (rank {rank})"
+            )
+        if cell.main:
+            if cell.offset in mains:
+                raise ShardingError(
+                    f"{cell.grid_path}: ranks {mains[cell.offset]} and {rank} both hold "
+                    f"the main copy of cell "
+                    f"{list(cell.offset)}; give copies a nonzero replica_id"
+                )
+            mains[cell.offset] = rank
+    for path, (shape, mains) in grids.items():
+        if len(mains) != math.prod(shape):
+            missing = next(o for o in _cells_of(shape) if o not in mains)
+            raise ShardingError(
+                f"{path}: {math.prod(shape) - len(mains)} of the {math.prod(shape)} cells of the sharded "
+                f"object's grid {list(shape)} have no main copy, e.g. cell {list(missing)}"
+            )
+
+
+def _cells_of(shape: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+    return itertools.product(*(range(n) for n in shape))
+
+
+def _check_case_collisions(paths: list[str]) -> None:
+    """Refuse a path or a group on its way that equals another ignoring case (spec R4.8)."""
+    folded: dict[str, str] = {}
+    for path in paths:
+        for prefix in [*parent_paths(path), path]:
+            other = folded.setdefault(prefix.lower(), prefix)
+            if other != prefix:
+                raise InvalidKeyError(
+                    f"keys {other} and {prefix} differ only in letter case; "
+                    "they would collide on case-insensitive file systems"
+                )

@@ -1,0 +1,310 @@
+"""The global plan: from every rank's local plan to one writer per chunk (spec R16.3, R16.4).
+
+The coordinator makes it from the ranks' metadata alone. For each array it
+checks that the ranks agree and that the main copies tile the tensor, picks
+the chunk grid, and gives every chunk exactly one owner: a rank that holds the
+whole chunk if any does (replicas are spread so that the least-loaded holder
+writes), else the rank that holds most of it, which then receives the other
+pieces from their holders. The result says, for each rank, which chunks and
+``zarr.json`` documents it writes and which pieces it sends and receives.
+A plan depends on the layout only, so it can be reused by later saves.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ShardingError
+from ..format.dtypes import dtype_by_name
+from ..format.keys import Key, parent_paths
+from ..format.layout import ArrayLayout, ChunkIndex
+from ..format.manifest import ObjectEntry, TensorEntry
+from ..sharding.boxes import Box
+from .chunk_grid import chunk_shape_for
+from .coverage import MainClaim, check_coverage
+from .local_plan import Cell, LeafSpec
+from .options import SaveOptions
+
+__all__ = ["ArrayTask", "ChunkWrite", "GlobalPlan", "RankPlan", "Source", "Transfer", "make_global_plan"]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A region of a chunk and the piece that holds it: ``pieces[leaf][piece]`` of ``rank``."""
+
+    rank: int
+    leaf: int
+    piece: int
+    region: Box
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkWrite:
+    index: ChunkIndex
+    sources: tuple[Source, ...]
+    """Regions that tile the chunk's part of the array; one, unless pieces were moved here."""
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayTask:
+    path: str
+    layout: ArrayLayout
+    write_metadata: bool
+    """This rank writes the array's ``zarr.json`` (exactly one rank does)."""
+    chunks: tuple[ChunkWrite, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """A piece region moved between two ranks; ``tag`` orders and matches the pair's messages."""
+
+    peer: int
+    source: Source
+    tag: int
+
+
+@dataclass(frozen=True, slots=True)
+class RankPlan:
+    arrays: tuple[ArrayTask, ...]
+    groups: tuple[str, ...]
+    sends: tuple[Transfer, ...]
+    receives: tuple[Transfer, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array data this rank writes."""
+        return sum(
+            s.region.volume * a.layout.dtype.itemsize
+            for a in self.arrays
+            for c in a.chunks
+            for s in c.sources
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalPlan:
+    entries: dict[str, TensorEntry | ObjectEntry]
+    """Every array by path."""
+    cells: tuple[tuple[Cell, int], ...]
+    """Grid cells of sharded objects stored as arrays, with the rank that holds each."""
+    ranks: tuple[RankPlan, ...]
+    loads: tuple[int, ...]
+    """Bytes each rank writes: how well the plan balances."""
+
+
+def make_global_plan(local: Sequence[Sequence[LeafSpec]], options: SaveOptions) -> GlobalPlan:
+    """Check the ranks' array leaves against each other and assign every chunk one owner."""
+    world = len(local)
+    holders_by_path: dict[str, list[tuple[int, int, LeafSpec]]] = {}
+    paths: dict[Key, tuple[str, tuple[type, ...]]] = {}
+    for rank, specs in enumerate(local):
+        for leaf, spec in enumerate(specs):
+            holders_by_path.setdefault(_path(spec, paths), []).append((rank, leaf, spec))
+    loads = [0] * world
+    tasks: list[list[ArrayTask]] = [[] for _ in range(world)]
+    moves: list[tuple[int, int, Source]] = []
+    entries: dict[str, TensorEntry | ObjectEntry] = {}
+    cells: list[tuple[Cell, int]] = []
+    for path, holders in holders_by_path.items():
+        entry, pieces, mains = _array(path, holders, options)
+        entries[path] = entry
+        cells.extend((spec.cell, rank) for rank, _, spec in holders if spec.cell is not None)
+        per_rank = _assign_chunks(path, entry, pieces, mains, loads, moves)
+        metadata_rank = min(per_rank, key=lambda r: (r != holders[0][0], r)) if per_rank else holders[0][0]
+        for rank in sorted(set(per_rank) | {metadata_rank}):
+            tasks[rank].append(
+                ArrayTask(path, entry.layout, rank == metadata_rank, tuple(per_rank.get(rank, ())))
+            )
+    groups = tuple(sorted({g for path in entries for g in parent_paths(path)}))
+    sends: list[list[Transfer]] = [[] for _ in range(world)]
+    receives: list[list[Transfer]] = [[] for _ in range(world)]
+    for tag, (src, dst, source) in enumerate(moves):
+        sends[src].append(Transfer(dst, source, tag))
+        receives[dst].append(Transfer(src, source, tag))
+    ranks = tuple(
+        RankPlan(tuple(tasks[r]), groups if r == 0 else (), tuple(sends[r]), tuple(receives[r]))
+        for r in range(world)
+    )
+    return GlobalPlan(entries, tuple(cells), ranks, tuple(loads))
+
+
+def _path(spec: LeafSpec, known: dict[Key, tuple[str, tuple[type, ...]]]) -> str:
+    """``spec.path``, encoded once per key: every rank that holds a key sends it again.
+
+    The components' types are part of the match, since ``1``, ``1.0`` and ``True`` are equal
+    as dict keys but not as path segments (the last two are refused)."""
+    types = tuple(map(type, spec.key))
+    hit = known.get(spec.key)
+    if hit is not None and hit[1] == types:
+        return hit[0]
+    path = spec.path
+    known.setdefault(spec.key, (path, types))
+    return path
+
+
+_Held = tuple[int, int, int, Box]
+"""``(rank, leaf, piece index, box)`` of one piece."""
+
+
+def _array(
+    path: str, holders: list[tuple[int, int, LeafSpec]], options: SaveOptions
+) -> tuple[TensorEntry | ObjectEntry, list[_Held], list[_Held]]:
+    """The array's entry, every piece that holds part of it, and the main copies among them."""
+    first_rank, _, first = holders[0]
+    for rank, _, spec in holders[1:]:
+        mine = (spec.kind, spec.dtype, spec.shape, spec.tag, spec.sharded)
+        theirs = (first.kind, first.dtype, first.shape, first.tag, first.sharded)
+        if mine != theirs:
+            raise ShardingError(
+                f"{path}: ranks disagree: rank {first_rank} holds {_describe(first)}, "
+                f"rank {rank} {_describe(spec)}"
+            )
+    dtype = dtype_by_name(first.dtype)
+    pieces: list[_Held] = []
+    mains: list[_Held] = []
+    shards: list[Box] = []
+    if first.sharded:
+        claims: list[MainClaim] = []
+        for rank, leaf, spec in holders:
+            index = 0
+            for extent in spec.extents:
+                if extent.replica_id == 0:
+                    claims.append((extent.offset, extent.shape, extent.flat_range, rank))
+                for box, _ in extent.boxes():
+                    held = (rank, leaf, index, box)
+                    pieces.append(held)
+                    if extent.replica_id == 0:
+                        mains.append(held)
+                    index += 1
+        shards = check_coverage(path, first.shape, claims)
+    else:
+        box = Box((0,) * len(first.shape), first.shape)
+        if box.volume:
+            pieces = [(rank, leaf, 0, box) for rank, leaf, _ in holders]
+            mains = pieces[:1]
+    chunk_shape = chunk_shape_for(first.shape, dtype.itemsize, shards, options.chunk_bytes)
+    layout = ArrayLayout(dtype, first.shape, chunk_shape, options.zstd_level)
+    entry: TensorEntry | ObjectEntry
+    if first.kind == "tensor":
+        entry = TensorEntry(first.key, layout, "numpy" if first.tag == "numpy" else "torch")
+    else:
+        entry = ObjectEntry(first.key, layout, "pickle" if first.tag == "pickle" else "bytes")
+    return entry, pieces, mains
+
+
+def _describe(spec: LeafSpec) -> str:
+    kind = f"a sharded {spec.kind}" if spec.sharded else f"a {spec.kind}"
+    return f"{kind} of {spec.dtype} {list(spec.shape)} ({spec.tag})"
+
+
+def _assign_chunks(
+    path: str,
+    entry: TensorEntry | ObjectEntry,
+    pieces: list[_Held],
+    mains: list[_Held],
+    loads: list[int],
+    moves: list[tuple[int, int, Source]],
+) -> dict[int, list[ChunkWrite]]:
+    """Give each chunk of the array one owner; record the pieces that must move to it.
+
+    Which boxes hold each chunk whole, and which main copies overlap it, is found for a
+    block of chunks at a time with NumPy; only the choice of owners (which depends on
+    the loads so far) runs chunk by chunk."""
+    layout = entry.layout
+    itemsize = layout.dtype.itemsize
+    holders_of: dict[Box, list[_Held]] = {}
+    own: dict[int, list[_Held]] = {}
+    for held in pieces:
+        holders_of.setdefault(held[3], []).append(held)
+        own.setdefault(held[0], []).append(held)
+    groups = list(holders_of.values())
+    starts, stops = _corners(list(holders_of))
+    main_starts, main_stops = _corners([m[3] for m in mains])
+    per_rank: dict[int, list[ChunkWrite]] = {}
+    sources: tuple[Source, ...]
+    indices = layout.chunk_indices()
+    for lows, highs in _chunk_blocks(layout, max(len(groups), len(mains))):
+        whole = _all(starts[None] <= lows[:, None]) & _all(stops[None] >= highs[:, None])
+        held_whole = whole.any(axis=1)
+        for i, (index, lo, hi) in enumerate(zip(indices, lows.tolist(), highs.tolist(), strict=False)):
+            region = Box(tuple(lo), tuple(b - a for a, b in zip(lo, hi, strict=True)))
+            if held_whole[i]:
+                candidates = [held for u in np.flatnonzero(whole[i]) for held in groups[u]]
+                rank, leaf, piece, _ = min(candidates, key=lambda h: (loads[h[0]], h[0]))
+                owner, sources = rank, (Source(rank, leaf, piece, region),)
+            else:
+                owner, sources = _gather_sources(
+                    path, region, lows[i], highs[i], mains, main_starts, main_stops, own, loads
+                )
+                moves.extend((s.rank, owner, s) for s in sources if s.rank != owner)
+            loads[owner] += region.volume * itemsize
+            per_rank.setdefault(owner, []).append(ChunkWrite(index, sources))
+    return per_rank
+
+
+_BLOCK_ELEMENTS = 2**20
+"""Chunks are compared with the boxes a block at a time, about this many pairs per block."""
+
+
+def _chunk_blocks(layout: ArrayLayout, boxes: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Start and stop corners of every chunk in C order (as ``chunk_indices``), in blocks."""
+    grid = layout.grid_shape
+    count = math.prod(grid)
+    size = max(1, _BLOCK_ELEMENTS // max(1, boxes * len(grid)))
+    chunk = np.array(layout.chunk_shape, np.int64)
+    shape = np.array(layout.shape, np.int64)
+    for first in range(0, count, size):
+        flat = np.arange(first, min(first + size, count), dtype=np.int64)
+        index = np.stack(np.unravel_index(flat, grid), axis=1).reshape(len(flat), len(grid))
+        lows = index * chunk
+        yield lows, np.minimum(lows + chunk, shape)
+
+
+def _all(compared: np.ndarray) -> np.ndarray:
+    """Over the last axis (the dimensions); true for 0-d arrays, like ``np.all`` of nothing."""
+    return np.all(compared, axis=-1)
+
+
+def _corners(boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
+    ndim = len(boxes[0].offset) if boxes else 0
+    starts = np.array([b.offset for b in boxes], np.int64).reshape(len(boxes), ndim)
+    stops = np.array([b.stop for b in boxes], np.int64).reshape(len(boxes), ndim)
+    return starts, stops
+
+
+def _gather_sources(
+    path: str,
+    region: Box,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    mains: list[_Held],
+    main_starts: np.ndarray,
+    main_stops: np.ndarray,
+    own: dict[int, list[_Held]],
+    loads: list[int],
+) -> tuple[int, tuple[Source, ...]]:
+    """A chunk no rank holds whole: its owner holds most of it; the main copies supply the rest,
+    unless the owner holds a replica of a part itself. ``own``: every rank's pieces, in order."""
+    hits = np.flatnonzero(_all(main_starts < hi) & _all(main_stops > lo))
+    common_starts = np.maximum(main_starts[hits], lo)
+    common_shapes = np.minimum(main_stops[hits], hi) - common_starts
+    parts = [
+        Source(*mains[i][:3], Box(tuple(start), tuple(shape)))
+        for i, start, shape in zip(hits.tolist(), common_starts.tolist(), common_shapes.tolist(), strict=True)
+    ]
+    if sum(p.region.volume for p in parts) != region.volume:
+        raise ShardingError(f"{path}: internal error: the main copies do not tile chunk region {region}")
+    held: dict[int, int] = {}
+    for part in parts:
+        held[part.rank] = held.get(part.rank, 0) + part.region.volume
+    owner = max(held, key=lambda r: (held[r], -loads[r], -r))
+    mine = own.get(owner, [])
+    sources = []
+    for part in parts:
+        local = next((p for p in mine if p[3].contains(part.region)), None) if part.rank != owner else None
+        sources.append(part if local is None else Source(owner, local[1], local[2], part.region))
+    return owner, tuple(sources)
