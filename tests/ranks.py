@@ -21,7 +21,9 @@ from typing import Any
 import torch.distributed as dist
 
 _CONTEXT = mp.get_context("forkserver")
-_CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "tessera", "numpy"])
+_CONTEXT.set_forkserver_preload(
+    ["torch", "torch.distributed", "torch.distributed.tensor", "torch._dynamo", "tessera", "numpy"]
+)
 
 
 @dataclass(frozen=True)

@@ -78,22 +78,25 @@ def sharded_from_dtensor(t: DTensor) -> list[ShardedTensor]:
             )
         elif _shard_of(placement) is None:
             raise ShardingError(f"{where}: placement {placement!r} is not supported")
-    held = [list(range(n)) for n in shape]
+    # Per tensor dimension, the global indices held, in local order, as runs (ranges of step 1).
+    held = [[range(n)] for n in shape]
     for dim, mesh_dim, split_factor in _shard_steps(t.placements, mesh):
-        parts = _chunks(held[dim], split_factor)
-        held[dim] = [i for part in parts for i in _chunks(part, mesh.size(mesh_dim))[coordinate[mesh_dim]]]
+        count, index = mesh.size(mesh_dim), coordinate[mesh_dim]
+        parts = [_chunk(held[dim], split_factor, part) for part in range(split_factor)]
+        held[dim] = [run for part in parts for run in _chunk(part, count, index)]
     local = t.to_local()
-    if tuple(local.shape) != tuple(len(h) for h in held):
+    local_shape = [sum(len(run) for run in runs) for runs in held]
+    if tuple(local.shape) != tuple(local_shape):
         raise ShardingError(
-            f"{where}: the placements give a local shape of {[len(h) for h in held]} on mesh coordinate "
+            f"{where}: the placements give a local shape of {local_shape} on mesh coordinate "
             f"{list(coordinate)}, but to_local() has shape {list(local.shape)}"
         )
-    if any(a >= b for h in held for a, b in itertools.pairwise(h)):
+    if any(a.stop > b.start for runs in held for a, b in itertools.pairwise(runs)):
         raise ShardingError(f"{where}: the local tensor does not hold its indices in global order")
     pieces = []
-    for runs in itertools.product(*(_runs(h) for h in held)):
-        view = local[tuple(slice(first, first + n) for _, first, n in runs)]
-        pieces.append(ShardedTensor(view, shape, tuple(start for start, _, _ in runs), replica_id=replica_id))
+    for box in itertools.product(*(_runs_at(runs) for runs in held)):
+        view = local[tuple(slice(first, first + len(run)) for run, first in box)]
+        pieces.append(ShardedTensor(view, shape, tuple(run.start for run, _ in box), replica_id=replica_id))
     return pieces
 
 
@@ -129,19 +132,27 @@ def _shard_steps(placements: Sequence[Placement], mesh: DeviceMesh) -> list[tupl
     return [(dim, mesh_dim, 1) for dim, order in orders.items() for mesh_dim in order]
 
 
-def _chunks(items: list[int], count: int) -> list[list[int]]:
-    """``items`` split as ``torch.chunk`` does, padded with empty chunks to exactly ``count``."""
-    size = -(-len(items) // count)
-    return [items[i * size : (i + 1) * size] for i in range(count)]
+def _chunk(runs: list[range], count: int, index: int) -> list[range]:
+    """Chunk ``index`` of the indices in ``runs`` split into ``count`` as ``torch.chunk`` does: chunks of
+    ``ceil(n / count)``, so the last ones may be shorter or empty."""
+    size = -(-sum(len(run) for run in runs) // count)
+    start, stop = index * size, (index + 1) * size
+    chunk = []
+    for run in runs:
+        if start < len(run) and stop > 0:
+            chunk.append(run[max(start, 0) : stop])
+        start, stop = start - len(run), stop - len(run)
+    return chunk
 
 
-def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
-    """Runs of consecutive global indices, each as (global start, position in ``indices``, length)."""
-    runs: list[tuple[int, int, int]] = []
-    for position, index in enumerate(indices):
-        if runs and runs[-1][0] + runs[-1][2] == index:
-            start, first, n = runs[-1]
-            runs[-1] = (start, first, n + 1)
-        else:
-            runs.append((index, position, 1))
-    return runs
+def _runs_at(runs: list[range]) -> list[tuple[range, int]]:
+    """``runs`` with the ones that abut merged, each with its first position in the local tensor."""
+    merged: list[tuple[range, int]] = []
+    position = 0
+    for run in runs:
+        if merged and merged[-1][0].stop == run.start:
+            merged[-1] = (range(merged[-1][0].start, run.stop), merged[-1][1])
+        elif run:
+            merged.append((run, position))
+        position += len(run)
+    return merged
