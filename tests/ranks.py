@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -61,7 +62,9 @@ def _rank_main(
             world_size=world_size,
             timeout=dt.timedelta(seconds=timeout_s),
         )
-        result = fn(rank, world_size, *args)
+        # Plain pickle copies tensors by value; the queue's own pickler would share them
+        # through this process, which exits before the parent reads them.
+        result = pickle.dumps(fn(rank, world_size, *args))
         out.put((rank, True, result))
     except BaseException as exc:  # reported to the parent with the traceback
         out.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
@@ -115,4 +118,11 @@ def run_ranks(
     if not allow_death and (failures or silent):
         died = [f"rank {r} exited with code {procs[r].exitcode} and no result" for r in silent]
         raise RanksFailed("\n".join(failures + died))
-    return [got[r][1] if r in got else RankDied(procs[r].exitcode) for r in range(world_size)]
+    results = []
+    for rank in range(world_size):
+        if rank not in got:
+            results.append(RankDied(procs[rank].exitcode))
+        else:
+            ok, value = got[rank]
+            results.append(pickle.loads(value) if ok else value)
+    return results

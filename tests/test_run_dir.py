@@ -133,7 +133,7 @@ def test_retention_deletes_the_root_first_R10_6(monkeypatch: pytest.MonkeyPatch,
         raise OSError("interrupted (simulated)")
 
     monkeypatch.setattr("tessera.run_dir.shutil.rmtree", interrupted)
-    with pytest.raises(OSError):
+    with pytest.raises(tessera.StorageError, match="interrupted"):
         run.save(_state(2), step=2)
     monkeypatch.undo()
     assert run.latest() == tmp_path / "run" / "step-00000002"

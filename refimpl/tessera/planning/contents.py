@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterator, Sequence
 
 from ..errors import InvalidKeyError, ShardingError
-from ..format.keys import Key, parent_paths
+from ..format.keys import Key, key_to_path, parent_paths, path_to_key
 from ..format.manifest import Entry, ValueEntry
 from .global_plan import GlobalPlan
 from .local_plan import Cell, LeafSpec
@@ -29,7 +29,7 @@ def manifest_contents(
     orders: Sequence[Sequence[str]],
     lists: Sequence[Sequence[Key]],
 ) -> tuple[tuple[Entry, ...], tuple[Key, ...]]:
-    """Every entry in state-dict order (first seen on the lowest rank), and the list keys."""
+    """Every entry in merged state-dict order (R16.8), and the list keys."""
     merged: dict[str, ValueEntry] = {}
     holder: dict[str, int] = {}
     cells: list[tuple[Cell, int]] = list(plan.cells)
@@ -38,6 +38,10 @@ def manifest_contents(
             path = spec.path
             if path in plan.entries:
                 raise ShardingError(f"{path}: rank {rank} holds a JSON value where other ranks hold an array")
+            if spec.cell is not None:
+                cells.append((spec.cell, rank))
+                if not spec.cell.main:
+                    continue  # a copy of a cell is not stored, whatever it holds (R16.5)
             entry = ValueEntry(spec.key, spec.value, "float" if spec.tag == "float" else "json")
             if path in merged:
                 if _canonical(merged[path]) != _canonical(entry):
@@ -47,15 +51,45 @@ def manifest_contents(
                     )
             else:
                 merged[path], holder[path] = entry, rank
-            if spec.cell is not None:
-                cells.append((spec.cell, rank))
     _check_cells(cells)
-    order: dict[str, None] = {}
-    for paths in orders:
-        order.update(dict.fromkeys(paths))
+    order = _merged_order(orders, cells)
+    _check_no_value_holds_keys(order)
     entries: tuple[Entry, ...] = tuple(plan.entries[p] if p in plan.entries else merged[p] for p in order)
-    _check_case_collisions([e.path for e in entries])
+    _check_case_collisions(list(order))
     return entries, tuple(dict.fromkeys(k for keys in lists for k in keys))
+
+
+def _merged_order(orders: Sequence[Sequence[str]], cells: list[tuple[Cell, int]]) -> dict[str, int]:
+    """Each path with the lowest rank listing it: rank 0's paths in its order, then each later
+    rank's new ones; a sharded object's main cells together, in C order, where it first appears."""
+    grid_of: dict[str, str] = {}
+    cells_of: dict[str, dict[tuple[int, ...], str]] = {}
+    for cell, _ in cells:
+        if cell.main:
+            path = key_to_path((*path_to_key(cell.grid_path), *cell.offset))
+            grid_of[path] = cell.grid_path
+            cells_of.setdefault(cell.grid_path, {})[cell.offset] = path
+    order: dict[str, int] = {}
+    for rank, paths in enumerate(orders):
+        for path in paths:
+            grid = grid_of.get(path)
+            if grid is None:
+                order.setdefault(path, rank)
+            elif path not in order:
+                for offset in sorted(cells_of[grid]):
+                    order.setdefault(cells_of[grid][offset], rank)
+    return order
+
+
+def _check_no_value_holds_keys(order: dict[str, int]) -> None:
+    """A key is a stored value or a container of keys, on every rank alike (R3.13, R16.4)."""
+    for path, rank in order.items():
+        for prefix in parent_paths(path):
+            if prefix in order:
+                raise ShardingError(
+                    f"{prefix}: rank {order[prefix]} stores a value at this key, and rank {rank} "
+                    f"stores {path} under it"
+                )
 
 
 def _canonical(entry: ValueEntry) -> str:

@@ -29,7 +29,8 @@ def flat_buffer_shards(
     concatenation of the parameters of ``shapes`` (in order, each flattened in C order).
 
     Each shard's ``local`` is a view of ``buffer``: saving reads it, loading fills it.
-    Parameters the range does not reach are left out.
+    Parameters the range does not reach are left out; a parameter of no elements is held, empty,
+    by the ranges that start or stop at its offset.
     """
     start, stop = buffer_range
     if buffer.dim() != 1 or buffer.numel() != stop - start or start < 0:
@@ -42,7 +43,9 @@ def flat_buffer_shards(
     for name, shape in shapes.items():
         size = math.prod(shape)
         first, last = max(start, offset), min(stop, offset + size)
-        if first < last:
+        # A parameter of no elements is reached by no range: the ranges next to its offset hold it,
+        # empty, so that its state is saved (at its shape, R16.6) like every other parameter's.
+        if first < last or (size == 0 and first == last):
             shards[name] = ShardedTensor(
                 buffer[first - start : last - start],
                 tuple(shape),
