@@ -15,6 +15,7 @@ import os
 import pickle
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -125,6 +126,23 @@ def _contiguous_span(inner: Bounds, shape: tuple[int, ...]) -> tuple[int, int] |
     return first, count
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A chunk and the part of one request's destination it fills."""
+
+    entry: TensorEntry | ObjectEntry
+    index: ChunkIndex
+    bounds: Bounds
+    """The request's region of the array; ``dst`` holds exactly it."""
+    dst: np.ndarray
+
+    def overlap(self) -> tuple[Bounds, Bounds]:
+        """The chunk's part of the request, in array and in ``dst`` coordinates."""
+        chunk = self.entry.layout.chunk_region(self.index)
+        inner = tuple((max(a, ca), min(b, cb)) for (a, b), (ca, cb) in zip(self.bounds, chunk, strict=True))
+        return inner, tuple((a - o, b - o) for (a, b), (o, _) in zip(inner, self.bounds, strict=True))
+
+
 class Checkpoint:
     """A committed checkpoint: its manifest in memory, its arrays read on demand."""
 
@@ -181,7 +199,7 @@ class Checkpoint:
         entry = self._array_entry(key)
         bounds, dropped = _bounds(region, entry.layout.shape, entry.path)
         out = torch.empty([b - a for a, b in bounds], dtype=entry.layout.dtype.torch_dtype)
-        run_all(self._fill_tasks(entry, bounds, out), self._threads)
+        run_all(self._chunk_tasks(self._targets(entry, bounds, out)), self._threads)
         for dim in reversed(dropped):
             out = out.squeeze(dim)
         if isinstance(entry, TensorEntry) and entry.origin == "numpy":
@@ -195,7 +213,7 @@ class Checkpoint:
     def read_many(self, requests: Sequence[tuple[str | Key, torch.Tensor, Region]]) -> None:
         """Fill each ``(key, out, region)`` request; the chunks of all of them are read in one
         parallel pass, so that many small tensors load as fast as one large one."""
-        tasks: list[Callable[[], None]] = []
+        targets: list[_Target] = []
         staged: list[tuple[torch.Tensor, torch.Tensor]] = []
         for key, out, region in requests:
             entry = self._array_entry(key)
@@ -210,8 +228,8 @@ class Checkpoint:
             if out.device.type != "cpu" or not out.is_contiguous() or dropped:
                 target = torch.empty([b - a for a, b in bounds], dtype=out.dtype)
                 staged.append((out, target))
-            tasks.extend(self._fill_tasks(entry, bounds, target))
-        run_all(tasks, self._threads)
+            targets.extend(self._targets(entry, bounds, target))
+        run_all(self._chunk_tasks(targets), self._threads)
         for out, target in staged:
             out.copy_(target.reshape(out.shape))
 
@@ -305,25 +323,31 @@ class Checkpoint:
         raw = self.storage.read_file(f"{entry.path}/{chunk_key(index)}", size)
         return decode_chunk(raw, entry.layout, self.chunk_where(entry, index))
 
-    def _fill_tasks(
-        self, entry: TensorEntry | ObjectEntry, bounds: Bounds, out: torch.Tensor
-    ) -> list[Callable[[], None]]:
-        """One task per chunk overlapping ``bounds``, each filling its part of the CPU,
-        C-contiguous ``out``."""
+    def _targets(self, entry: TensorEntry | ObjectEntry, bounds: Bounds, out: torch.Tensor) -> list[_Target]:
+        """Every chunk overlapping ``bounds``, each with the CPU, C-contiguous ``out`` to fill."""
         dst = as_numpy(out, entry.layout.dtype)
         ranges = [
             range(a // c, math.ceil(b / c)) if b > a else range(0)
             for (a, b), c in zip(bounds, entry.layout.chunk_shape, strict=True)
         ]
-        return [self._chunk_task(entry, index, bounds, dst) for index in itertools.product(*ranges)]
+        return [_Target(entry, index, bounds, dst) for index in itertools.product(*ranges)]
 
-    def _chunk_task(
-        self, entry: TensorEntry | ObjectEntry, index: ChunkIndex, bounds: Bounds, dst: np.ndarray
-    ) -> Callable[[], None]:
+    def _chunk_tasks(self, targets: list[_Target]) -> list[Callable[[], None]]:
+        """One task per chunk: a chunk that several requests overlap (the boxes of one flat
+        range, neighbouring shards) is read and checked once and copied into each."""
+        by_chunk: dict[tuple[str, ChunkIndex], list[_Target]] = {}
+        for target in targets:
+            by_chunk.setdefault((target.entry.path, target.index), []).append(target)
+        return [
+            self._chunk_task(group[0]) if len(group) == 1 else self._shared_chunk_task(group)
+            for group in by_chunk.values()
+        ]
+
+    def _chunk_task(self, target: _Target) -> Callable[[], None]:
+        entry, index, dst = target.entry, target.index, target.dst
         layout = entry.layout
         chunk = layout.chunk_region(index)
-        inner = tuple((max(a, ca), min(b, cb)) for (a, b), (ca, cb) in zip(bounds, chunk, strict=True))
-        local = tuple((a - o, b - o) for (a, b), (o, _) in zip(inner, bounds, strict=True))
+        inner, local = target.overlap()
         span = _contiguous_span(local, dst.shape) if inner == chunk else None
         in_place = (
             span is not None and layout.zstd_level is None and prefix_elements(layout, index) is not None
@@ -344,13 +368,19 @@ class Checkpoint:
                 self.chunk_where(entry, index),
             )
 
-        def gathered() -> None:
-            decoded = self.read_chunk(entry, index)
-            dst[tuple(slice(a, b) for a, b in local)] = decoded[
-                tuple(slice(a - ca, b - ca) for (a, b), (ca, _) in zip(inner, chunk, strict=True))
-            ]
+        return direct if in_place else self._shared_chunk_task([target])
 
-        return direct if in_place else gathered
+    def _shared_chunk_task(self, targets: list[_Target]) -> Callable[[], None]:
+        def gathered() -> None:
+            decoded = self.read_chunk(targets[0].entry, targets[0].index)
+            for target in targets:
+                inner, local = target.overlap()
+                chunk = target.entry.layout.chunk_region(target.index)
+                target.dst[tuple(slice(a, b) for a, b in local)] = decoded[
+                    tuple(slice(a - ca, b - ca) for (a, b), (ca, _) in zip(inner, chunk, strict=True))
+                ]
+
+        return gathered
 
     # -- whole subtrees ---------------------------------------------------------------------
 
