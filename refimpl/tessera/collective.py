@@ -33,6 +33,10 @@ class Collective(ABC):
         """Every rank's ``obj`` on rank 0 (``None`` elsewhere)."""
 
     @abstractmethod
+    def all_gather(self, obj: Any, step: str) -> list[Any]:
+        """Every rank's ``obj`` on every rank."""
+
+    @abstractmethod
     def scatter(self, objs: list[Any] | None, step: str) -> Any:
         """Rank 0 gives ``objs[r]`` to rank ``r``."""
 
@@ -55,6 +59,9 @@ class SingleProcess(Collective):
     world_size = 1
 
     def gather(self, obj: Any, step: str) -> list[Any] | None:
+        return [obj]
+
+    def all_gather(self, obj: Any, step: str) -> list[Any]:
         return [obj]
 
     def scatter(self, objs: list[Any] | None, step: str) -> Any:
@@ -105,6 +112,12 @@ class ProcessGroupCollective(Collective):
         out: list[Any] | None = [None] * self.world_size if self.rank == 0 else None
         with self._failures(step):
             dist.gather_object(obj, out, dst=self._root, group=self.group)
+        return out
+
+    def all_gather(self, obj: Any, step: str) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        with self._failures(step):
+            dist.all_gather_object(out, obj, group=self.group)
         return out
 
     def scatter(self, objs: list[Any] | None, step: str) -> Any:

@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from .collective import collective_for
 from .errors import KeyMismatchError, TensorMismatchError
 from .flatten import flatten, unflatten
 from .format.dtypes import dtype_of_numpy
@@ -31,6 +33,7 @@ from .format.manifest import Entry, ObjectEntry, TensorEntry
 from .reader import Checkpoint, Region, open_checkpoint
 from .sharding.dtensor import is_dtensor, sharded_from_dtensor
 from .sharding.sharded import ShardedObject, ShardedTensor
+from .shared_reads import read_together
 from .tensors import as_torch
 
 __all__ = ["LoadResult", "Strict", "load"]
@@ -78,12 +81,15 @@ def load(
     strict: Strict | str = Strict.RAISE_UNEXPECTED,
     allow_pickle: bool = False,
     limits: ReaderLimits = DEFAULT_LIMITS,
+    process_group: dist.ProcessGroup | None = None,
 ) -> Any:
     """Load a checkpoint; returns the state dict, or a :class:`LoadResult` in the ``RETURN_*`` modes.
 
     ``keys`` (paths or path prefixes, as ``tessera inspect`` prints them)
     selects what to load when no template is given. Pickled values are
-    refused unless ``allow_pickle=True``.
+    refused unless ``allow_pickle=True``. With ``process_group``, every rank of the group
+    loads together (each calls ``load`` with its own template): each chunk that any rank
+    needs is read from storage by one rank and its pieces sent to the others.
     """
     mode = Strict(strict)
     checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path, limits=limits)
@@ -118,7 +124,11 @@ def load(
                 in_place.append((path, template, None))
             else:
                 _assign(state_dict, key, _read_subtree(checkpoint, key, path, template, allow_pickle))
-        checkpoint.read_many(in_place)
+        collective = collective_for(process_group)
+        if process_group is not None and collective.world_size > 1:
+            read_together(checkpoint, in_place, collective)
+        else:
+            checkpoint.read_many(in_place)
         result = state_dict
     if mode in (Strict.RETURN_UNEXPECTED, Strict.RETURN_ALL):
         missing = plan.missing if mode is Strict.RETURN_ALL else frozenset()

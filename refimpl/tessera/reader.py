@@ -43,7 +43,7 @@ from .storage.base import CLAIM_FILE, ROOT_METADATA, Storage
 from .storage.local import LocalStorage
 from .tensors import as_numpy
 
-__all__ = ["Checkpoint", "Region", "open_checkpoint"]
+__all__ = ["Bounds", "Checkpoint", "ReadTarget", "Region", "open_checkpoint", "unstage"]
 
 Bounds = tuple[tuple[int, int], ...]
 Region = Sequence[slice | int] | None
@@ -126,8 +126,14 @@ def _contiguous_span(inner: Bounds, shape: tuple[int, ...]) -> tuple[int, int] |
     return first, count
 
 
+def unstage(staged: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy staging buffers into their destinations (GPU, strided, or with dropped dimensions)."""
+    for out, target in staged:
+        out.copy_(target.reshape(out.shape))
+
+
 @dataclass(frozen=True, slots=True)
-class _Target:
+class ReadTarget:
     """A chunk and the part of one request's destination it fills."""
 
     entry: TensorEntry | ObjectEntry
@@ -196,7 +202,7 @@ class Checkpoint:
 
     def read(self, key: str | Key, region: Region = None) -> torch.Tensor | np.ndarray:
         """A tensor (or NumPy array, if one was saved), whole or the ``region`` of it."""
-        entry = self._array_entry(key)
+        entry = self.array_entry(key)
         bounds, dropped = _bounds(region, entry.layout.shape, entry.path)
         out = torch.empty([b - a for a, b in bounds], dtype=entry.layout.dtype.torch_dtype)
         run_all(self._chunk_tasks(self._targets(entry, bounds, out)), self._threads)
@@ -213,10 +219,19 @@ class Checkpoint:
     def read_many(self, requests: Sequence[tuple[str | Key, torch.Tensor, Region]]) -> None:
         """Fill each ``(key, out, region)`` request; the chunks of all of them are read in one
         parallel pass, so that many small tensors load as fast as one large one."""
-        targets: list[_Target] = []
+        targets, staged = self.targets_of(requests)
+        self.fill(targets)
+        unstage(staged)
+
+    def targets_of(
+        self, requests: Sequence[tuple[str | Key, torch.Tensor, Region]]
+    ) -> tuple[list[ReadTarget], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The chunks each request needs, after checking it; a destination that is not a CPU,
+        C-contiguous tensor of the region's shape is staged: ``(out, staging buffer)`` pairs."""
+        targets: list[ReadTarget] = []
         staged: list[tuple[torch.Tensor, torch.Tensor]] = []
         for key, out, region in requests:
-            entry = self._array_entry(key)
+            entry = self.array_entry(key)
             bounds, dropped = _bounds(region, entry.layout.shape, entry.path)
             shape = [b - a for d, (a, b) in enumerate(bounds) if d not in dropped]
             if list(out.shape) != shape or out.dtype != entry.layout.dtype.torch_dtype:
@@ -229,9 +244,11 @@ class Checkpoint:
                 target = torch.empty([b - a for a, b in bounds], dtype=out.dtype)
                 staged.append((out, target))
             targets.extend(self._targets(entry, bounds, target))
+        return targets, staged
+
+    def fill(self, targets: list[ReadTarget]) -> None:
+        """Read every target's chunk (each chunk once) and fill the targets."""
         run_all(self._chunk_tasks(targets), self._threads)
-        for out, target in staged:
-            out.copy_(target.reshape(out.shape))
 
     def value(self, key: str | Key, *, allow_pickle: bool = False) -> Any:
         """Any stored value: a tensor, an array, bytes, a JSON value, or an unpickled object."""
@@ -266,7 +283,7 @@ class Checkpoint:
 
     # -- chunks -----------------------------------------------------------------------------
 
-    def _array_entry(self, key: str | Key) -> TensorEntry | ObjectEntry:
+    def array_entry(self, key: str | Key) -> TensorEntry | ObjectEntry:
         entry = self.entry(key)
         if isinstance(entry, ValueEntry):
             raise TensorMismatchError(f"{entry.path} is a JSON value, not an array; use value()")
@@ -323,19 +340,21 @@ class Checkpoint:
         raw = self.storage.read_file(f"{entry.path}/{chunk_key(index)}", size)
         return decode_chunk(raw, entry.layout, self.chunk_where(entry, index))
 
-    def _targets(self, entry: TensorEntry | ObjectEntry, bounds: Bounds, out: torch.Tensor) -> list[_Target]:
+    def _targets(
+        self, entry: TensorEntry | ObjectEntry, bounds: Bounds, out: torch.Tensor
+    ) -> list[ReadTarget]:
         """Every chunk overlapping ``bounds``, each with the CPU, C-contiguous ``out`` to fill."""
         dst = as_numpy(out, entry.layout.dtype)
         ranges = [
             range(a // c, math.ceil(b / c)) if b > a else range(0)
             for (a, b), c in zip(bounds, entry.layout.chunk_shape, strict=True)
         ]
-        return [_Target(entry, index, bounds, dst) for index in itertools.product(*ranges)]
+        return [ReadTarget(entry, index, bounds, dst) for index in itertools.product(*ranges)]
 
-    def _chunk_tasks(self, targets: list[_Target]) -> list[Callable[[], None]]:
+    def _chunk_tasks(self, targets: list[ReadTarget]) -> list[Callable[[], None]]:
         """One task per chunk: a chunk that several requests overlap (the boxes of one flat
         range, neighbouring shards) is read and checked once and copied into each."""
-        by_chunk: dict[tuple[str, ChunkIndex], list[_Target]] = {}
+        by_chunk: dict[tuple[str, ChunkIndex], list[ReadTarget]] = {}
         for target in targets:
             by_chunk.setdefault((target.entry.path, target.index), []).append(target)
         return [
@@ -343,7 +362,7 @@ class Checkpoint:
             for group in by_chunk.values()
         ]
 
-    def _chunk_task(self, target: _Target) -> Callable[[], None]:
+    def _chunk_task(self, target: ReadTarget) -> Callable[[], None]:
         entry, index, dst = target.entry, target.index, target.dst
         layout = entry.layout
         chunk = layout.chunk_region(index)
@@ -370,7 +389,7 @@ class Checkpoint:
 
         return direct if in_place else self._shared_chunk_task([target])
 
-    def _shared_chunk_task(self, targets: list[_Target]) -> Callable[[], None]:
+    def _shared_chunk_task(self, targets: list[ReadTarget]) -> Callable[[], None]:
         def gathered() -> None:
             decoded = self.read_chunk(targets[0].entry, targets[0].index)
             for target in targets:

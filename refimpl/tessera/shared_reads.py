@@ -1,0 +1,156 @@
+"""Loading together: every chunk that any rank needs is read by one rank, once (spec R14.8).
+
+Ranks that load the same chunks (data-parallel replicas of one shard, or a
+new layout whose boxes cut across the saved chunks) would each read them from
+storage. Loading together, the ranks share what each needs (metadata only),
+every needed chunk gets one reader among the ranks that need it, spread so
+that no rank reads much more than another, and the reader sends each other
+rank exactly the part of the chunk it needs over the process group. Storage
+then serves each byte once; the rest moves over the interconnect.
+The plan is a pure function of everyone's needs, so every rank computes the
+same one and no coordinator is involved.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .collective import Collective
+from .errors import CollectiveError, TesseraError
+from .format.keys import Key
+from .format.layout import ChunkIndex
+from .parallel import run_all
+from .reader import Bounds, Checkpoint, ReadTarget, Region, unstage
+
+__all__ = ["read_together"]
+
+_Need = tuple[str, Bounds]
+"""A request's array path and region, as sent to the other ranks."""
+_Chunk = tuple[str, ChunkIndex]
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """The part of a chunk that ``rank`` needs for its request ``need`` (an index into its needs)."""
+
+    rank: int
+    need: int
+    bounds: Bounds
+
+
+def read_together(
+    checkpoint: Checkpoint,
+    requests: Sequence[tuple[str | Key, torch.Tensor, Region]],
+    collective: Collective,
+    threads: int | None = None,
+) -> None:
+    """Fill every rank's requests, each needed chunk read by exactly one rank."""
+    try:
+        targets, staged = checkpoint.targets_of(requests)
+        error = None
+    except TesseraError as exc:  # the other ranks must learn of it, not wait for this rank
+        targets, staged, error = [], [], exc
+    needs = sorted({(t.entry.path, t.bounds) for t in targets})
+    need_index = {need: i for i, need in enumerate(needs)}
+    waiting: dict[tuple[int, _Chunk], list[ReadTarget]] = {}
+    for t in targets:
+        waiting.setdefault((need_index[(t.entry.path, t.bounds)], (t.entry.path, t.index)), []).append(t)
+    shared = collective.all_gather((error, needs), "sharing what each rank loads")
+    failed = [(rank, e) for rank, (e, _) in enumerate(shared) if e is not None]
+    if failed:
+        raise error or CollectiveError(f"rank {failed[0][0]} cannot load: {failed[0][1]}; no rank loaded")
+    everyone: list[list[_Need]] = [n for _, n in shared]
+    me = collective.rank
+    sends: list[tuple[int, int, np.ndarray]] = []
+    receives: list[tuple[int, int, int]] = []
+    incoming: list[list[ReadTarget]] = []
+    tasks: list[Callable[[], None]] = []
+    tag = 0
+    for chunk, (reader, pieces) in _assign_readers(checkpoint, everyone).items():
+        moving = []
+        for piece in pieces:
+            if piece.rank != reader:
+                moving.append((tag, piece))
+                tag += 1
+        if reader == me:
+            own = [t for p in pieces if p.rank == me for t in waiting[(p.need, chunk)]]
+            tasks.append(_read_chunk(checkpoint, chunk, own, moving, sends))
+            continue
+        for tag_of, piece in moving:
+            if piece.rank == me:
+                group = waiting[(piece.need, chunk)]
+                inner, _ = group[0].overlap()
+                receives.append((reader, tag_of, math.prod(b - a for a, b in inner) * group[0].dst.itemsize))
+                incoming.append(group)
+    run_all(tasks, threads)
+    sends.sort(key=lambda s: s[1])
+    received = collective.exchange(
+        sends, receives, "sending loaded chunks' pieces to the ranks that need them"
+    )
+    for group, raw in zip(incoming, received, strict=True):
+        for target in group:
+            inner, local = target.overlap()
+            target.dst[tuple(slice(a, b) for a, b in local)] = raw.view(target.dst.dtype).reshape(
+                [b - a for a, b in inner]
+            )
+    unstage(staged)
+
+
+def _assign_readers(
+    checkpoint: Checkpoint, everyone: list[list[_Need]]
+) -> dict[_Chunk, tuple[int, list[_Piece]]]:
+    """Each needed chunk, in one order all ranks agree on: its reader (a rank that needs it,
+    least loaded first) and every rank's piece of it."""
+    needers: dict[_Chunk, list[_Piece]] = {}
+    for rank, needs in enumerate(everyone):
+        for need, (path, bounds) in enumerate(needs):
+            layout = checkpoint.array_entry(path).layout
+            ranges = [
+                range(a // c, math.ceil(b / c)) if b > a else range(0)
+                for (a, b), c in zip(bounds, layout.chunk_shape, strict=True)
+            ]
+            for index in itertools.product(*ranges):
+                needers.setdefault((path, index), []).append(_Piece(rank, need, bounds))
+    loads = [0] * len(everyone)
+    readers: dict[_Chunk, tuple[int, list[_Piece]]] = {}
+    for chunk in sorted(needers):
+        pieces = needers[chunk]
+        reader = min({p.rank for p in pieces}, key=lambda r: (loads[r], r))
+        loads[reader] += checkpoint.array_entry(chunk[0]).layout.chunk_nbytes
+        readers[chunk] = (reader, pieces)
+    return readers
+
+
+def _read_chunk(
+    checkpoint: Checkpoint,
+    chunk: _Chunk,
+    own: list[ReadTarget],
+    moving: list[tuple[int, _Piece]],
+    sends: list[tuple[int, int, np.ndarray]],
+) -> Callable[[], None]:
+    """Read the chunk once; fill this rank's targets and cut every other rank's piece."""
+
+    def task() -> None:
+        entry = checkpoint.array_entry(chunk[0])
+        decoded = checkpoint.read_chunk(entry, chunk[1])
+        region = entry.layout.chunk_region(chunk[1])
+        for target in own:
+            inner, local = target.overlap()
+            target.dst[tuple(slice(a, b) for a, b in local)] = decoded[_within(inner, region)]
+        for tag, piece in moving:
+            inner = tuple(
+                (max(a, ca), min(b, cb)) for (a, b), (ca, cb) in zip(piece.bounds, region, strict=True)
+            )
+            sends.append((piece.rank, tag, np.array(decoded[_within(inner, region)], order="C")))
+
+    return task
+
+
+def _within(inner: Bounds, region: Bounds) -> tuple[slice, ...]:
+    return tuple(slice(a - ca, b - ca) for (a, b), (ca, _) in zip(inner, region, strict=True))
