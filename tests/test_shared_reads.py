@@ -8,6 +8,7 @@ as every rank reading for itself, bit for bit.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from tessera import ShardedTensor
 
-from .conftest import random_tensor
+from .conftest import flip_byte, random_tensor
 from .ranks import run_ranks
 
 SHAPE = (64, 40)
@@ -106,3 +107,20 @@ def test_a_rank_that_cannot_load_fails_every_rank_R14_8(saved: Path) -> None:
         "TensorMismatchError",
         "CollectiveError",
     ]
+
+
+def _load_all_together(rank: int, world_size: int, path: str) -> str:
+    try:
+        tessera.load(path, {"r": torch.zeros(SHAPE, dtype=torch.bfloat16)}, process_group=dist.group.WORLD)
+    except tessera.TesseraError as exc:
+        return type(exc).__name__
+    return "loaded"
+
+
+def test_a_damaged_chunk_fails_every_rank_that_loads_together_R14_8(saved: Path, tmp_path: Path) -> None:
+    """The one rank that reads a corrupt chunk raises checksum_mismatch; the others learn of it at once."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(saved, damaged)
+    flip_byte(damaged / "r" / "c" / "3" / "0", 5)
+    outcome = run_ranks(3, _load_all_together, str(damaged), collective_timeout_s=20)
+    assert sorted(outcome) == ["ChecksumMismatchError", "CollectiveError", "CollectiveError"]

@@ -62,9 +62,7 @@ def read_together(
     for t in targets:
         waiting.setdefault((need_index[(t.entry.path, t.bounds)], (t.entry.path, t.index)), []).append(t)
     shared = collective.all_gather((error, needs), "sharing what each rank loads")
-    failed = [(rank, e) for rank, (e, _) in enumerate(shared) if e is not None]
-    if failed:
-        raise error or CollectiveError(f"rank {failed[0][0]} cannot load: {failed[0][1]}; no rank loaded")
+    _raise_if_any([e for e, _ in shared], error)
     everyone: list[list[_Need]] = [n for _, n in shared]
     me = collective.rank
     sends: list[tuple[int, int, np.ndarray]] = []
@@ -88,7 +86,12 @@ def read_together(
                 inner, _ = group[0].overlap()
                 receives.append((reader, tag_of, math.prod(b - a for a, b in inner) * group[0].dst.itemsize))
                 incoming.append(group)
-    run_all(tasks, threads)
+    try:
+        run_all(tasks, threads)
+        error = None
+    except TesseraError as exc:  # a damaged chunk fails every rank that needs it, at once
+        error = exc
+    _raise_if_any(collective.all_gather(error, "reporting the chunks each rank read"), error)
     sends.sort(key=lambda s: s[1])
     received = collective.exchange(
         sends, receives, "sending loaded chunks' pieces to the ranks that need them"
@@ -100,6 +103,17 @@ def read_together(
                 [b - a for a, b in inner]
             )
     unstage(staged)
+
+
+def _raise_if_any(errors: list[TesseraError | None], mine: TesseraError | None) -> None:
+    """Every rank raises when any failed: the failing rank its own error, the others a CollectiveError."""
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    if mine is not None:
+        raise mine
+    if failed:
+        raise CollectiveError(
+            f"rank {failed[0][0]} failed to load its part: {failed[0][1]}; the load was abandoned"
+        )
 
 
 def _assign_readers(
