@@ -12,6 +12,8 @@ A plan depends on the layout only, so it can be reused by later saves.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -98,9 +100,29 @@ class GlobalPlan:
 
 def make_global_plan(local: Sequence[Sequence[LeafSpec]], options: SaveOptions) -> GlobalPlan:
     """Check the ranks' array leaves against each other and assign every chunk one owner."""
+    with _collector_paused():
+        return _make_global_plan(local, options)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Planning a large layout allocates about a million small objects (pieces, sources, chunk
+    writes), none of them in a reference cycle; meanwhile the cyclic garbage collector would walk
+    the growing heap again and again (a third of the time at 1,024 ranks). It waits instead."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _make_global_plan(local: Sequence[Sequence[LeafSpec]], options: SaveOptions) -> GlobalPlan:
     world = len(local)
     holders_by_path: dict[str, list[tuple[int, int, LeafSpec]]] = {}
     paths: dict[Key, tuple[str, tuple[type, ...]]] = {}
+    boxes: dict[_Shard, list[Box]] = {}
     for rank, specs in enumerate(local):
         for leaf, spec in enumerate(specs):
             holders_by_path.setdefault(_path(spec, paths), []).append((rank, leaf, spec))
@@ -110,7 +132,7 @@ def make_global_plan(local: Sequence[Sequence[LeafSpec]], options: SaveOptions) 
     entries: dict[str, TensorEntry | ObjectEntry] = {}
     cells: list[tuple[Cell, int]] = []
     for path, holders in holders_by_path.items():
-        entry, pieces, mains = _array(path, holders, options)
+        entry, pieces, mains = _array(path, holders, options, boxes)
         entries[path] = entry
         cells.extend((spec.cell, rank) for rank, _, spec in holders if spec.cell is not None)
         per_rank = _assign_chunks(path, entry, pieces, mains, loads, moves)
@@ -150,15 +172,24 @@ _Held = tuple[int, int, int, Box]
 """``(rank, leaf, piece index, box)`` of one piece."""
 
 
+_Shard = tuple[tuple[int, ...], tuple[int, ...], "tuple[int, int] | None"]
+"""``(offset, box shape, flat range)`` of an extent."""
+
+
 def _array(
-    path: str, holders: list[tuple[int, int, LeafSpec]], options: SaveOptions
+    path: str,
+    holders: list[tuple[int, int, LeafSpec]],
+    options: SaveOptions,
+    boxes_of: dict[_Shard, list[Box]],
 ) -> tuple[TensorEntry | ObjectEntry, list[_Held], list[_Held]]:
-    """The array's entry, every piece that holds part of it, and the main copies among them."""
+    """The array's entry, every piece that holds part of it, and the main copies among them.
+
+    ``boxes_of`` remembers each extent's boxes across arrays: a rank holds the same flat range
+    of every optimizer state of a parameter, and the same box of every DP replica."""
     first_rank, _, first = holders[0]
+    theirs = (first.kind, first.dtype, first.shape, first.tag, first.sharded)
     for rank, _, spec in holders[1:]:
-        mine = (spec.kind, spec.dtype, spec.shape, spec.tag, spec.sharded)
-        theirs = (first.kind, first.dtype, first.shape, first.tag, first.sharded)
-        if mine != theirs:
+        if (spec.kind, spec.dtype, spec.shape, spec.tag, spec.sharded) != theirs:
             raise ShardingError(
                 f"{path}: ranks disagree: rank {first_rank} holds {_describe(first)}, "
                 f"rank {rank} {_describe(spec)}"
@@ -172,12 +203,17 @@ def _array(
         for rank, leaf, spec in holders:
             index = 0
             for extent in spec.extents:
-                if extent.replica_id == 0:
-                    claims.append((extent.offset, extent.shape, extent.flat_range, rank))
-                for box, _ in extent.boxes():
+                main = extent.replica_id == 0
+                shard = (extent.offset, extent.shape, extent.flat_range)
+                if main:
+                    claims.append((*shard, rank))
+                boxes = boxes_of.get(shard)
+                if boxes is None:
+                    boxes = boxes_of[shard] = [box for box, _ in extent.boxes()]
+                for box in boxes:
                     held = (rank, leaf, index, box)
                     pieces.append(held)
-                    if extent.replica_id == 0:
+                    if main:
                         mains.append(held)
                     index += 1
         shards = check_coverage(path, first.shape, claims)
@@ -211,35 +247,39 @@ def _assign_chunks(
 ) -> dict[int, list[ChunkWrite]]:
     """Give each chunk of the array one owner; record the pieces that must move to it.
 
-    Which boxes hold each chunk whole, and which main copies overlap it, is found for a
-    block of chunks at a time with NumPy; only the choice of owners (which depends on
-    the loads so far) runs chunk by chunk."""
+    Which boxes hold each chunk whole, and which parts of the main copies make up the
+    others, is found for a block of chunks at a time with NumPy; only the choice of owners
+    (which depends on the loads so far) runs chunk by chunk. ``mains`` are items of
+    ``pieces`` (the same objects, as ``_array`` makes them)."""
     layout = entry.layout
     itemsize = layout.dtype.itemsize
-    holders_of: dict[Box, list[_Held]] = {}
-    own: dict[int, list[_Held]] = {}
+    holders_of: dict[tuple[tuple[int, ...], tuple[int, ...]], list[_Held]] = {}
     for held in pieces:
-        holders_of.setdefault(held[3], []).append(held)
-        own.setdefault(held[0], []).append(held)
+        holders_of.setdefault((held[3].offset, held[3].shape), []).append(held)
+    replicas: dict[int, list[_Held]] = {}
+    main_ids = {id(m) for m in mains}
+    for held in pieces:
+        if id(held) not in main_ids:
+            replicas.setdefault(held[0], []).append(held)
     groups = list(holders_of.values())
     starts, stops = _corners(list(holders_of))
-    main_starts, main_stops = _corners([m[3] for m in mains])
+    main_starts, main_stops = _corners([(m[3].offset, m[3].shape) for m in mains])
     per_rank: dict[int, list[ChunkWrite]] = {}
     sources: tuple[Source, ...]
     indices = layout.chunk_indices()
     for lows, highs in _chunk_blocks(layout, max(len(groups), len(mains))):
         whole = _all(starts[None] <= lows[:, None]) & _all(stops[None] >= highs[:, None])
         held_whole = whole.any(axis=1)
-        for i, (index, lo, hi) in enumerate(zip(indices, lows.tolist(), highs.tolist(), strict=False)):
-            region = Box(tuple(lo), tuple(b - a for a, b in zip(lo, hi, strict=True)))
-            if held_whole[i]:
+        parts_of = _main_parts(lows, highs, ~held_whole, mains, main_starts, main_stops)
+        rows = zip(indices, lows.tolist(), (highs - lows).tolist(), held_whole.tolist(), strict=False)
+        for i, (index, lo, extent, is_held) in enumerate(rows):
+            region = Box(tuple(lo), tuple(extent))
+            if is_held:
                 candidates = [held for u in np.flatnonzero(whole[i]) for held in groups[u]]
                 rank, leaf, piece, _ = min(candidates, key=lambda h: (loads[h[0]], h[0]))
                 owner, sources = rank, (Source(rank, leaf, piece, region),)
             else:
-                owner, sources = _gather_sources(
-                    path, region, lows[i], highs[i], mains, main_starts, main_stops, own, loads
-                )
+                owner, sources = _gather_sources(path, region, *parts_of[i], replicas, loads)
                 moves.extend((s.rank, owner, s) for s in sources if s.rank != owner)
             loads[owner] += region.volume * itemsize
             per_rank.setdefault(owner, []).append(ChunkWrite(index, sources))
@@ -259,8 +299,8 @@ def _chunk_blocks(layout: ArrayLayout, boxes: int) -> Iterator[tuple[np.ndarray,
     shape = np.array(layout.shape, np.int64)
     for first in range(0, count, size):
         flat = np.arange(first, min(first + size, count), dtype=np.int64)
-        index = np.stack(np.unravel_index(flat, grid), axis=1).reshape(len(flat), len(grid))
-        lows = index * chunk
+        columns = np.unravel_index(flat, grid) if grid else ()
+        lows = np.array(columns, np.int64).T.reshape(len(flat), len(grid)) * chunk
         yield lows, np.minimum(lows + chunk, shape)
 
 
@@ -269,40 +309,69 @@ def _all(compared: np.ndarray) -> np.ndarray:
     return np.all(compared, axis=-1)
 
 
-def _corners(boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
-    ndim = len(boxes[0].offset) if boxes else 0
-    starts = np.array([b.offset for b in boxes], np.int64).reshape(len(boxes), ndim)
-    stops = np.array([b.stop for b in boxes], np.int64).reshape(len(boxes), ndim)
-    return starts, stops
+def _corners(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Start and stop corners of boxes given as ``(offset, shape)``, one row per box."""
+    ndim = len(boxes[0][0]) if boxes else 0
+    starts = np.array([offset for offset, _ in boxes], np.int64).reshape(len(boxes), ndim)
+    shapes = np.array([shape for _, shape in boxes], np.int64).reshape(len(boxes), ndim)
+    return starts, starts + shapes
+
+
+def _main_parts(
+    lows: np.ndarray,
+    highs: np.ndarray,
+    wanted: np.ndarray,
+    mains: list[_Held],
+    main_starts: np.ndarray,
+    main_stops: np.ndarray,
+) -> dict[int, tuple[list[Source], list[int]]]:
+    """For each wanted chunk of a block (by its row): the parts of the main copies that overlap it,
+    in the order of ``mains``, and their volumes."""
+    rows = np.flatnonzero(wanted)
+    if not len(rows):
+        return {}
+    lo, hi = lows[rows], highs[rows]
+    chunk, main = np.nonzero(_all(main_starts[None] < hi[:, None]) & _all(main_stops[None] > lo[:, None]))
+    common_starts = np.maximum(main_starts[main], lo[chunk])
+    common_shapes = np.minimum(main_stops[main], hi[chunk]) - common_starts
+    volumes = np.prod(common_shapes, axis=1)
+    parts: dict[int, tuple[list[Source], list[int]]] = {row: ([], []) for row in rows.tolist()}
+    for row, i, start, shape, volume in zip(
+        rows[chunk].tolist(),
+        main.tolist(),
+        common_starts.tolist(),
+        common_shapes.tolist(),
+        volumes.tolist(),
+        strict=True,
+    ):
+        rank, leaf, piece, _ = mains[i]
+        sources, sizes = parts[row]
+        sources.append(Source(rank, leaf, piece, Box(tuple(start), tuple(shape))))
+        sizes.append(volume)
+    return parts
 
 
 def _gather_sources(
     path: str,
     region: Box,
-    lo: np.ndarray,
-    hi: np.ndarray,
-    mains: list[_Held],
-    main_starts: np.ndarray,
-    main_stops: np.ndarray,
-    own: dict[int, list[_Held]],
+    parts: list[Source],
+    volumes: list[int],
+    replicas: dict[int, list[_Held]],
     loads: list[int],
 ) -> tuple[int, tuple[Source, ...]]:
-    """A chunk no rank holds whole: its owner holds most of it; the main copies supply the rest,
-    unless the owner holds a replica of a part itself. ``own``: every rank's pieces, in order."""
-    hits = np.flatnonzero(_all(main_starts < hi) & _all(main_stops > lo))
-    common_starts = np.maximum(main_starts[hits], lo)
-    common_shapes = np.minimum(main_stops[hits], hi) - common_starts
-    parts = [
-        Source(*mains[i][:3], Box(tuple(start), tuple(shape)))
-        for i, start, shape in zip(hits.tolist(), common_starts.tolist(), common_shapes.tolist(), strict=True)
-    ]
-    if sum(p.region.volume for p in parts) != region.volume:
+    """A chunk no rank holds whole: its owner holds most of it; the main copies (``parts``)
+    supply the rest, unless the owner holds a replica of a part itself (``replicas``: each
+    rank's pieces that are not main copies, in order; a rank's main copy never holds another
+    rank's part, since the main copies are disjoint)."""
+    if sum(volumes) != region.volume:
         raise ShardingError(f"{path}: internal error: the main copies do not tile chunk region {region}")
     held: dict[int, int] = {}
-    for part in parts:
-        held[part.rank] = held.get(part.rank, 0) + part.region.volume
+    for part, volume in zip(parts, volumes, strict=True):
+        held[part.rank] = held.get(part.rank, 0) + volume
     owner = max(held, key=lambda r: (held[r], -loads[r], -r))
-    mine = own.get(owner, [])
+    mine = replicas.get(owner)
+    if not mine:
+        return owner, tuple(parts)
     sources = []
     for part in parts:
         local = next((p for p in mine if p[3].contains(part.region)), None) if part.rank != owner else None
