@@ -262,9 +262,6 @@ def test_cells_of_a_grid_follow_each_other_in_merged_order_R16_8(
     assert [e.path for e in ck.manifest.entries] == list(_expected(4))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="BUG: a copy (replica_id > 0) of a cell is stored"
-)
 def test_only_the_main_copy_of_a_tensor_cell_is_stored_R16_5() -> None:
     """R16.5: each cell's main copy 'alone is stored'. The planner treats the copies of a tensor-valued
     cell as plain replicas and gives the chunk to the least-loaded holder: here rank 1's copy (its bytes

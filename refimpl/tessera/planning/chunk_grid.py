@@ -11,14 +11,17 @@ and the pieces of each chunk are moved to its one owner instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from ..sharding.boxes import Box
 
-__all__ = ["MIN_ALIGNED_CHUNK_BYTES", "choose_chunk_shape", "chunk_shape_for"]
+__all__ = ["MIN_ALIGNED_CHUNK_BYTES", "MIN_GATHERED_CHUNK_BYTES", "choose_chunk_shape", "chunk_shape_for"]
 
 MIN_ALIGNED_CHUNK_BYTES = 2**20
 """Smallest chunk worth aligning to shard boundaries; below it, pieces move to one owner instead."""
+
+MIN_GATHERED_CHUNK_BYTES = 8 * 2**20
+"""Where pieces must move anyway, chunks no smaller than this: fewer files and a smaller plan."""
 
 
 def choose_chunk_shape(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> tuple[int, ...]:
@@ -40,20 +43,37 @@ def choose_chunk_shape(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) 
 
 
 def chunk_shape_for(
-    shape: tuple[int, ...], itemsize: int, shards: Iterable[Box], chunk_bytes: int
+    shape: tuple[int, ...],
+    itemsize: int,
+    shards: Sequence[Box],
+    pieces: Sequence[Box],
+    typical_shard: int,
+    chunk_bytes: int,
 ) -> tuple[int, ...]:
-    """The chunk shape of an array whose main copies are the boxes ``shards``."""
-    steps = _boundary_gcds(shape, shards)
-    if all(step is None for step in steps):
-        return choose_chunk_shape(shape, itemsize, chunk_bytes)
-    cell = tuple(step or size for step, size in zip(steps, shape, strict=True))
-    aligned = tuple(
-        c if step is None else _largest_divisor_at_most(step, c)
-        for c, step in zip(choose_chunk_shape(cell, itemsize, chunk_bytes), steps, strict=True)
-    )
-    if math.prod(aligned) * itemsize >= min(MIN_ALIGNED_CHUNK_BYTES, math.prod(shape) * itemsize):
-        return aligned
-    return choose_chunk_shape(shape, itemsize, chunk_bytes)
+    """The chunk shape of an array whose main copies are ``shards`` (boxes), held as ``pieces``
+    (the same, or the boxes of flat ranges of them); ``typical_shard`` (the median) in elements.
+
+    First choice: chunks inside one piece each, so no bytes move between ranks. Flat ranges at
+    odd offsets leave no such grid of useful size; then chunks stay inside one shard box and
+    shrink towards a quarter of a typical shard (not below ``MIN_GATHERED_CHUNK_BYTES``), so
+    that mostly the chunks where one rank's range ends and the next begins are gathered.
+    """
+    floor = min(MIN_ALIGNED_CHUNK_BYTES, math.prod(shape) * itemsize)
+    for boxes, target in (
+        (pieces, chunk_bytes),
+        (shards, min(chunk_bytes, max(MIN_GATHERED_CHUNK_BYTES, typical_shard * itemsize // 4))),
+    ):
+        steps = _boundary_gcds(shape, boxes)
+        if all(step is None for step in steps):
+            return choose_chunk_shape(shape, itemsize, target)
+        cell = tuple(step or size for step, size in zip(steps, shape, strict=True))
+        aligned = tuple(
+            c if step is None else _largest_divisor_at_most(step, c)
+            for c, step in zip(choose_chunk_shape(cell, itemsize, target), steps, strict=True)
+        )
+        if math.prod(aligned) * itemsize >= floor:
+            return aligned
+    return choose_chunk_shape(shape, itemsize, target)
 
 
 def _boundary_gcds(shape: tuple[int, ...], shards: Iterable[Box]) -> list[int | None]:

@@ -220,9 +220,23 @@ def _array(
     else:
         box = Box((0,) * len(first.shape), first.shape)
         if box.volume:
-            pieces = [(rank, leaf, 0, box) for rank, leaf, _ in holders]
+            # Copies of a sharded object's cell may differ (per-rank RNG states): only the main
+            # copy is stored (R16.5). Plain tensors are replicas: any holder may write them.
+            # A cell with no main copy at all is refused with the grid check (contents.py).
+            writers = [h for h in holders if h[2].cell is None or h[2].cell.main] or holders
+            pieces = [(rank, leaf, 0, box) for rank, leaf, _ in writers]
             mains = pieces[:1]
-    chunk_shape = chunk_shape_for(first.shape, dtype.itemsize, shards, options.chunk_bytes)
+    sizes = (
+        [c[2][1] - c[2][0] if c[2] is not None else math.prod(c[1]) for c in claims] if first.sharded else []
+    )
+    chunk_shape = chunk_shape_for(
+        first.shape,
+        dtype.itemsize,
+        shards,
+        [m[3] for m in mains],
+        int(np.median([n for n in sizes if n])) if any(sizes) else 0,
+        options.chunk_bytes,
+    )
     layout = ArrayLayout(dtype, first.shape, chunk_shape, options.zstd_level)
     entry: TensorEntry | ObjectEntry
     if first.kind == "tensor":
