@@ -839,7 +839,7 @@ def _coordinate(states: list[dict[str, Any]], path: Path, **options: Any) -> lis
     reports = []
     for state in states:
         local = make_local_plan(flatten(state), opts)
-        reports.append(_Report(None, local.layout_digest(opts, len(states)), local.arrays, local).compact())
+        reports.append(_Report.of(None, local.layout_digest(opts, len(states)), local, True))
     return coordinate(reports, opts, LocalStorage(path), None, None, None, len(states))
 
 

@@ -29,6 +29,7 @@ from .collective import Collective, collective_for
 from .errors import CollectiveError, InvalidKeyError, SchemaViolationError, TesseraError
 from .flatten import flatten, is_json
 from .format.dtypes import dtype_by_name
+from .format.keys import Key
 from .format.layout import chunk_key
 from .format.manifest import FORMAT_NAME, Manifest, WriterInfo
 from .format.strict_json import dumps
@@ -89,12 +90,10 @@ def save(
     local, error = _attempt(lambda: _local_plan(state_dict, options, compression, metadata, parallelism))
     digest = local.layout_digest(options, collective.world_size) if local else None
     reusable = plan_cache is not None and digest is not None and plan_cache.holds(digest)
-    report = _Report(error, digest, None if reusable or local is None else local.arrays, local)
-    reports = collective.gather(report.compact(), "gathering the local plans")
+    reports = collective.gather(_Report.of(error, digest, local, not reusable), "gathering the local plans")
     resend = collective.broadcast(_must_resend(reports, plan_cache), "agreeing on the plan cache")
     if resend:
-        report = _Report(error, digest, local.arrays if local else None, local)
-        reports = collective.gather(report.compact(), "gathering the local plans")
+        reports = collective.gather(_Report.of(error, digest, local, True), "gathering the local plans")
     storage = LocalStorage(path)
     orders = None
     if collective.rank == 0:
@@ -130,25 +129,25 @@ def save(
 
 @dataclass(frozen=True, slots=True)
 class _Report:
-    """What a rank sends the coordinator: its layout (unless the cached plan still fits) and its values."""
+    """What a rank sends the coordinator: metadata only (never the tensors of its pieces)."""
 
     error: TesseraError | None
     digest: bytes | None
     arrays: tuple[LeafSpec, ...] | None
-    local: LocalPlan | None
+    """``None`` when the rank's cached plan still fits its layout."""
+    values: tuple[LeafSpec, ...] = ()
+    order: tuple[str, ...] = ()
+    lists: tuple[Key, ...] = ()
+    unused_pickle_keys: frozenset[str] = frozenset()
 
-    def compact(self) -> tuple[Any, ...]:
-        if self.local is None:
-            return (self.error, None, None, (), (), (), frozenset())
-        return (
-            self.error,
-            self.digest,
-            self.arrays,
-            self.local.values,
-            self.local.order,
-            self.local.lists,
-            self.local.unused_pickle_keys,
-        )
+    @classmethod
+    def of(
+        cls, error: TesseraError | None, digest: bytes | None, local: LocalPlan | None, with_arrays: bool
+    ) -> _Report:
+        if local is None:
+            return cls(error, None, None)
+        arrays = local.arrays if with_arrays else None
+        return cls(error, digest, arrays, local.values, local.order, local.lists, local.unused_pickle_keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,26 +190,26 @@ def _local_plan(
     return make_local_plan(flatten(state_dict), options)
 
 
-def _must_resend(reports: list[Any] | None, cache: PlanCache | None) -> bool:
+def _must_resend(reports: list[_Report] | None, cache: PlanCache | None) -> bool:
     """Coordinator: some rank sent only its digest, but the cached plan cannot be reused."""
     if reports is None:
         return False
-    if all(r[2] is not None for r in reports):
+    if all(r.arrays is not None for r in reports):
         return False
     return not _reusable(reports, cache)
 
 
-def _reusable(reports: list[Any], cache: PlanCache | None) -> bool:
+def _reusable(reports: list[_Report], cache: PlanCache | None) -> bool:
     return (
         cache is not None
         and cache.plan is not None
-        and all(r[2] is None for r in reports)
-        and tuple(r[1] for r in reports) == cache.all_digests
+        and all(r.arrays is None for r in reports)
+        and tuple(r.digest for r in reports) == cache.all_digests
     )
 
 
 def _coordinate(
-    reports: list[Any],
+    reports: list[_Report],
     options: SaveOptions,
     storage: Storage,
     metadata: Mapping[str, Any] | None,
@@ -219,16 +218,16 @@ def _coordinate(
     world_size: int,
 ) -> list[_Instruction]:
     """Rank 0: the global plan, the manifest and the claim; or the error every rank raises."""
-    errors = [r[0] for r in reports if r[0] is not None]
+    errors = [r.error for r in reports if r.error is not None]
     try:
         if errors:
             raise errors[0]
         plan, rank_plans = _global_plan(reports, options, cache)
-        unused = frozenset.intersection(*(r[6] for r in reports))
+        unused = frozenset.intersection(*(r.unused_pickle_keys for r in reports))
         if unused:
             raise InvalidKeyError(f"pickle_keys names keys the state dict lacks: {sorted(unused)}")
         entries, lists = manifest_contents(
-            plan, [r[3] for r in reports], [r[4] for r in reports], [r[5] for r in reports]
+            plan, [r.values for r in reports], [r.order for r in reports], [r.lists for r in reports]
         )
         manifest = Manifest(
             save_id=str(uuid.uuid4()),
@@ -251,14 +250,17 @@ def _coordinate(
 
 
 def _global_plan(
-    reports: list[Any], options: SaveOptions, cache: PlanCache | None
+    reports: list[_Report], options: SaveOptions, cache: PlanCache | None
 ) -> tuple[GlobalPlan, list[RankPlan | None]]:
     if cache is not None and _reusable(reports, cache):
         assert cache.plan is not None
         return cache.plan, [None] * len(reports)
-    plan = make_global_plan([r[2] for r in reports], options)
+    arrays = [r.arrays for r in reports if r.arrays is not None]
+    digests = tuple(r.digest for r in reports if r.digest is not None)
+    assert len(arrays) == len(digests) == len(reports), "no rank failed, so every rank sent its layout"
+    plan = make_global_plan(arrays, options)
     if cache is not None:
-        cache.plan, cache.all_digests = plan, tuple(r[1] for r in reports)
+        cache.plan, cache.all_digests = plan, digests
     return plan, list(plan.ranks)
 
 
