@@ -9,7 +9,6 @@ the destination tensor wherever the chunk's bytes are contiguous there.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import pickle
@@ -43,7 +42,16 @@ from .storage.base import CLAIM_FILE, ROOT_METADATA, Storage
 from .storage.local import LocalStorage
 from .tensors import as_numpy
 
-__all__ = ["Bounds", "Checkpoint", "ReadTarget", "Region", "open_checkpoint", "unstage"]
+__all__ = [
+    "Bounds",
+    "Checkpoint",
+    "ReadTarget",
+    "Region",
+    "intersect",
+    "open_checkpoint",
+    "unstage",
+    "within",
+]
 
 Bounds = tuple[tuple[int, int], ...]
 Region = Sequence[slice | int] | None
@@ -144,9 +152,28 @@ class ReadTarget:
 
     def overlap(self) -> tuple[Bounds, Bounds]:
         """The chunk's part of the request, in array and in ``dst`` coordinates."""
-        chunk = self.entry.layout.chunk_region(self.index)
-        inner = tuple((max(a, ca), min(b, cb)) for (a, b), (ca, cb) in zip(self.bounds, chunk, strict=True))
+        inner = intersect(self.bounds, self.entry.layout.chunk_region(self.index))
         return inner, tuple((a - o, b - o) for (a, b), (o, _) in zip(inner, self.bounds, strict=True))
+
+    def put(self, part: np.ndarray) -> None:
+        """Store the chunk's part of the request (``part`` holds exactly its elements)."""
+        inner, local = self.overlap()
+        self.dst[tuple(slice(a, b) for a, b in local)] = part.reshape([b - a for a, b in inner])
+
+    def fill_from(self, decoded: np.ndarray) -> None:
+        """Store this target's part of the whole decoded chunk."""
+        inner, _ = self.overlap()
+        self.put(decoded[within(inner, self.entry.layout.chunk_region(self.index))])
+
+
+def intersect(bounds: Bounds, region: Bounds) -> Bounds:
+    """The part of ``bounds`` inside ``region`` (both ``[start, stop)`` per dimension)."""
+    return tuple((max(a, ra), min(b, rb)) for (a, b), (ra, rb) in zip(bounds, region, strict=True))
+
+
+def within(inner: Bounds, region: Bounds) -> tuple[slice, ...]:
+    """``inner`` as slices of an array holding ``region`` (as a decoded chunk holds its region)."""
+    return tuple(slice(a - ra, b - ra) for (a, b), (ra, _) in zip(inner, region, strict=True))
 
 
 class Checkpoint:
@@ -345,11 +372,7 @@ class Checkpoint:
     ) -> list[ReadTarget]:
         """Every chunk overlapping ``bounds``, each with the CPU, C-contiguous ``out`` to fill."""
         dst = as_numpy(out, entry.layout.dtype)
-        ranges = [
-            range(a // c, math.ceil(b / c)) if b > a else range(0)
-            for (a, b), c in zip(bounds, entry.layout.chunk_shape, strict=True)
-        ]
-        return [ReadTarget(entry, index, bounds, dst) for index in itertools.product(*ranges)]
+        return [ReadTarget(entry, index, bounds, dst) for index in entry.layout.chunks_overlapping(bounds)]
 
     def _chunk_tasks(self, targets: list[ReadTarget]) -> list[Callable[[], None]]:
         """One task per chunk: a chunk that several requests overlap (the boxes of one flat
@@ -393,11 +416,7 @@ class Checkpoint:
         def gathered() -> None:
             decoded = self.read_chunk(targets[0].entry, targets[0].index)
             for target in targets:
-                inner, local = target.overlap()
-                chunk = target.entry.layout.chunk_region(target.index)
-                target.dst[tuple(slice(a, b) for a, b in local)] = decoded[
-                    tuple(slice(a - ca, b - ca) for (a, b), (ca, _) in zip(inner, chunk, strict=True))
-                ]
+                target.fill_from(decoded)
 
         return gathered
 

@@ -13,7 +13,6 @@ same one and no coordinator is involved.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from .errors import CollectiveError, TesseraError
 from .format.keys import Key
 from .format.layout import ChunkIndex
 from .parallel import run_all
-from .reader import Bounds, Checkpoint, ReadTarget, Region, unstage
+from .reader import Bounds, Checkpoint, ReadTarget, Region, intersect, unstage, within
 
 __all__ = ["read_together"]
 
@@ -98,10 +97,7 @@ def read_together(
     )
     for group, raw in zip(incoming, received, strict=True):
         for target in group:
-            inner, local = target.overlap()
-            target.dst[tuple(slice(a, b) for a, b in local)] = raw.view(target.dst.dtype).reshape(
-                [b - a for a, b in inner]
-            )
+            target.put(raw.view(target.dst.dtype))
     unstage(staged)
 
 
@@ -124,12 +120,7 @@ def _assign_readers(
     needers: dict[_Chunk, list[_Piece]] = {}
     for rank, needs in enumerate(everyone):
         for need, (path, bounds) in enumerate(needs):
-            layout = checkpoint.array_entry(path).layout
-            ranges = [
-                range(a // c, math.ceil(b / c)) if b > a else range(0)
-                for (a, b), c in zip(bounds, layout.chunk_shape, strict=True)
-            ]
-            for index in itertools.product(*ranges):
+            for index in checkpoint.array_entry(path).layout.chunks_overlapping(bounds):
                 needers.setdefault((path, index), []).append(_Piece(rank, need, bounds))
     loads = [0] * len(everyone)
     readers: dict[_Chunk, tuple[int, list[_Piece]]] = {}
@@ -155,16 +146,9 @@ def _read_chunk(
         decoded = checkpoint.read_chunk(entry, chunk[1])
         region = entry.layout.chunk_region(chunk[1])
         for target in own:
-            inner, local = target.overlap()
-            target.dst[tuple(slice(a, b) for a, b in local)] = decoded[_within(inner, region)]
+            target.fill_from(decoded)
         for tag, piece in moving:
-            inner = tuple(
-                (max(a, ca), min(b, cb)) for (a, b), (ca, cb) in zip(piece.bounds, region, strict=True)
-            )
-            sends.append((piece.rank, tag, np.array(decoded[_within(inner, region)], order="C")))
+            part = decoded[within(intersect(piece.bounds, region), region)]
+            sends.append((piece.rank, tag, np.array(part, order="C")))
 
     return task
-
-
-def _within(inner: Bounds, region: Bounds) -> tuple[slice, ...]:
-    return tuple(slice(a - ca, b - ca) for (a, b), (ca, _) in zip(inner, region, strict=True))

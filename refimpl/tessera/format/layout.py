@@ -73,6 +73,15 @@ class ArrayLayout:
         """Every chunk of the grid, in C order."""
         return itertools.product(*(range(n) for n in self.grid_shape))
 
+    def chunks_overlapping(self, bounds: tuple[tuple[int, int], ...]) -> Iterator[ChunkIndex]:
+        """The chunks holding any element of the region ``bounds`` (``[start, stop)`` per dimension)."""
+        return itertools.product(
+            *(
+                range(a // c, math.ceil(b / c)) if b > a else range(0)
+                for (a, b), c in zip(bounds, self.chunk_shape, strict=True)
+            )
+        )
+
     def chunk_region(self, index: ChunkIndex) -> tuple[tuple[int, int], ...]:
         """The half-open global ranges ``[start, stop)`` of the array that a chunk holds."""
         return tuple(

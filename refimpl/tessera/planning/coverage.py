@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import ShardingError
-from ..sharding.boxes import Box
+from ..sharding.boxes import Box, corners
 
 __all__ = ["MainClaim", "check_coverage"]
 
@@ -85,8 +85,7 @@ def _check_box_filled(path: str, box: Box, held: list[tuple[tuple[int, int] | No
 def _check_disjoint(path: str, boxes: list[Box], ranks: list[list[int]]) -> None:
     if len(boxes) < 2:
         return
-    starts = np.array([b.offset for b in boxes], dtype=np.int64).reshape(len(boxes), -1)
-    stops = np.array([b.stop for b in boxes], dtype=np.int64).reshape(len(boxes), -1)
+    starts, stops = corners([(b.offset, b.shape) for b in boxes])
     for first in range(0, len(boxes), _BLOCK):
         block = slice(first, first + _BLOCK)
         overlap = np.all(

@@ -25,7 +25,7 @@ from ..format.dtypes import dtype_by_name
 from ..format.keys import Key, parent_paths
 from ..format.layout import ArrayLayout, ChunkIndex
 from ..format.manifest import ObjectEntry, TensorEntry
-from ..sharding.boxes import Box
+from ..sharding.boxes import Box, corners
 from .chunk_grid import chunk_shape_for
 from .coverage import MainClaim, check_coverage
 from .local_plan import Cell, LeafSpec
@@ -276,8 +276,8 @@ def _assign_chunks(
         if id(held) not in main_ids:
             replicas.setdefault(held[0], []).append(held)
     groups = list(holders_of.values())
-    starts, stops = _corners(list(holders_of))
-    main_starts, main_stops = _corners([(m[3].offset, m[3].shape) for m in mains])
+    starts, stops = corners(list(holders_of))
+    main_starts, main_stops = corners([(m[3].offset, m[3].shape) for m in mains])
     per_rank: dict[int, list[ChunkWrite]] = {}
     sources: tuple[Source, ...]
     indices = layout.chunk_indices()
@@ -321,14 +321,6 @@ def _chunk_blocks(layout: ArrayLayout, boxes: int) -> Iterator[tuple[np.ndarray,
 def _all(compared: np.ndarray) -> np.ndarray:
     """Over the last axis (the dimensions); true for 0-d arrays, like ``np.all`` of nothing."""
     return np.all(compared, axis=-1)
-
-
-def _corners(boxes: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple[np.ndarray, np.ndarray]:
-    """Start and stop corners of boxes given as ``(offset, shape)``, one row per box."""
-    ndim = len(boxes[0][0]) if boxes else 0
-    starts = np.array([offset for offset, _ in boxes], np.int64).reshape(len(boxes), ndim)
-    shapes = np.array([shape for _, shape in boxes], np.int64).reshape(len(boxes), ndim)
-    return starts, starts + shapes
 
 
 def _main_parts(

@@ -11,9 +11,12 @@ reads are then box intersections.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Box", "flat_range_boxes", "held_boxes"]
+import numpy as np
+
+__all__ = ["Box", "corners", "flat_range_boxes", "held_boxes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,3 +100,12 @@ def held_boxes(
         (Box(tuple(o + g for o, g in zip(box.offset, offset, strict=True)), box.shape), first - start)
         for box, first in flat_range_boxes(box_shape, *flat_range)
     ]
+
+
+def corners(boxes: Sequence[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple[np.ndarray, np.ndarray]:
+    """Start and stop corners of boxes given as ``(offset, shape)``, one row per box, for
+    vectorized overlap and containment tests."""
+    ndim = len(boxes[0][0]) if boxes else 0
+    starts = np.array([offset for offset, _ in boxes], np.int64).reshape(len(boxes), ndim)
+    shapes = np.array([shape for _, shape in boxes], np.int64).reshape(len(boxes), ndim)
+    return starts, starts + shapes
