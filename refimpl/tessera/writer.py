@@ -95,13 +95,13 @@ def save(
     if resend:
         reports = collective.gather(_Report.of(error, digest, local, True), "gathering the local plans")
     storage = LocalStorage(path)
-    orders = None
+    instructions = None
     if collective.rank == 0:
         assert reports is not None
-        orders = _coordinate(
+        instructions = _coordinate(
             reports, options, storage, metadata, parallelism, plan_cache, collective.world_size
         )
-    instruction: _Instruction = collective.scatter(orders, "handing out the global plan")
+    instruction: _Instruction = collective.scatter(instructions, "handing out the global plan")
     if instruction.error is not None:
         raise instruction.error
     assert local is not None and digest is not None
@@ -301,18 +301,22 @@ def _write_rank(
     progress: bool,
 ) -> None:
     """Move shared pieces to their owners, then write this rank's documents and chunks, durably."""
-    arrays: dict[tuple[int, int], np.ndarray] = {}
-
-    def held(source: Source) -> np.ndarray:
-        """The source region from this rank's own memory (a view where possible)."""
-        dtype = dtype_by_name(local.arrays[source.leaf].dtype)
-        piece = local.pieces[source.leaf][source.piece]
-        if (source.leaf, source.piece) not in arrays:
-            arrays[source.leaf, source.piece] = piece_array(piece, dtype)
-        return arrays[source.leaf, source.piece][source.region.relative_to(piece.box.offset)]
-
     dtypes = {s: a.layout.dtype for a in plan.arrays for c in a.chunks for s in c.sources}
     incoming = [(t, dtypes[t.source]) for t in plan.receives]
+    moving_in = {t.source for t in plan.receives}
+    # Only the pieces this rank writes from or sends are copied to host memory, each once, here
+    # rather than in the writing threads.
+    used = {(s.leaf, s.piece) for s in [*dtypes, *(t.source for t in plan.sends)] if s not in moving_in}
+    arrays = {
+        (leaf, piece): piece_array(local.pieces[leaf][piece], dtype_by_name(local.arrays[leaf].dtype))
+        for leaf, piece in used
+    }
+
+    def held(source: Source) -> np.ndarray:
+        """The source region from this rank's own memory (a view)."""
+        piece = local.pieces[source.leaf][source.piece]
+        return arrays[source.leaf, source.piece][source.region.relative_to(piece.box.offset)]
+
     received_bytes = collective.exchange(
         [(t.peer, t.tag, held(t.source)) for t in plan.sends],
         [(t.peer, t.tag, t.source.region.volume * dtype.itemsize) for t, dtype in incoming],
@@ -322,9 +326,6 @@ def _write_rank(
         t.source: raw.view(dtype.numpy_dtype).reshape(t.source.region.shape)
         for (t, dtype), raw in zip(incoming, received_bytes, strict=True)
     }
-    own = {s for a in plan.arrays for c in a.chunks for s in c.sources if s not in received}
-    for source in own:
-        held(source)
     tasks: list[Callable[[], None]] = [
         _write_json(storage, f"{g}/zarr.json", GROUP_JSON) for g in plan.groups
     ]
