@@ -232,7 +232,7 @@ def _shard_requests(
                 (
                     path,
                     out,
-                    tuple(slice(o, o + n) for o, n in zip(piece.box.offset, piece.box.shape, strict=True)),
+                    piece.box.relative_to((0,) * len(piece.box.offset)),  # the box as slices of the array
                 )
             )
     return requests
