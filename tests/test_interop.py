@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,20 +52,12 @@ def _zarr_read(path: Path) -> np.ndarray:
 
 @pytest.mark.parametrize("name", DTYPE_NAMES)
 @pytest.mark.parametrize("kind", list(SHAPES))
-def test_zarr_python_reads_every_array_bit_exact_R2_1(saved: tuple[Path, dict], name: str, kind: str) -> None:
+@pytest.mark.parametrize("read", [_zarr_read, _ts_read], ids=["zarr-python", "tensorstore"])
+def test_stock_readers_read_every_array_bit_exact_R2_1(
+    saved: tuple[Path, dict], name: str, kind: str, read: Callable[[Path], np.ndarray]
+) -> None:
     root, state = saved
-    got = _zarr_read(root / name / kind)
-    want = state[name][kind]
-    assert got.shape == tuple(want.shape)
-    assert got.dtype == DTYPE_BY_NAME[name].numpy_dtype
-    assert got.tobytes() == bits(want)
-
-
-@pytest.mark.parametrize("name", DTYPE_NAMES)
-@pytest.mark.parametrize("kind", list(SHAPES))
-def test_tensorstore_reads_every_array_bit_exact_R2_1(saved: tuple[Path, dict], name: str, kind: str) -> None:
-    root, state = saved
-    got = _ts_read(root / name / kind)
+    got = read(root / name / kind)
     want = state[name][kind]
     assert got.shape == tuple(want.shape)
     assert got.dtype == DTYPE_BY_NAME[name].numpy_dtype

@@ -211,18 +211,7 @@ def test_save_maps_keys_to_directories_R2_3(ckpt: Path) -> None:
         "日本": torch.ones(2),
     }
     tessera.save(state, ckpt)
-    for path in [
-        "a%20b",
-        "%2Ehidden",
-        "zarr%2Ejson",
-        "%5F_meta__",
-        "opt/~0",
-        "opt/~-1",
-        "%E6%97%A5%E6%9C%AC",
-    ]:
-        assert (ckpt / path / "zarr.json").is_file(), path
-    ck = tessera.open(ckpt)
-    assert ck.keys() == [
+    paths = [
         "a%20b",
         "%2Ehidden",
         "zarr%2Ejson",
@@ -231,6 +220,10 @@ def test_save_maps_keys_to_directories_R2_3(ckpt: Path) -> None:
         "opt/~-1",
         "%E6%97%A5%E6%9C%AC",
     ]
+    for path in paths:
+        assert (ckpt / path / "zarr.json").is_file(), path
+    ck = tessera.open(ckpt)
+    assert ck.keys() == paths
     loaded = tessera.load(ckpt)
     assert list(loaded) == list(state)
     assert list(loaded["opt"]) == [0, -1]
