@@ -284,3 +284,28 @@ def test_no_group_document_for_value_paths_R2_4(tmp_path: Path) -> None:
         p.relative_to(tmp_path / "c").as_posix() for p in (tmp_path / "c").rglob("*") if p.is_file()
     )
     assert files == [".tessera-claim.json", "t/u/c/0", "t/u/zarr.json", "t/zarr.json", "zarr.json"]
+
+
+def test_chunk_shapes_fix_the_grid_of_named_arrays_R5_12(tmp_path: Path) -> None:
+    """``chunk_shapes`` replaces the writer's choice for the arrays it names, and only those."""
+    state = {"a": {"w": torch.arange(35.0).reshape(5, 7), "b": torch.zeros(4)}}
+    tessera.save(state, tmp_path / "ck", chunk_shapes={"a/w": [2, 3]})
+    entries = {e.path: e.layout.chunk_shape for e in tessera.open(tmp_path / "ck").manifest.entries}
+    assert entries == {"a/w": (2, 3), "a/b": (4,)}
+    assert torch.equal(tessera.load(tmp_path / "ck")["a"]["w"], state["a"]["w"])
+
+
+@pytest.mark.parametrize(
+    ("chunk_shapes", "error"),
+    [
+        ({"w": [2]}, tessera.TensorMismatchError),
+        ({"w": [0, 3]}, tessera.TensorMismatchError),
+        ({"nowhere": [1, 1]}, tessera.InvalidKeyError),
+    ],
+)
+def test_chunk_shapes_refused_before_anything_is_written(
+    tmp_path: Path, chunk_shapes: dict[str, list[int]], error: type[tessera.TesseraError]
+) -> None:
+    with pytest.raises(error):
+        tessera.save({"w": torch.zeros(3, 3)}, tmp_path / "ck", chunk_shapes=chunk_shapes)
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())

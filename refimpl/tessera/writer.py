@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import uuid
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -60,6 +60,7 @@ def save(
     compression: Literal["zstd"] | None = None,
     zstd_level: int = 3,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunk_shapes: Mapping[str, Sequence[int]] | None = None,
     threads: int | None = None,
     progress: bool = False,
     process_group: dist.ProcessGroup | None = None,
@@ -75,7 +76,9 @@ def save(
     written once. ``metadata`` (any JSON object) and ``parallelism`` (the
     layout, e.g. ``{"tp": 2, "dp": 2}``, provenance only) are taken from rank
     0. ``pickle_keys`` names the keys whose values may be pickled; any other
-    non-tensor, non-JSON value is refused. ``plan_cache`` reuses the global
+    non-tensor, non-JSON value is refused. ``chunk_shapes`` fixes the chunk
+    shape of the arrays it names by path, in place of the writer's choice of
+    about ``chunk_bytes`` per chunk (for tools that must keep a given grid). ``plan_cache`` reuses the global
     plan of an earlier save with the same layout. Returns the committed
     manifest on every rank. Raises :class:`~tessera.CheckpointExistsError`
     if the path was already claimed, :class:`~tessera.ShardingError` if the
@@ -86,6 +89,7 @@ def save(
         chunk_bytes=chunk_bytes,
         zstd_level=zstd_level if compression == "zstd" else None,
         pickle_keys=pickle_keys,
+        chunk_shapes={path: tuple(shape) for path, shape in (chunk_shapes or {}).items()},
     )
     local, error = _attempt(lambda: _local_plan(state_dict, options, compression, metadata, parallelism))
     digest = local.layout_digest(options, collective.world_size) if local else None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ShardingError
+from ..errors import InvalidKeyError, ShardingError, TensorMismatchError
 from ..format.dtypes import dtype_by_name
 from ..format.keys import Key, parent_paths
 from ..format.layout import ArrayLayout, ChunkIndex
@@ -141,6 +141,9 @@ def _make_global_plan(local: Sequence[Sequence[LeafSpec]], options: SaveOptions)
             tasks[rank].append(
                 ArrayTask(path, entry.layout, rank == metadata_rank, tuple(per_rank.get(rank, ())))
             )
+    unknown = sorted(set(options.chunk_shapes) - set(entries))
+    if unknown:
+        raise InvalidKeyError(f"chunk_shapes names {unknown}, which the state dict holds no array at")
     groups = tuple(sorted({g for path in entries for g in parent_paths(path)}))
     sends: list[list[Transfer]] = [[] for _ in range(world)]
     receives: list[list[Transfer]] = [[] for _ in range(world)]
@@ -229,7 +232,7 @@ def _array(
     sizes = (
         [c[2][1] - c[2][0] if c[2] is not None else math.prod(c[1]) for c in claims] if first.sharded else []
     )
-    chunk_shape = chunk_shape_for(
+    chunk_shape = _chunk_shape_asked(path, first.shape, options) or chunk_shape_for(
         first.shape,
         dtype.itemsize,
         shards,
@@ -244,6 +247,20 @@ def _array(
     else:
         entry = ObjectEntry(first.key, layout, "pickle" if first.tag == "pickle" else "bytes")
     return entry, pieces, mains
+
+
+def _chunk_shape_asked(path: str, shape: tuple[int, ...], options: SaveOptions) -> tuple[int, ...] | None:
+    """The caller's chunk shape for ``path`` (``SaveOptions.chunk_shapes``), checked, or ``None``."""
+    asked = options.chunk_shapes.get(path)
+    if asked is None:
+        return None
+    asked = tuple(asked)
+    if len(asked) != len(shape) or not all(type(c) is int and c >= 1 for c in asked):
+        raise TensorMismatchError(
+            f"{path}: chunk shape {list(asked)} must have one integer >= 1 "
+            f"per dimension of shape {list(shape)}"
+        )
+    return asked
 
 
 def _describe(spec: LeafSpec) -> str:

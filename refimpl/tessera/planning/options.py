@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "SaveOptions"]
 
@@ -18,3 +18,6 @@ class SaveOptions:
     """Compress every array with zstd at this level; ``None`` stores raw bytes."""
     pickle_keys: Collection[str] = ()
     """Keys (paths, as ``inspect`` prints them) whose values may be pickled."""
+    chunk_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    """Chunk shapes fixed by the caller, by path, in place of the writer's choice: for tools that
+    must reproduce a grid (conformance vectors, converters keeping another format's layout)."""

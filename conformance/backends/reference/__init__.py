@@ -1,0 +1,1 @@
+"""The reference backend: ``tessera`` (the Python reference implementation) behind the protocol."""

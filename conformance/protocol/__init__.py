@@ -1,0 +1,1 @@
+"""How the harness talks to a backend: its declaration, its messages, its process (PROTOCOL.md)."""
