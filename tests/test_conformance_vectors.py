@@ -1,7 +1,7 @@
 """The conformance vectors (issue 4): up to date, well-formed, right, and citing real rules.
 
-Right means: the reference implementation, called directly (``tessera.open``,
-``Checkpoint.read``, ``tessera.verify``, no backend process), answers every
+Right means: the reference implementation, as its backend loaded in this
+process (``conformance/backends/reference-inprocess``), answers every
 probe as the vector expects, judged by the very cases ``conformance run``
 runs (``conformance/cases/reading.py``). A probe of level MAY (an optional
 refusal) may instead find the reference reading or verifying successfully.
@@ -14,24 +14,21 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any
 
 import crc32c
 import pytest
-import tessera
 from numcodecs import Zstd
-from tessera.format.manifest import ObjectEntry, ValueEntry
 
 from conformance.cases.model import Case, Level, Session, Status
 from conformance.cases.reading import VECTORS_DIR, cases
 from conformance.generator import generate
-from conformance.generator.data import bits_of
-from conformance.protocol.arrays import DTYPE_NAMES, save_bits
-from conformance.protocol.connection import Backend
+from conformance.protocol.arrays import DTYPE_NAMES
+from conformance.protocol.connection import Backend, start_backend
 from conformance.protocol.declaration import Claims, Declaration
 from conformance.protocol.messages import problems
 
 SPEC = Path(__file__).resolve().parent.parent / "spec" / "tessera-v1.md"
+IN_PROCESS = VECTORS_DIR.parent / "backends" / "reference-inprocess"
 REGENERATE = "run `python -m conformance.generator` and commit conformance/vectors/"
 ALL_CASES = cases()
 
@@ -131,72 +128,11 @@ def test_vectors_cover_every_data_type_and_group() -> None:
 # -- 3. the reference implementation answers every probe as expected -------------------------
 
 
-class _Reference(Backend):
-    """The reference implementation, called directly as a backend would call it (PROTOCOL.md §3)."""
-
-    def _exchange(self, message: dict[str, Any], timeout_s: float) -> Any:
-        try:
-            body = _verify(message) if message["op"] == "verify" else _read(message)
-        except tessera.TesseraError as exc:
-            body = {"ok": False, "error": {"code": exc.code, "message": str(exc)}}
-        return {"id": message["id"], **body}
-
-    def close(self) -> None:
-        pass
-
-
-def _box(region: list[list[int]], shape: tuple[int, ...], key: str) -> tuple[slice, ...]:
-    """A box as the reference's slices; a box past the array is refused here, since the reference's
-    NumPy-style slices clamp to the array, as R14.2 lets an API do."""
-    inside = len(region) == len(shape) and all(
-        0 <= a <= b <= s for (a, b), s in zip(region, shape, strict=True)
-    )
-    if not inside:
-        raise tessera.TensorMismatchError(f"{key}: box {region} is outside the array of shape {list(shape)}")
-    return tuple(slice(a, b) for a, b in region)
-
-
-def _read(message: dict[str, Any]) -> dict[str, Any]:
-    checkpoint = tessera.open(message["checkpoint"])
-    requests = message["requests"] or [{"key": list(e.key)} for e in checkpoint.manifest.entries]
-    out = Path(message["out"])
-    results = []
-    for i, request in enumerate(requests):
-        key = tuple(request["key"])
-        entry = checkpoint.entry(key)
-        result: dict[str, Any] = {"key": list(entry.key), "kind": entry.kind}
-        if isinstance(entry, ValueEntry):
-            result.update(encoding=entry.encoding, value=entry.value)
-        elif isinstance(entry, ObjectEntry):
-            (out / f"{i}.bin").write_bytes(checkpoint.value(key))
-            result.update(encoding="bytes")
-        else:
-            region = request.get("region")
-            box = None if region is None else _box(region, entry.layout.shape, entry.path)
-            bits = bits_of(checkpoint.read(key, box))
-            save_bits(out / f"{i}.npy", bits, entry.layout.dtype.name)
-            result.update(dtype=entry.layout.dtype.name, shape=list(bits.shape))
-        results.append(result)
-    return {"ok": True, "results": results}
-
-
-def _verify(message: dict[str, Any]) -> dict[str, Any]:
-    report = tessera.verify(message["checkpoint"])
-    if report.ok:
-        return {"ok": True}
-    found = [{"code": p.code, "message": p.message} for p in report.problems]
-    return {"ok": False, "error": found[0], "problems": found}
-
-
 class _Session(Session):
-    def __init__(self, root: Path) -> None:
-        claims = Claims(
-            frozenset({"reader", "verifier"}),
-            frozenset(DTYPE_NAMES),
-            frozenset({"compression", "objects", "regions"}),
-        )
-        self._declaration = Declaration(root, "tessera-direct", tessera.__version__, None, None, claims, 60.0)
-        self._backend = _Reference(self._declaration)
+    """The reference backend loaded in this process (PROTOCOL.md P20), the cases run one by one."""
+
+    def __init__(self, root: Path, log: Path) -> None:
+        self._backend = start_backend(Declaration.load(IN_PROCESS), log)
         self._root = root
         self._scratch = root
 
@@ -218,12 +154,12 @@ class _Session(Session):
 
     @property
     def claims(self) -> Claims:
-        return self._declaration.claims
+        return self._backend.declaration.claims
 
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory: pytest.TempPathFactory) -> _Session:
-    return _Session(tmp_path_factory.mktemp("cases"))
+    return _Session(tmp_path_factory.mktemp("cases"), tmp_path_factory.mktemp("log") / "backend.log")
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.id)

@@ -16,20 +16,13 @@ import numpy as np
 import tessera
 
 from ..checks.expected import ExpectedCheckpoint
-from ..protocol.arrays import DTYPE_NAMES
+from ..protocol.arrays import DTYPE_NAMES, dtype_rules
 from .model import Case, Level, Outcome, Requirements, Session
 from .state import Blob, Inputs, State, Tensor, Value
 from .writes import expect_refused, expect_written, timeout_for, write_request
 
 __all__ = ["cases"]
 
-_DTYPE_RULES = {
-    "bfloat16": "R7.3",
-    "float8_e4m3fn": "R7.4",
-    "float8_e5m2": "R7.5",
-    "float8_e4m3fnuz": "R7.6",
-    "float8_e5m2fnuz": "R7.7",
-}
 """The rule that defines each data type NumPy lacks (the others are IEEE 754 or integers)."""
 
 
@@ -46,7 +39,7 @@ def _dtype_cases() -> list[Case]:
         _written(
             f"dtype-{name}",
             f"a {name} tensor, bit for bit, its edge chunks padded with the fill bytes of {name}",
-            ("R7.1", "R7.2", *([_DTYPE_RULES[name]] if name in _DTYPE_RULES else []), "R5.4", "R5.9", "R6.2"),
+            ("R7.1", "R7.2", *dtype_rules(name), "R5.4", "R5.9", "R6.2"),
             State((Tensor(("w",), name, (5, 7), seed=i, chunk_shape=(4, 4)),)),
         )
         for i, name in enumerate(DTYPE_NAMES)

@@ -16,20 +16,13 @@ from typing import Any
 import numpy as np
 from numcodecs import Zstd
 
-from ..protocol.arrays import DTYPE_NAMES
+from ..protocol.arrays import DTYPE_NAMES, dtype_rules
 from .damage import chunk_body, write_chunk, zstd_frame
 from .data import tensor
 from .vector import VectorWriter
 
 __all__ = ["build"]
 
-_TYPE_RULES = {
-    "bfloat16": "R7.3",
-    "float8_e4m3fn": "R7.4",
-    "float8_e5m2": "R7.5",
-    "float8_e4m3fnuz": "R7.6",
-    "float8_e5m2fnuz": "R7.7",
-}
 _REGIONS = ("R14.2",)
 
 
@@ -68,7 +61,7 @@ def _dtype(out: Path, name: str, seed: int) -> None:
     probes = [v.read(), v.verify()]
     if name == "bfloat16":
         probes.insert(1, v.read("region", [(("x",), [(1, 4), (1, 3)])], rules=_REGIONS, features=["regions"]))
-    rules = ["R7.1", "R7.2", *([_TYPE_RULES[name]] if name in _TYPE_RULES else []), "R6.2", "R5.3", "R5.4"]
+    rules = ["R7.1", "R7.2", *dtype_rules(name), "R6.2", "R5.3", "R5.4"]
     v.finish(
         f"a {name} tensor [5, 3] in chunks [2, 2]: edge values, then random bits; edge chunks in both "
         "dimensions",

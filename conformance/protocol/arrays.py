@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BITS_DTYPES", "DTYPE_NAMES", "as_bits", "load_bits", "save_bits", "storage_dtype"]
+__all__ = ["BITS_DTYPES", "DTYPE_NAMES", "as_bits", "dtype_rules", "load_bits", "save_bits", "storage_dtype"]
 
 _NATIVE = {
     "bool": "|b1",
@@ -41,6 +41,20 @@ BITS_DTYPES = {
 
 DTYPE_NAMES: tuple[str, ...] = (*_NATIVE, *BITS_DTYPES)
 """Every data type of spec §7, in the spec's order."""
+
+
+_LAYOUT_RULES = {
+    "bfloat16": "R7.3",
+    "float8_e4m3fn": "R7.4",
+    "float8_e5m2": "R7.5",
+    "float8_e4m3fnuz": "R7.6",
+    "float8_e5m2fnuz": "R7.7",
+}
+
+
+def dtype_rules(name: str) -> tuple[str, ...]:
+    """The spec rule that states the bit layout of ``name``, for the types the spec defines itself."""
+    return (_LAYOUT_RULES[name],) if name in _LAYOUT_RULES else ()
 
 
 def storage_dtype(name: str) -> np.dtype:
