@@ -13,19 +13,20 @@ import json
 import os
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import crc32c
 import pytest
 from numcodecs import Zstd
 
-from conformance.cases.model import Case, Level, Session, Status
+from conformance.cases.model import Case, Level, Status
 from conformance.cases.reading import VECTORS_DIR, cases
 from conformance.generator import generate
 from conformance.protocol.arrays import DTYPE_NAMES
-from conformance.protocol.connection import Backend, start_backend
-from conformance.protocol.declaration import Claims, Declaration
+from conformance.protocol.declaration import Declaration
 from conformance.protocol.messages import problems
+from conformance.session import RunSession
 
 SPEC = Path(__file__).resolve().parent.parent / "spec" / "tessera-v1.md"
 IN_PROCESS = VECTORS_DIR.parent / "backends" / "reference-inprocess"
@@ -128,44 +129,19 @@ def test_vectors_cover_every_data_type_and_group() -> None:
 # -- 3. the reference implementation answers every probe as expected -------------------------
 
 
-class _Session(Session):
-    """The reference backend loaded in this process (PROTOCOL.md P20), the cases run one by one."""
-
-    def __init__(self, root: Path, log: Path) -> None:
-        self._backend = start_backend(Declaration.load(IN_PROCESS), log)
-        self._root = root
-        self._scratch = root
-
-    def begin(self, case: Case) -> None:
-        self._scratch = self._root / re.sub(r"[^A-Za-z0-9._-]+", "_", case.id)
-        self._scratch.mkdir()
-
-    def scratch(self) -> Path:
-        return self._scratch
-
-    def backend(self) -> Backend:
-        return self._backend
-
-    def ranks(self, world_size: int) -> list[Backend]:
-        raise NotImplementedError("reading cases use one backend")
-
-    def free_port(self) -> int:
-        raise NotImplementedError("reading cases use one backend")
-
-    @property
-    def claims(self) -> Claims:
-        return self._backend.declaration.claims
-
-
 @pytest.fixture(scope="module")
-def session(tmp_path_factory: pytest.TempPathFactory) -> _Session:
-    return _Session(tmp_path_factory.mktemp("cases"), tmp_path_factory.mktemp("log") / "backend.log")
+def session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunSession]:
+    """The harness's own session over the reference backend loaded in this process (PROTOCOL.md P20)."""
+    started = RunSession(Declaration.load(IN_PROCESS), tmp_path_factory.mktemp("cases"))
+    yield started
+    started.close()
 
 
 @pytest.mark.parametrize("case", ALL_CASES, ids=lambda c: c.id)
-def test_reference_answers_as_the_vector_expects(case: Case, session: _Session) -> None:
-    session.begin(case)
+def test_reference_answers_as_the_vector_expects(case: Case, session: RunSession) -> None:
+    session.begin(0, case.id)
     outcome = case.run(session)
+    session.end(keep=False)
     if case.level is Level.MAY and outcome.status is Status.SKIP:
         return  # the reference does not make this optional refusal: it read the checkpoint instead
     assert outcome.status is Status.PASS, "\n".join(map(str, outcome.findings))
