@@ -24,7 +24,7 @@ from tessera.format.limits import DEFAULT_LIMITS
 from tessera.format.schemas import SchemaName, schema_problems
 from tessera.format.strict_json import loads
 
-from .findings import Findings
+from .findings import Findings, shown
 
 __all__ = [
     "CLAIM",
@@ -157,7 +157,7 @@ def check_claim(root: Path, manifest: dict[str, Any], out: Findings) -> None:
         if member in manifest and not same_json(doc[member], manifest[member]):
             out.add(
                 rule,
-                f"{CLAIM} has {member} {_show(doc[member])} but the manifest has {_show(manifest[member])}",
+                f"{CLAIM} has {member} {shown(doc[member])} but the manifest has {shown(manifest[member])}",
             )
 
 
@@ -172,7 +172,7 @@ def check_group_documents(root: Path, groups: Iterable[str], out: Findings) -> s
         elif not same_json(doc, GROUP_DOCUMENT):
             bad.add(path)
             rule = "R3.7" if integers_as_floats(doc, GROUP_DOCUMENT) else "R2.4"
-            out.add(rule, f"{path} is {_show(doc)}, not exactly {_show(GROUP_DOCUMENT)}")
+            out.add(rule, f"{path} is {shown(doc)}, not exactly {shown(GROUP_DOCUMENT)}")
     return bad
 
 
@@ -190,7 +190,7 @@ def check_array_document(root: Path, array_path: str, layout: ArrayLayout | None
         return schema_findings(doc, "array", path, lambda _: "R5.8", out)
     want = layout.zarr_json()
     if not isinstance(doc, dict):
-        out.add("R5.8", f"{path} is {_show(doc)}, not a JSON object")
+        out.add("R5.8", f"{path} is {shown(doc)}, not a JSON object")
         return False
     ok = True
     extra = sorted(set(doc) - set(want))
@@ -208,11 +208,8 @@ def check_array_document(root: Path, array_path: str, layout: ArrayLayout | None
             rule = "R3.7" if integers_as_floats(doc[member], want[member]) else rule
             out.add(
                 rule,
-                f"{path} has {member} {_show(doc[member])}; its manifest entry implies {_show(want[member])}",
+                f"{path} has {member} {shown(doc[member])}; its manifest entry implies {shown(want[member])}",
             )
     return ok
 
 
-def _show(doc: Any, limit: int = 200) -> str:
-    text = json.dumps(doc, allow_nan=True, default=repr)
-    return text if len(text) <= limit else text[:limit] + "..."

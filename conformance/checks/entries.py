@@ -19,9 +19,9 @@ from tessera.format.limits import DEFAULT_LIMITS
 
 from .documents import same_json
 from .expected import ExpectedCheckpoint, ExpectedEntry, ExpectedObject, ExpectedTensor
-from .findings import Findings
+from .findings import Findings, shown
 
-__all__ = ["StoredArray", "StoredEntries", "check_entries", "key_path", "shown"]
+__all__ = ["StoredArray", "StoredEntries", "check_entries", "key_path"]
 
 _CRC32C = {"name": "crc32c"}
 
@@ -57,11 +57,6 @@ def key_path(key: Any) -> str | None:
         return key_to_path(tuple(key))
     except TesseraError:
         return None
-
-
-def shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 120 else text[:120] + "..."
 
 
 def check_entries(manifest: dict[str, Any], expected: ExpectedCheckpoint, out: Findings) -> StoredEntries:

@@ -8,12 +8,14 @@ checkpoint is.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 from ..cases.model import Finding
 
-__all__ = ["PER_RULE", "Findings"]
+__all__ = ["PER_RULE", "Findings", "shown"]
 
 PER_RULE = 20
 """Findings kept per rule; the others are counted in one closing finding of that rule."""
@@ -50,3 +52,9 @@ class Findings:
             if count > self._limit
         ]
         return [*self._kept, *more]
+
+
+def shown(value: Any, limit: int = 200) -> str:
+    """A JSON value as a finding quotes it: as JSON (``3.0`` stays ``3.0``), cut at ``limit`` characters."""
+    text = json.dumps(value, allow_nan=True, default=repr)
+    return text if len(text) <= limit else text[:limit] + "..."

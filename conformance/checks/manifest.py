@@ -17,9 +17,9 @@ from typing import Any
 from tessera.format.keys import key_to_path
 
 from .documents import ROOT, UNREADABLE, read_document, same_json, schema_findings
-from .entries import key_path, shown
+from .entries import key_path
 from .expected import ExpectedCheckpoint
-from .findings import Findings
+from .findings import Findings, shown
 
 __all__ = ["check_root"]
 
