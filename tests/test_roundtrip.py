@@ -413,7 +413,7 @@ def test_progress_bar(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     stream = io.StringIO()
     bar = functools.partial(tessera.progress.Progress, stream=stream)
-    monkeypatch.setattr(tessera.writer, "Progress", bar)
+    monkeypatch.setattr(tessera.chunk_writer, "Progress", bar)
     monkeypatch.setattr(verify_module, "Progress", bar)
     tessera.save({"x": torch.ones(1000)}, ckpt, progress=True, chunk_bytes=400)
     assert "saving" in stream.getvalue() and "100.0%" in stream.getvalue()

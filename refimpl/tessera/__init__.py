@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .async_save import AsyncSave, AsyncSaver
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -42,6 +43,8 @@ from .writer import save
 
 __all__ = [
     "FORMAT_VERSION",
+    "AsyncSave",
+    "AsyncSaver",
     "Checkpoint",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
@@ -50,11 +53,11 @@ __all__ = [
     "InconsistentCheckpointError",
     "InvalidKeyError",
     "KeyMismatchError",
-    "LoadResult",
     "LimitExceededError",
+    "LoadResult",
     "Manifest",
-    "PlanCache",
     "MissingChunkError",
+    "PlanCache",
     "ReaderLimits",
     "RunDirectory",
     "SchemaViolationError",

@@ -3,20 +3,40 @@
 Opening reads one document, the root ``zarr.json``: its version is checked
 first, then its schema, then every entry against the reader limits, all before
 any array is touched. Reads then fetch only the chunks that overlap the
-requested region, check each chunk's CRC32C and size, and write straight into
-the destination tensor wherever the chunk's bytes are contiguous there.
+requested region, open each chunk file once, and check each chunk's size and
+CRC32C; a cold load runs at about the speed of the disk:
+
+- A chunk whose bytes form one contiguous run of its destination (the common
+  case: a whole chunk into a C-contiguous tensor) is read straight into it,
+  block by block, each block's CRC32C computed right after the block arrived,
+  while it is still in the CPU cache. The size of the open file is checked
+  before any byte is read. A destination on a GPU gets each block through a
+  small pool of pinned host buffers (:mod:`.staging`), copied asynchronously
+  on a CUDA stream of the handle's own; the read returns once they landed.
+- Any other chunk (compressed, cut by the region, shared by several
+  requests, or landing in a strided destination) is read whole, checked and
+  decoded, and each destination's part is copied from it.
+- Each array's own ``zarr.json`` is checked against the manifest (once per
+  handle) by a task of the same parallel pass as the chunk reads, queued a
+  few tasks ahead of the array's first chunk, rather than all serially before
+  any read; each chunk read still waits for its array's check (R5.10).
+
+A read that fails raises before it returns, having possibly written part of
+its destinations (the chunks read before the failure was found): after a
+failed read, a destination holds nothing meaningful (R6.6).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import crc32c
 import numpy as np
 import torch
 
@@ -31,14 +51,16 @@ from .errors import (
     UncommittedCheckpointError,
     UnsafeEncodingError,
 )
+from .format.dtypes import DType
 from .format.keys import Key, key_to_path
-from .format.layout import CRC32C_SIZE, ChunkIndex, chunk_key
+from .format.layout import CRC32C_SIZE, ArrayLayout, ChunkIndex, chunk_key
 from .format.limits import DEFAULT_LIMITS, ReaderLimits
 from .format.manifest import Entry, Manifest, ObjectEntry, TensorEntry, ValueEntry, check_version
 from .format.schemas import validate
 from .format.strict_json import loads
-from .parallel import run_all
-from .storage.base import CLAIM_FILE, ROOT_METADATA, Storage
+from .parallel import default_read_threads, run_all
+from .staging import StagingPool
+from .storage.base import CLAIM_FILE, ROOT_METADATA, FileMissingError, ReadNext, Storage
 from .storage.local import LocalStorage
 from .tensors import as_numpy
 
@@ -47,15 +69,23 @@ __all__ = [
     "Checkpoint",
     "ReadTarget",
     "Region",
+    "check_crc",
     "intersect",
     "open_checkpoint",
-    "unstage",
     "within",
 ]
 
 Bounds = tuple[tuple[int, int], ...]
 Region = Sequence[slice | int] | None
 """A NumPy-style basic index: one ``slice`` (step 1) or ``int`` per leading dimension."""
+
+ArrayEntry = TensorEntry | ObjectEntry
+ChunkTask = tuple[ArrayEntry, Callable[[], None]]
+"""A task that reads one chunk, and the array the chunk belongs to."""
+
+BLOCK_BYTES = 8 * 2**20
+"""Bytes read and checksummed at a time: large enough for one request to keep the disk busy,
+small enough to still sit in the CPU cache when the checksum runs over it."""
 
 
 def open_checkpoint(
@@ -73,7 +103,9 @@ def read_manifest(storage: Storage, limits: ReaderLimits = DEFAULT_LIMITS) -> Ma
     """The validated manifest of ``storage``; the error class says what is wrong (spec §13)."""
     if not storage.exists():
         raise CheckpointNotFoundError(f"no checkpoint at {storage.location}")
-    if storage.size(ROOT_METADATA) is None:
+    try:
+        data = storage.read_file(ROOT_METADATA, limits.max_json_bytes)
+    except FileMissingError:
         claimed = storage.size(CLAIM_FILE) is not None
         raise UncommittedCheckpointError(
             f"{storage.location} has no root zarr.json: "
@@ -82,9 +114,8 @@ def read_manifest(storage: Storage, limits: ReaderLimits = DEFAULT_LIMITS) -> Ma
                 if claimed
                 else "it is not a committed Tessera checkpoint"
             )
-        )
-    where = f"{storage.location}/{ROOT_METADATA}"
-    return check_root_document(storage.read_file(ROOT_METADATA, limits.max_json_bytes), where, limits)
+        ) from None
+    return check_root_document(data, f"{storage.location}/{ROOT_METADATA}", limits)
 
 
 def check_root_document(data: bytes, where: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Manifest:
@@ -119,51 +150,127 @@ def _bounds(region: Region, shape: tuple[int, ...], key: str) -> tuple[Bounds, t
     return tuple(bounds), tuple(dropped)
 
 
-def _contiguous_span(inner: Bounds, shape: tuple[int, ...]) -> tuple[int, int] | None:
-    """``(first element, count)`` if ``inner`` is one contiguous run of a C-order ``shape``."""
-    extents = [b - a for a, b in inner]
-    count = math.prod(extents)
-    if count == 0:
-        return None
-    outer = next((d for d, e in enumerate(extents) if e != 1), len(extents))
-    if any(extents[d] != shape[d] for d in range(outer + 1, len(shape))):
-        return None
-    first = 0
-    for (a, _), size in zip(inner, shape, strict=True):
-        first = first * size + a
-    return first, count
+class _DeviceCopies:
+    """How a handle's reads reach destinations outside plain host memory (GPU tensors, or
+    conjugate and negative views): through reusable staging buffers, pinned when CUDA is
+    there, and on a CUDA stream per device, so that the copies overlap the next reads."""
+
+    def __init__(self, buffers: int) -> None:
+        self._buffers = buffers
+        self._pool: StagingPool | None = None
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def pool(self) -> StagingPool:
+        with self._lock:
+            if self._pool is None:
+                self._pool = StagingPool(pinned=True, max_buffers=self._buffers)
+            return self._pool
+
+    def begin(self, device: torch.device) -> None:
+        """Order the copies to ``device`` after the work the calling thread queued there (it
+        may still be using the destinations); call in the thread that asked for the read."""
+        if device.type != "cuda":
+            return
+        with self._lock:
+            stream = self._streams.get(device)
+            if stream is None:
+                stream = self._streams[device] = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+
+    def stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        return self._streams.get(device)
+
+    @staticmethod
+    def send(dst: torch.Tensor, host: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
+        """Copy ``host`` into ``dst``: asynchronously on ``stream`` if given, else at once."""
+        if stream is None:
+            dst.copy_(host)
+            return
+        with torch.cuda.stream(stream):
+            dst.copy_(host, non_blocking=True)
+
+    def copy(self, dst: torch.Tensor, source: np.ndarray, dtype: DType) -> None:
+        """Copy a host array into ``dst`` (same shape, any strides) through a staging buffer."""
+        stream = self.stream(dst.device)
+        with self.pool.buffer(source.nbytes, stream) as host:
+            staged = host.view(dtype.torch_dtype).reshape(source.shape)
+            as_numpy(staged, dtype)[...] = source
+            self.send(dst, staged, stream)
+
+    def wait(self) -> None:
+        """Return once every copy queued so far has landed."""
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.synchronize()
 
 
-def unstage(staged: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Copy staging buffers into their destinations (GPU, strided, or with dropped dimensions)."""
-    for out, target in staged:
-        out.copy_(target.reshape(out.shape))
+class _Gate:
+    """An array's ``zarr.json`` check, which its chunk reads wait for."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._passed = False
+
+    def check(self, check: Callable[[], None]) -> None:
+        try:
+            check()
+            self._passed = True
+        finally:
+            self._done.set()
+
+    def run(self, task: Callable[[], None]) -> None:
+        """Run a chunk read once the check passed; after a failed check, skip it (the check's
+        task raises the error)."""
+        self._done.wait()
+        if self._passed:
+            task()
 
 
 @dataclass(frozen=True, slots=True)
 class ReadTarget:
     """A chunk and the part of one request's destination it fills."""
 
-    entry: TensorEntry | ObjectEntry
+    entry: ArrayEntry
     index: ChunkIndex
     bounds: Bounds
     """The request's region of the array; ``dst`` holds exactly it."""
-    dst: np.ndarray
+    dst: torch.Tensor
+    """The request's destination, viewed with the region's shape (a dimension that an ``int``
+    index drops is there with size 1); any device, any strides."""
+    copies: _DeviceCopies | None = None
+    """How bytes reach ``dst``; ``None`` when it is plain host memory, written through NumPy."""
 
     def overlap(self) -> tuple[Bounds, Bounds]:
         """The chunk's part of the request, in array and in ``dst`` coordinates."""
         inner = intersect(self.bounds, self.entry.layout.chunk_region(self.index))
         return inner, tuple((a - o, b - o) for (a, b), (o, _) in zip(inner, self.bounds, strict=True))
 
+    def part(self) -> torch.Tensor:
+        """The view of ``dst`` that the chunk fills."""
+        _, local = self.overlap()
+        return self.dst[tuple(slice(a, b) for a, b in local)]
+
     def put(self, part: np.ndarray) -> None:
         """Store the chunk's part of the request (``part`` holds exactly its elements)."""
-        inner, local = self.overlap()
-        self.dst[tuple(slice(a, b) for a, b in local)] = part.reshape([b - a for a, b in inner])
+        inner, _ = self.overlap()
+        shaped = part.reshape([b - a for a, b in inner])
+        if self.copies is None:
+            as_numpy(self.part(), self.entry.layout.dtype)[...] = shaped
+        else:
+            self.copies.copy(self.part(), shaped, self.entry.layout.dtype)
 
     def fill_from(self, decoded: np.ndarray) -> None:
         """Store this target's part of the whole decoded chunk."""
         inner, _ = self.overlap()
         self.put(decoded[within(inner, self.entry.layout.chunk_region(self.index))])
+
+
+def _largest_chunk_file(layout: ArrayLayout) -> int:
+    """The most bytes a valid chunk file of ``layout`` can hold (zstd's worst case, plus the CRC)."""
+    return layout.chunk_nbytes + layout.chunk_nbytes // 128 + 1024 + CRC32C_SIZE
 
 
 def intersect(bounds: Bounds, region: Bounds) -> Bounds:
@@ -192,8 +299,13 @@ class Checkpoint:
         self._limits = limits
         self._threads = threads
         self._by_path = {e.path: e for e in manifest.entries}
+        self._paths = {id(e): p for p, e in self._by_path.items()}  # Entry.path escapes each time
+        self._subtrees: dict[str, list[Entry]] | None = None
         self._checked_arrays: set[str] = set()
+        self._accepted_documents: set[tuple[object, ...]] = set()
         self._lock = threading.Lock()
+        # Two staging buffers per read thread: one being filled while the other's copy runs.
+        self._copies = _DeviceCopies(2 * (threads or default_read_threads()))
 
     # -- what is stored ---------------------------------------------------------------------
 
@@ -225,14 +337,19 @@ class Checkpoint:
     def _path(key: str | Key) -> str:
         return key if isinstance(key, str) else key_to_path(key)
 
+    def path_of(self, entry: Entry) -> str:
+        """``entry.path``, looked up for the manifest's own entries."""
+        path = self._paths.get(id(entry))
+        return entry.path if path is None else path
+
     # -- reading ----------------------------------------------------------------------------
 
     def read(self, key: str | Key, region: Region = None) -> torch.Tensor | np.ndarray:
         """A tensor (or NumPy array, if one was saved), whole or the ``region`` of it."""
         entry = self.array_entry(key)
-        bounds, dropped = _bounds(region, entry.layout.shape, entry.path)
+        bounds, dropped = _bounds(region, entry.layout.shape, self.path_of(entry))
         out = torch.empty([b - a for a, b in bounds], dtype=entry.layout.dtype.torch_dtype)
-        run_all(self._chunk_tasks(self._targets(entry, bounds, out)), self._threads)
+        self.fill(self._targets(entry, bounds, out), [entry])
         for dim in reversed(dropped):
             out = out.squeeze(dim)
         if isinstance(entry, TensorEntry) and entry.origin == "numpy":
@@ -246,36 +363,93 @@ class Checkpoint:
     def read_many(self, requests: Sequence[tuple[str | Key, torch.Tensor, Region]]) -> None:
         """Fill each ``(key, out, region)`` request; the chunks of all of them are read in one
         parallel pass, so that many small tensors load as fast as one large one."""
-        targets, staged = self.targets_of(requests)
-        self.fill(targets)
-        unstage(staged)
+        targets = self.targets_of(requests)
+        self.fill(targets, [self.array_entry(key) for key, _, _ in requests])
 
-    def targets_of(
-        self, requests: Sequence[tuple[str | Key, torch.Tensor, Region]]
-    ) -> tuple[list[ReadTarget], list[tuple[torch.Tensor, torch.Tensor]]]:
-        """The chunks each request needs, after checking it; a destination that is not a CPU,
-        C-contiguous tensor of the region's shape is staged: ``(out, staging buffer)`` pairs."""
+    def targets_of(self, requests: Sequence[tuple[str | Key, torch.Tensor, Region]]) -> list[ReadTarget]:
+        """The chunks each request needs, after checking the request against the manifest (the
+        arrays' own ``zarr.json`` are checked when their chunks are read)."""
         targets: list[ReadTarget] = []
-        staged: list[tuple[torch.Tensor, torch.Tensor]] = []
+        devices: set[torch.device] = set()
         for key, out, region in requests:
             entry = self.array_entry(key)
-            bounds, dropped = _bounds(region, entry.layout.shape, entry.path)
+            path = self.path_of(entry)
+            bounds, dropped = _bounds(region, entry.layout.shape, path)
             shape = [b - a for d, (a, b) in enumerate(bounds) if d not in dropped]
             if list(out.shape) != shape or out.dtype != entry.layout.dtype.torch_dtype:
                 raise TensorMismatchError(
-                    f"{entry.path}: stored {entry.layout.dtype.torch_dtype} {shape}, "
+                    f"{path}: stored {entry.layout.dtype.torch_dtype} {shape}, "
                     f"destination is {out.dtype} {list(out.shape)}; no implicit cast or reshape"
                 )
-            target = out
-            if out.device.type != "cpu" or not out.is_contiguous() or dropped:
-                target = torch.empty([b - a for a, b in bounds], dtype=out.dtype)
-                staged.append((out, target))
-            targets.extend(self._targets(entry, bounds, target))
-        return targets, staged
+            if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape, strict=True)):
+                raise TensorMismatchError(
+                    f"{path}: the destination repeats elements in memory (an expanded view); "
+                    "read into a tensor whose elements are distinct"
+                )
+            dst = out.detach()
+            for dim in dropped:
+                dst = dst.unsqueeze(dim)
+            copies = None
+            if dst.device.type != "cpu" or dst.is_conj() or dst.is_neg():
+                copies = self._copies
+                devices.add(dst.device)
+            targets.extend(
+                ReadTarget(entry, index, bounds, dst, copies)
+                for index in entry.layout.chunks_overlapping(bounds)
+            )
+        for device in devices:
+            self._copies.begin(device)
+        return targets
 
-    def fill(self, targets: list[ReadTarget]) -> None:
-        """Read every target's chunk (each chunk once) and fill the targets."""
-        run_all(self._chunk_tasks(targets), self._threads)
+    def fill(self, targets: list[ReadTarget], arrays: Iterable[ArrayEntry] = ()) -> None:
+        """Read every target's chunk (each chunk once) and fill the targets, checking the
+        ``zarr.json`` of their arrays and of ``arrays`` in the same parallel pass."""
+        self.run_reads(self._chunk_tasks(targets), arrays)
+
+    def run_reads(
+        self, tasks: Sequence[ChunkTask], arrays: Iterable[ArrayEntry] = (), threads: int | None = None
+    ) -> None:
+        """Run chunk reads on the I/O threads, each array's first checking the array's own
+        ``zarr.json`` against the manifest (spec R5.10) unless this handle did already.
+
+        The checks are tasks of the same pass, each queued as many tasks ahead of its array's
+        first chunk as there are threads, so that it has usually finished when the chunk is
+        due; a chunk waits for it all the same (no chunk is read before its array checked).
+        The zarr.json of ``arrays`` without chunks to read are checked too. Returns once every
+        copy to a device landed; raises the first failure, destinations possibly partly written.
+        """
+        workers = threads or self._threads or default_read_threads()
+        gates: dict[str, _Gate] = {}
+        first: dict[str, int] = {}
+        gated: list[Callable[[], None]] = []
+        for position, (entry, task) in enumerate(tasks):
+            path = self.path_of(entry)
+            if path not in self._checked_arrays:
+                if path not in gates:
+                    gates[path] = _Gate()
+                    first[path] = position
+                task = partial(gates[path].run, task)
+            gated.append(task)
+        checks: dict[int, list[Callable[[], None]]] = {}
+        for path, position in first.items():
+            array = self._by_path[path]
+            assert not isinstance(array, ValueEntry)
+            check = partial(gates[path].check, partial(self.check_array_metadata, array))
+            checks.setdefault(max(0, position - workers), []).append(check)
+        queued = [q for position, task in enumerate(gated) for q in [*checks.get(position, ()), task]]
+        for entry in arrays:
+            path = self.path_of(entry)
+            if path not in gates and path not in self._checked_arrays:
+                gates[path] = _Gate()
+                queued.append(partial(self.check_array_metadata, entry))
+        try:
+            run_all(queued, workers)
+        finally:
+            self.wait_for_copies()
+
+    def wait_for_copies(self) -> None:
+        """Return once every asynchronous copy into a device destination has landed."""
+        self._copies.wait()
 
     def value(self, key: str | Key, *, allow_pickle: bool = False) -> Any:
         """Any stored value: a tensor, an array, bytes, a JSON value, or an unpickled object."""
@@ -284,19 +458,19 @@ class Checkpoint:
     def values(self, keys: Sequence[str | Key], *, allow_pickle: bool = False) -> list[Any]:
         """The values of several keys, their arrays read in one parallel pass."""
         entries = [self.entry(k) for k in keys]
-        pickled = [e.path for e in entries if isinstance(e, ObjectEntry) and e.encoding == "pickle"]
+        pickled = [self.path_of(e) for e in entries if isinstance(e, ObjectEntry) and e.encoding == "pickle"]
         if pickled and not allow_pickle:
             raise UnsafeEncodingError(
                 f"{pickled[0]} is pickled; unpickling can run arbitrary code. "
                 "Pass allow_pickle=True only for checkpoints you trust"
             )
         arrays = {
-            e.path: torch.empty(e.layout.shape, dtype=e.layout.dtype.torch_dtype)
+            self.path_of(e): torch.empty(e.layout.shape, dtype=e.layout.dtype.torch_dtype)
             for e in entries
             if not isinstance(e, ValueEntry)
         }
         self.read_many([(path, out, None) for path, out in arrays.items()])
-        return [self._decode(e, arrays.get(e.path)) for e in entries]
+        return [self._decode(e, arrays.get(self.path_of(e))) for e in entries]
 
     @staticmethod
     def _decode(entry: Entry, array: torch.Tensor | None) -> Any:
@@ -310,43 +484,56 @@ class Checkpoint:
 
     # -- chunks -----------------------------------------------------------------------------
 
-    def array_entry(self, key: str | Key) -> TensorEntry | ObjectEntry:
+    def array_entry(self, key: str | Key) -> ArrayEntry:
+        """The entry of the array at ``key``; its own ``zarr.json`` is checked when it is read."""
         entry = self.entry(key)
         if isinstance(entry, ValueEntry):
             raise TensorMismatchError(f"{entry.path} is a JSON value, not an array; use value()")
-        self.check_array_metadata(entry)
         return entry
 
-    def check_array_metadata(self, entry: TensorEntry | ObjectEntry) -> None:
+    def check_array_metadata(self, entry: ArrayEntry) -> None:
         """Check the array's own ``zarr.json`` against the manifest, once per handle."""
-        if entry.path in self._checked_arrays:
+        path = self.path_of(entry)
+        if path in self._checked_arrays:
             return
-        where = f"{self.storage.location}/{entry.path}/zarr.json"
-        if self.storage.size(f"{entry.path}/zarr.json") is None:
-            raise InconsistentCheckpointError(f"{where} is missing though the manifest lists the array")
-        doc = loads(
-            self.storage.read_file(f"{entry.path}/zarr.json", self._limits.max_json_bytes),
-            where,
-            self._limits,
-        )
+        where = f"{self.storage.location}/{path}/zarr.json"
         try:
-            entry.layout.check_zarr_json(doc, where)
-        except InconsistentCheckpointError:
-            # Equal to the expected document implies schema-valid; a document that differs
-            # may be malformed altogether, which is the more precise error (spec §13).
-            validate(doc, "array", where)
-            raise
+            data = self.storage.read_file(f"{path}/zarr.json", self._limits.max_json_bytes)
+        except FileMissingError:
+            raise InconsistentCheckpointError(
+                f"{where} is missing though the manifest lists the array"
+            ) from None
+        layout = entry.layout
+        accepted = (layout.dtype.name, layout.shape, layout.chunk_shape, layout.zstd_level, data)
+        if accepted not in self._accepted_documents:
+            doc = loads(data, where, self._limits)
+            try:
+                entry.layout.check_zarr_json(doc, where)
+            except InconsistentCheckpointError:
+                # Equal to the expected document implies schema-valid; a document that differs
+                # may be malformed altogether, which is the more precise error (spec §13).
+                validate(doc, "array", where)
+                raise
+            # The same bytes for the same layout pass the same checks: arrays of one shape and
+            # dtype (every layer of a model) are parsed and compared once.
+            self._accepted_documents.add(accepted)
         with self._lock:
-            self._checked_arrays.add(entry.path)
+            self._checked_arrays.add(path)
 
-    def chunk_where(self, entry: TensorEntry | ObjectEntry, index: ChunkIndex) -> str:
-        return f"{entry.path} chunk {chunk_key(index)} ({self.storage.location})"
+    def chunk_where(self, entry: ArrayEntry, index: ChunkIndex) -> str:
+        return f"{self.path_of(entry)} chunk {chunk_key(index)} ({self.storage.location})"
 
-    def chunk_size(self, entry: TensorEntry | ObjectEntry, index: ChunkIndex) -> int:
+    def chunk_size(self, entry: ArrayEntry, index: ChunkIndex) -> int:
         """The stored size of a chunk, checked: missing and misshapen chunks raise here."""
+        size = self.storage.size(f"{self.path_of(entry)}/{chunk_key(index)}")
+        self._check_chunk_file(entry, index, size)
+        assert size is not None
+        return size
+
+    def _check_chunk_file(self, entry: ArrayEntry, index: ChunkIndex, size: int | None) -> None:
+        """Refuse a chunk file that is missing (``None``) or of a size no valid chunk has."""
         layout = entry.layout
         where = self.chunk_where(entry, index)
-        size = self.storage.size(f"{entry.path}/{chunk_key(index)}")
         if size is None:
             raise MissingChunkError(
                 f"{where} is missing; the checkpoint is damaged (never read as fill value)"
@@ -356,63 +543,101 @@ class Checkpoint:
                 f"{where} is {size} bytes; a raw chunk of {list(layout.chunk_shape)} "
                 f"{layout.dtype.name} plus its checksum is {layout.chunk_nbytes + CRC32C_SIZE}"
             )
-        bound = layout.chunk_nbytes + layout.chunk_nbytes // 128 + 1024 + CRC32C_SIZE
+        bound = _largest_chunk_file(layout)
         if size > bound:
             raise LimitExceededError(f"{where} is {size} bytes, more than zstd can produce ({bound})")
-        return size
 
-    def read_chunk(self, entry: TensorEntry | ObjectEntry, index: ChunkIndex) -> np.ndarray:
-        """One whole chunk, chunk-shaped, its checksum and size checked."""
-        size = self.chunk_size(entry, index)
-        raw = self.storage.read_file(f"{entry.path}/{chunk_key(index)}", size)
+    def read_chunk(self, entry: ArrayEntry, index: ChunkIndex) -> np.ndarray:
+        """One whole chunk, chunk-shaped, its size and checksum checked; one open of its file."""
+        path = f"{self.path_of(entry)}/{chunk_key(index)}"
+        try:
+            raw = self.storage.read_file(path, _largest_chunk_file(entry.layout))
+        except FileMissingError:
+            self._check_chunk_file(entry, index, None)
+            raise
+        except LimitExceededError:
+            self.chunk_size(entry, index)  # the precise error: a raw chunk of the wrong size
+            raise
+        self._check_chunk_file(entry, index, len(raw))
         return decode_chunk(raw, entry.layout, self.chunk_where(entry, index))
 
-    def _targets(
-        self, entry: TensorEntry | ObjectEntry, bounds: Bounds, out: torch.Tensor
-    ) -> list[ReadTarget]:
+    def _targets(self, entry: ArrayEntry, bounds: Bounds, out: torch.Tensor) -> list[ReadTarget]:
         """Every chunk overlapping ``bounds``, each with the CPU, C-contiguous ``out`` to fill."""
-        dst = as_numpy(out, entry.layout.dtype)
-        return [ReadTarget(entry, index, bounds, dst) for index in entry.layout.chunks_overlapping(bounds)]
+        return [ReadTarget(entry, index, bounds, out) for index in entry.layout.chunks_overlapping(bounds)]
 
-    def _chunk_tasks(self, targets: list[ReadTarget]) -> list[Callable[[], None]]:
+    def _chunk_tasks(self, targets: list[ReadTarget]) -> list[ChunkTask]:
         """One task per chunk: a chunk that several requests overlap (the boxes of one flat
         range, neighbouring shards) is read and checked once and copied into each."""
         by_chunk: dict[tuple[str, ChunkIndex], list[ReadTarget]] = {}
         for target in targets:
-            by_chunk.setdefault((target.entry.path, target.index), []).append(target)
+            by_chunk.setdefault((self.path_of(target.entry), target.index), []).append(target)
         return [
-            self._chunk_task(group[0]) if len(group) == 1 else self._shared_chunk_task(group)
+            (
+                group[0].entry,
+                self._chunk_task(group[0]) if len(group) == 1 else self._shared_chunk_task(group),
+            )
             for group in by_chunk.values()
         ]
 
     def _chunk_task(self, target: ReadTarget) -> Callable[[], None]:
-        entry, index, dst = target.entry, target.index, target.dst
+        """Read in place where the chunk's bytes are one contiguous run of the destination."""
+        layout = target.entry.layout
+        inner, _ = target.overlap()
+        part = target.part()
+        plain = not (part.is_conj() or part.is_neg()) and (target.copies is None or part.device.type != "cpu")
+        if (
+            plain
+            and inner == layout.chunk_region(target.index)
+            and layout.zstd_level is None
+            and prefix_elements(layout, target.index) is not None
+            and part.is_contiguous()
+        ):
+            return partial(self._read_in_place, target.entry, target.index, part, target.copies)
+        return self._shared_chunk_task([target])
+
+    def _read_in_place(
+        self, entry: ArrayEntry, index: ChunkIndex, part: torch.Tensor, copies: _DeviceCopies | None
+    ) -> None:
+        """Stream a raw chunk into ``part`` (its data, contiguous): block by block, each block
+        checksummed as it arrives; on a device, each block through a staging buffer. The edge
+        padding after the data goes through one small scratch buffer, then the CRC."""
         layout = entry.layout
-        chunk = layout.chunk_region(index)
-        inner, local = target.overlap()
-        span = _contiguous_span(local, dst.shape) if inner == chunk else None
-        in_place = (
-            span is not None and layout.zstd_level is None and prefix_elements(layout, index) is not None
-        )
+        flat = part.reshape(-1).view(torch.uint8)
+        nbytes = flat.numel()
+        padding = layout.chunk_nbytes - nbytes
 
-        def direct() -> None:
-            assert span is not None
-            self.chunk_size(entry, index)
-            itemsize = layout.dtype.itemsize
-            flat = dst.reshape(-1).view(np.uint8)
-            data = flat[span[0] * itemsize : (span[0] + span[1]) * itemsize].data
-            tail = bytearray(layout.chunk_nbytes - len(data) + CRC32C_SIZE)
-            path = f"{entry.path}/{chunk_key(index)}"
-            self.storage.read_into(path, 0, [data, memoryview(tail)])
-            check_crc(
-                [data, tail[:-CRC32C_SIZE]],
-                bytes(tail[-CRC32C_SIZE:]),
-                self.chunk_where(entry, index),
-            )
+        def fill(size: int | None, read: ReadNext) -> None:
+            self._check_chunk_file(entry, index, size)
+            checksum = 0
+            if copies is None:
+                memory = flat.numpy().data
+                for start in range(0, nbytes, BLOCK_BYTES):
+                    block = memory[start : start + BLOCK_BYTES]
+                    read(block)
+                    checksum = crc32c.crc32c(block, checksum)
+            else:
+                stream = copies.stream(part.device)
+                for start in range(0, nbytes, BLOCK_BYTES):
+                    length = min(BLOCK_BYTES, nbytes - start)
+                    with copies.pool.buffer(length, stream) as host:
+                        block = host.numpy().data
+                        read(block)
+                        checksum = crc32c.crc32c(block, checksum)
+                        copies.send(flat[start : start + length], host, stream)
+            scratch = memoryview(bytearray(min(padding, BLOCK_BYTES)))
+            for start in range(0, padding, BLOCK_BYTES):
+                block = scratch[: min(BLOCK_BYTES, padding - start)]
+                read(block)
+                checksum = crc32c.crc32c(block, checksum)
+            stored = bytearray(CRC32C_SIZE)
+            read(memoryview(stored))
+            check_crc(checksum, bytes(stored), self.chunk_where(entry, index))
 
-        return direct if in_place else self._shared_chunk_task([target])
+        self.storage.read_into(f"{self.path_of(entry)}/{chunk_key(index)}", 0, fill)
 
     def _shared_chunk_task(self, targets: list[ReadTarget]) -> Callable[[], None]:
+        """Read the chunk whole, then copy each target's part out of it."""
+
         def gathered() -> None:
             decoded = self.read_chunk(targets[0].entry, targets[0].index)
             for target in targets:
@@ -424,8 +649,14 @@ class Checkpoint:
 
     def subtree(self, prefix: str | Key) -> list[Entry]:
         """The entries stored at ``prefix`` or below it, in state-dict order."""
-        path = self._path(prefix)
-        return [e for p, e in self._by_path.items() if p == path or p.startswith(path + "/")]
+        if self._subtrees is None:  # built once: a load asks for one subtree per template key
+            subtrees: dict[str, list[Entry]] = {}
+            for path, entry in self._by_path.items():
+                parts = path.split("/")
+                for depth in range(1, len(parts) + 1):
+                    subtrees.setdefault("/".join(parts[:depth]), []).append(entry)
+            self._subtrees = subtrees
+        return list(self._subtrees.get(self._path(prefix), ()))
 
     def __repr__(self) -> str:
         return (

@@ -2,7 +2,8 @@
 
 ``latest`` moves only after the checkpoint it names is committed, and
 retention deletes only committed checkpoints that are not the latest, so a
-crash at any moment leaves the previous checkpoint loadable. A checkpoint is
+crash at any moment leaves the previous checkpoint loadable. An asynchronous
+save does all three in the background, in that order. A checkpoint is
 deleted root-first: its ``zarr.json`` goes before its chunks, so a deletion
 cut short leaves an uncommitted directory, never a committed one with holes.
 """
@@ -15,8 +16,9 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
+from .async_save import AsyncSave, default_saver, snapshot_options
 from .collective import collective_for
 from .errors import InvalidKeyError, StorageError, TesseraError, UncommittedCheckpointError
 from .format.manifest import Manifest
@@ -53,22 +55,79 @@ class RunDirectory:
         self.root = Path(root)
         self.keep_last = keep_last
         self.keep_every = keep_every
+        self._last_async: AsyncSave | None = None
 
     @staticmethod
     def name_of(step: int) -> str:
         return f"step-{step:08d}"
 
-    def save(self, state_dict: Mapping[Any, Any], step: int, **options: Any) -> Manifest:
-        """Save the step's checkpoint, then move ``latest`` to it, then apply retention."""
+    @overload
+    def save(
+        self,
+        state_dict: Mapping[Any, Any],
+        step: int,
+        *,
+        asynchronous: Literal[False] = False,
+        **options: Any,
+    ) -> Manifest: ...
+
+    @overload
+    def save(
+        self, state_dict: Mapping[Any, Any], step: int, *, asynchronous: Literal[True], **options: Any
+    ) -> AsyncSave: ...
+
+    @overload
+    def save(
+        self, state_dict: Mapping[Any, Any], step: int, *, asynchronous: bool, **options: Any
+    ) -> Manifest | AsyncSave: ...
+
+    def save(
+        self, state_dict: Mapping[Any, Any], step: int, *, asynchronous: bool = False, **options: Any
+    ) -> Manifest | AsyncSave:
+        """Save the step's checkpoint, then move ``latest`` to it, then apply retention.
+
+        With ``asynchronous=True`` the state is copied to host memory and the rest happens in
+        the background (as ``tessera.save(..., asynchronous=True)``, on the same saver), so
+        ``latest`` names the previous checkpoint until this one is committed; the handle is
+        returned. A synchronous save first waits for the asynchronous ones (:meth:`wait`), so
+        that ``latest`` moves in call order.
+        """
         metadata = {"step": step, **options.pop("metadata", {})}
-        manifest = save(state_dict, self.root / self.name_of(step), metadata=metadata, **options)
+        path = self.root / self.name_of(step)
+        if not asynchronous:
+            self.wait()
+            return self._save_now(state_dict, path, metadata=metadata, **options)
+        saver = default_saver(options.pop("process_group", None))
+        options = snapshot_options({**options, "metadata": metadata})
+        handle = saver.submit(
+            state_dict,
+            path,
+            lambda staged, group: self._save_now(staged, path, process_group=group, **options),
+        )
+        self._last_async = handle
+        return handle
+
+    def wait(self) -> None:
+        """Wait for this run's asynchronous saves, and raise the last one's failure if no one has yet.
+
+        Saves run one after another in call order, so waiting for the last one waits for all; an
+        earlier one's failure was raised by the save call after it.
+        """
+        handle, self._last_async = self._last_async, None
+        if handle is not None and not handle.observed:
+            handle.wait()
+
+    def _save_now(self, state_dict: Mapping[Any, Any], path: Path, **options: Any) -> Manifest:
+        """The save, then ``latest`` and retention on the coordinator, with every rank waiting for it."""
+        manifest = save(state_dict, path, **options)
+        assert isinstance(manifest, Manifest), "a synchronous save returns the manifest"
         # Under torch.distributed only the coordinator moves the pointer and deletes; the
         # other ranks wait for it, so that every rank sees the new ``latest`` on return.
         collective = collective_for(options.get("process_group"))
         error: TesseraError | None = None
         if collective.rank == 0:
             try:
-                self._point_latest(self.name_of(step))
+                self._point_latest(path.name)
                 self.apply_retention()
             except OSError as exc:
                 error = StorageError(f"{self.root}: cannot move {LATEST} or apply retention: {exc}")

@@ -24,8 +24,7 @@ from .collective import Collective
 from .errors import CollectiveError, TesseraError
 from .format.keys import Key
 from .format.layout import ChunkIndex
-from .parallel import run_all
-from .reader import Bounds, Checkpoint, ReadTarget, Region, intersect, unstage, within
+from .reader import Bounds, Checkpoint, ChunkTask, ReadTarget, Region, intersect, within
 
 __all__ = ["read_together"]
 
@@ -51,15 +50,16 @@ def read_together(
 ) -> None:
     """Fill every rank's requests, each needed chunk read by exactly one rank."""
     try:
-        targets, staged = checkpoint.targets_of(requests)
+        targets = checkpoint.targets_of(requests)
         error = None
     except TesseraError as exc:  # the other ranks must learn of it, not wait for this rank
-        targets, staged, error = [], [], exc
-    needs = sorted({(t.entry.path, t.bounds) for t in targets})
+        targets, error = [], exc
+    needs = sorted({(checkpoint.path_of(t.entry), t.bounds) for t in targets})
     need_index = {need: i for i, need in enumerate(needs)}
     waiting: dict[tuple[int, _Chunk], list[ReadTarget]] = {}
     for t in targets:
-        waiting.setdefault((need_index[(t.entry.path, t.bounds)], (t.entry.path, t.index)), []).append(t)
+        path = checkpoint.path_of(t.entry)
+        waiting.setdefault((need_index[(path, t.bounds)], (path, t.index)), []).append(t)
     shared = collective.all_gather((error, needs), "sharing what each rank loads")
     _raise_if_any([e for e, _ in shared], error)
     everyone: list[list[_Need]] = [n for _, n in shared]
@@ -67,7 +67,7 @@ def read_together(
     sends: list[tuple[int, int, np.ndarray]] = []
     receives: list[tuple[int, int, int]] = []
     incoming: list[list[ReadTarget]] = []
-    tasks: list[Callable[[], None]] = []
+    tasks: list[ChunkTask] = []
     tag = 0
     for chunk, (reader, pieces) in _assign_readers(checkpoint, everyone).items():
         moving = []
@@ -77,16 +77,21 @@ def read_together(
                 tag += 1
         if reader == me:
             own = [t for p in pieces if p.rank == me for t in waiting[(p.need, chunk)]]
-            tasks.append(_read_chunk(checkpoint, chunk, own, moving, sends))
+            tasks.append(
+                (checkpoint.array_entry(chunk[0]), _read_chunk(checkpoint, chunk, own, moving, sends))
+            )
             continue
         for tag_of, piece in moving:
             if piece.rank == me:
                 group = waiting[(piece.need, chunk)]
                 inner, _ = group[0].overlap()
-                receives.append((reader, tag_of, math.prod(b - a for a, b in inner) * group[0].dst.itemsize))
+                itemsize = group[0].entry.layout.dtype.itemsize
+                receives.append((reader, tag_of, math.prod(b - a for a, b in inner) * itemsize))
                 incoming.append(group)
     try:
-        run_all(tasks, threads)
+        # The zarr.json of each array this rank reads is checked here, with the chunk reads;
+        # a rank that receives its part of a chunk relies on the reader's check.
+        checkpoint.run_reads(tasks, threads=threads)
         error = None
     except TesseraError as exc:  # a damaged chunk fails every rank that needs it, at once
         error = exc
@@ -95,10 +100,12 @@ def read_together(
     received = collective.exchange(
         sends, receives, "sending loaded chunks' pieces to the ranks that need them"
     )
-    for group, raw in zip(incoming, received, strict=True):
-        for target in group:
-            target.put(raw.view(target.dst.dtype))
-    unstage(staged)
+    try:
+        for group, raw in zip(incoming, received, strict=True):
+            for target in group:
+                target.put(raw.view(target.entry.layout.dtype.numpy_dtype))
+    finally:
+        checkpoint.wait_for_copies()
 
 
 def _raise_if_any(errors: list[TesseraError | None], mine: TesseraError | None) -> None:

@@ -18,36 +18,33 @@ import os
 import uuid
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import numpy as np
 import torch.distributed as dist
 
 from . import __version__
-from .chunk_codec import encode_chunk
-from .collective import Collective, collective_for
+from .chunk_writer import write_rank
+from .collective import collective_for
 from .errors import CollectiveError, InvalidKeyError, SchemaViolationError, TesseraError
 from .flatten import flatten, is_json
-from .format.dtypes import dtype_by_name
 from .format.keys import Key
-from .format.layout import chunk_key
 from .format.manifest import FORMAT_NAME, Manifest, WriterInfo
 from .format.strict_json import dumps
-from .parallel import run_all
 from .planning.cache import PlanCache
 from .planning.contents import manifest_contents
-from .planning.global_plan import ArrayTask, ChunkWrite, GlobalPlan, RankPlan, Source, make_global_plan
-from .planning.local_plan import LeafSpec, LocalPlan, make_local_plan, piece_array
+from .planning.global_plan import GlobalPlan, RankPlan, make_global_plan
+from .planning.local_plan import LeafSpec, LocalPlan, make_local_plan
 from .planning.options import DEFAULT_CHUNK_BYTES, SaveOptions
-from .progress import Progress
 from .reader import check_root_document
 from .storage.base import Storage
 from .storage.local import LocalStorage
 
+if TYPE_CHECKING:
+    from .async_save import AsyncSave
+
 __all__ = ["WRITER", "claim_document", "save"]
 
 WRITER = WriterInfo("tessera-python", __version__)
-GROUP_JSON = dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})
 T = TypeVar("T")
 
 
@@ -66,7 +63,8 @@ def save(
     process_group: dist.ProcessGroup | None = None,
     plan_cache: PlanCache | None = None,
     parallelism: Mapping[str, Any] | None = None,
-) -> Manifest:
+    asynchronous: bool = False,
+) -> Manifest | AsyncSave:
     """Save a nested state dict as a committed checkpoint at ``path`` (a new or empty directory).
 
     Under ``torch.distributed`` every rank of ``process_group`` (default: the
@@ -83,7 +81,29 @@ def save(
     manifest on every rank. Raises :class:`~tessera.CheckpointExistsError`
     if the path was already claimed, :class:`~tessera.ShardingError` if the
     ranks' shards do not tile their tensors.
+
+    With ``asynchronous=True`` the state is copied to host memory and an
+    :class:`~tessera.AsyncSave` is returned at once; the writing and the commit
+    go on in the background, and ``wait()`` returns the manifest or raises
+    (:class:`~tessera.AsyncSaver`: one per process group, one save in flight).
     """
+    if asynchronous:
+        from .async_save import default_saver  # it imports this module
+
+        return default_saver(process_group).save(
+            state_dict,
+            path,
+            metadata=metadata,
+            pickle_keys=pickle_keys,
+            compression=compression,
+            zstd_level=zstd_level,
+            chunk_bytes=chunk_bytes,
+            chunk_shapes=chunk_shapes,
+            threads=threads,
+            progress=progress,
+            plan_cache=plan_cache,
+            parallelism=parallelism,
+        )
     collective = collective_for(process_group)
     options = SaveOptions(
         chunk_bytes=chunk_bytes,
@@ -116,12 +136,12 @@ def save(
         plan_cache.hits += 1
     elif plan_cache is not None:
         plan_cache.digest, plan_cache.rank_plan = digest, rank_plan
-    _, error = _attempt(lambda: _write_rank(rank_plan, local, storage, collective, threads, progress))
+    _, error = _attempt(lambda: write_rank(rank_plan, local, storage, collective, threads, progress))
     statuses = collective.gather(error, "reporting durable data")
     outcome: _Outcome | None = None
     if collective.rank == 0:
         assert statuses is not None and instruction.manifest is not None
-        outcome = _commit(statuses, storage, instruction.manifest)
+        outcome = _commit(statuses, storage, instruction.manifest, instruction.root)
     outcome = collective.broadcast(outcome, "announcing the commit")
     if error is not None:
         raise error
@@ -161,6 +181,8 @@ class _Instruction:
     """``None``: use the plan cache's."""
     manifest: Manifest | None = None
     """Coordinator only: the manifest to commit."""
+    root: bytes = b""
+    """Coordinator only: the manifest's root ``zarr.json``, as checked before the claim."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +272,10 @@ def _coordinate(
         storage.claim(dumps(claim_document(manifest)))
     except TesseraError as exc:
         return [_Instruction(exc, None)] * world_size
-    return [_Instruction(None, rank_plans[r], manifest if r == 0 else None) for r in range(world_size)]
+    return [
+        _Instruction(None, rank_plans[0], manifest, root),
+        *(_Instruction(None, rank_plans[r]) for r in range(1, world_size)),
+    ]
 
 
 def _global_plan(
@@ -268,7 +293,7 @@ def _global_plan(
     return plan, list(plan.ranks)
 
 
-def _commit(statuses: list[Any], storage: Storage, manifest: Manifest) -> _Outcome:
+def _commit(statuses: list[Any], storage: Storage, manifest: Manifest, root: bytes) -> _Outcome:
     """Rank 0: publish the root only if every rank's data is durable."""
     failed = [(rank, e) for rank, e in enumerate(statuses) if e is not None]
     if failed:
@@ -280,7 +305,7 @@ def _commit(statuses: list[Any], storage: Storage, manifest: Manifest) -> _Outco
             None,
         )
     try:
-        storage.publish_root(dumps(manifest.to_root()), manifest.save_id)
+        storage.publish_root(root, manifest.save_id)
     except TesseraError as exc:
         return _Outcome(exc, None)
     return _Outcome(None, manifest)
@@ -294,79 +319,3 @@ def claim_document(manifest: Manifest) -> dict[str, Any]:
         "created": manifest.created,
         "writer": {"name": manifest.writer.name, "version": manifest.writer.version},
     }
-
-
-def _write_rank(
-    plan: RankPlan,
-    local: LocalPlan,
-    storage: Storage,
-    collective: Collective,
-    threads: int | None,
-    progress: bool,
-) -> None:
-    """Move shared pieces to their owners, then write this rank's documents and chunks, durably."""
-    dtypes = {s: a.layout.dtype for a in plan.arrays for c in a.chunks for s in c.sources}
-    incoming = [(t, dtypes[t.source]) for t in plan.receives]
-    moving_in = {t.source for t in plan.receives}
-    # Only the pieces this rank writes from or sends are copied to host memory, each once, here
-    # rather than in the writing threads.
-    used = {(s.leaf, s.piece) for s in [*dtypes, *(t.source for t in plan.sends)] if s not in moving_in}
-    arrays = {
-        (leaf, piece): piece_array(local.pieces[leaf][piece], dtype_by_name(local.arrays[leaf].dtype))
-        for leaf, piece in used
-    }
-
-    def held(source: Source) -> np.ndarray:
-        """The source region from this rank's own memory (a view)."""
-        piece = local.pieces[source.leaf][source.piece]
-        return arrays[source.leaf, source.piece][source.region.relative_to(piece.box.offset)]
-
-    received_bytes = collective.exchange(
-        [(t.peer, t.tag, held(t.source)) for t in plan.sends],
-        [(t.peer, t.tag, t.source.region.volume * dtype.itemsize) for t, dtype in incoming],
-        "moving shared chunks' pieces to their owners",
-    )
-    received = {
-        t.source: raw.view(dtype.numpy_dtype).reshape(t.source.region.shape)
-        for (t, dtype), raw in zip(incoming, received_bytes, strict=True)
-    }
-    tasks: list[Callable[[], None]] = [
-        _write_json(storage, f"{g}/zarr.json", GROUP_JSON) for g in plan.groups
-    ]
-    with Progress(plan.nbytes, "saving", progress and collective.rank == 0) as bar:
-        for array in plan.arrays:
-            if array.write_metadata:
-                tasks.append(_write_json(storage, f"{array.path}/zarr.json", dumps(array.layout.zarr_json())))
-            tasks.extend(
-                _write_chunk(storage, array, chunk, lambda s: received[s] if s in received else held(s), bar)
-                for chunk in array.chunks
-            )
-        run_all(tasks, threads)
-    storage.sync()
-
-
-def _write_json(storage: Storage, path: str, data: bytes) -> Callable[[], None]:
-    return lambda: storage.write_file(path, [data])
-
-
-def _write_chunk(
-    storage: Storage,
-    array: ArrayTask,
-    chunk: ChunkWrite,
-    data_of: Callable[[Source], np.ndarray],
-    bar: Progress,
-) -> Callable[[], None]:
-    layout = array.layout
-
-    def task() -> None:
-        bounds = layout.chunk_region(chunk.index)
-        if len(chunk.sources) == 1:
-            data = data_of(chunk.sources[0])
-        else:
-            data = np.empty([b - a for a, b in bounds], dtype=layout.dtype.numpy_dtype)
-            for source in chunk.sources:
-                data[source.region.relative_to(tuple(a for a, _ in bounds))] = data_of(source)
-        storage.write_file(f"{array.path}/{chunk_key(chunk.index)}", encode_chunk(data, layout, chunk.index))
-        bar.advance(data.nbytes)
-
-    return task

@@ -29,7 +29,7 @@ from ..sharding.sharded import Piece, ShardedObject, ShardedTensor
 from ..tensors import as_numpy
 from .options import SaveOptions
 
-__all__ = ["Cell", "Extent", "LeafSpec", "LocalPlan", "make_local_plan", "piece_array"]
+__all__ = ["Cell", "Extent", "LeafSpec", "LocalPlan", "make_local_plan", "piece_data"]
 
 
 class Extent(NamedTuple):
@@ -204,14 +204,18 @@ def _little_endian(array: np.ndarray) -> np.ndarray:
     return array.astype(array.dtype.newbyteorder("<")) if array.dtype.byteorder == ">" else array
 
 
-def piece_array(piece: Piece, dtype: DType) -> np.ndarray:
-    """The piece's elements as a C-contiguous CPU array of the stored data type."""
+def piece_data(piece: Piece, dtype: DType) -> np.ndarray | torch.Tensor:
+    """The piece's elements, box-shaped, where they live: a NumPy view of CPU memory (C-contiguous,
+    of the stored data type; copied only if the tensor is not contiguous), or a tensor on its GPU,
+    copied to the host one chunk at a time by the writer rather than all at once here."""
     data = piece.data
     if isinstance(data, np.ndarray):
         return np.ascontiguousarray(data).reshape(piece.box.shape)
-    cpu = data.detach().to("cpu").contiguous()
-    if cpu.is_conj():
-        cpu = cpu.resolve_conj()
-    if cpu.is_neg():
-        cpu = cpu.resolve_neg()
-    return as_numpy(cpu, dtype).reshape(piece.box.shape)
+    data = data.detach()
+    if data.is_conj():
+        data = data.resolve_conj()
+    if data.is_neg():
+        data = data.resolve_neg()
+    if data.device.type != "cpu":
+        return data.reshape(piece.box.shape)
+    return as_numpy(data.contiguous(), dtype).reshape(piece.box.shape)

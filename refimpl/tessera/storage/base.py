@@ -5,29 +5,50 @@ Call order of a save (one writer; the distributed writer keeps it per rank):
 1. ``claim(doc)``: exclusive creation of the claim file; fails if any other
    save claimed or committed the path (spec §9).
 2. ``write_file(path, buffers)``: each chunk and ``zarr.json``, once each,
-   possibly from many threads; a file is durable when the call returns.
-3. ``sync()``: every directory the writes created is durable.
+   possibly from many threads. The buffers may be a lazy iterable (a chunk's
+   checksum is computed as its bytes are written); a file need not be durable
+   when the call returns, so a medium can batch the flushes.
+3. ``sync()``: every file written and every directory created is durable.
 4. ``publish_root(data, save_id)``: the root ``zarr.json``, first-wins; its
    presence is the commit (spec §9).
 
-Readers call only ``read_file``, ``read_into``, ``size`` and ``list``. Every
-``path`` is relative to the checkpoint root, ``/``-separated, and checked by
-:func:`check_relative_path` before it reaches the medium.
+Readers call only ``read_file``, ``read_into``, ``size`` and ``list``, and
+open each file once: ``read_file`` for a whole small document, ``read_into``
+to learn a chunk's size and then stream its bytes into the caller's buffers,
+block by block. Every ``path`` is relative to the checkpoint root,
+``/``-separated, and checked by :func:`check_relative_path` before it reaches
+the medium.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
 
-from ..errors import InvalidKeyError
+from ..errors import InvalidKeyError, StorageError
 
-__all__ = ["Buffer", "Storage", "check_relative_path", "ROOT_METADATA", "CLAIM_FILE"]
+__all__ = [
+    "Buffer",
+    "FileMissingError",
+    "ReadNext",
+    "Storage",
+    "check_relative_path",
+    "ROOT_METADATA",
+    "CLAIM_FILE",
+]
 
 Buffer = bytes | bytearray | memoryview
 
 ROOT_METADATA = "zarr.json"
 CLAIM_FILE = ".tessera-claim.json"
+
+ReadNext = Callable[[memoryview], None]
+"""Fills a whole buffer with an open file's next bytes; a file that ends first is an error."""
+
+
+class FileMissingError(StorageError):
+    """A read found no file at the path (nothing there, or a directory): the caller says
+    what that means (a missing chunk, an incomplete checkpoint)."""
 
 
 def check_relative_path(path: str) -> str:
@@ -57,12 +78,12 @@ class Storage(ABC):
         """Create the claim file exclusively; raise ``CheckpointExistsError`` if taken."""
 
     @abstractmethod
-    def write_file(self, path: str, buffers: Sequence[Buffer]) -> None:
-        """Create ``path`` (never overwrite) with the buffers' bytes, durably."""
+    def write_file(self, path: str, buffers: Iterable[Buffer]) -> None:
+        """Create ``path`` (never overwrite) with the buffers' bytes, consumed in order."""
 
     @abstractmethod
     def sync(self) -> None:
-        """Make every directory created by ``write_file`` durable."""
+        """Make every file written and every directory created by ``write_file`` durable."""
 
     @abstractmethod
     def publish_root(self, data: bytes, save_id: str) -> None:
@@ -74,12 +95,19 @@ class Storage(ABC):
 
     @abstractmethod
     def read_file(self, path: str, max_bytes: int) -> bytes:
-        """The whole file; raise ``LimitExceededError`` beyond ``max_bytes``."""
+        """The whole file, opened once; raise ``LimitExceededError`` beyond ``max_bytes``
+        (before reading) and :class:`FileMissingError` where no file is."""
 
     @abstractmethod
-    def read_into(self, path: str, offset: int, outs: Sequence[memoryview]) -> None:
-        """Fill the buffers in turn with the bytes of ``path`` from ``offset`` (one request);
-        a short file is an error."""
+    def read_into(self, path: str, offset: int, fill: Callable[[int | None, ReadNext], None]) -> None:
+        """Open ``path`` once and call ``fill(size, read)`` while it is open.
+
+        ``size`` is the file's size in bytes, or ``None`` where no file is (``read`` must
+        then not be called). Each ``read(buffer)`` fills ``buffer`` with the file's next
+        bytes, the first from ``offset``, as one request, so that ``fill`` can check the
+        size before reading anything and work on each block (checksum it, copy it on)
+        while the next one is not yet asked for. Whatever ``fill`` raises propagates.
+        """
 
     @abstractmethod
     def list(self, path: str) -> list[str]:

@@ -1,0 +1,159 @@
+"""A rank's part of a save after planning: move shared pieces, write chunks, make them durable.
+
+This is the data side of ``tessera.save``; ``writer.py`` holds the protocol
+around it (plan, claim, commit). What makes it fast:
+
+- every chunk and ``zarr.json`` is a task on one thread pool, so a few huge
+  tensors (many chunks each) and many small ones keep the disk equally busy;
+- a chunk whose elements lie contiguously in a CPU tensor is written straight
+  from the tensor's memory; its checksum is computed block by block as it is
+  written (:func:`~tessera.chunk_codec.encode_chunk`);
+- a chunk of a GPU tensor is copied into a pinned host buffer from a small
+  pool, in the writing thread, so device-to-host copies overlap the writes and
+  never need a host copy of the whole state;
+- files are not fsynced one by one: the storage starts each file's writeback
+  as soon as it is written and fsyncs them all at the end (``Storage.sync``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .chunk_codec import encode_chunk
+from .collective import Collective
+from .format.dtypes import DType, dtype_by_name
+from .format.layout import chunk_key
+from .format.strict_json import dumps
+from .parallel import default_threads, run_all
+from .planning.global_plan import ArrayTask, ChunkWrite, RankPlan, Source
+from .planning.local_plan import LocalPlan, piece_data
+from .progress import Progress
+from .staging import StagingPool
+from .storage.base import Storage
+from .tensors import as_numpy
+
+__all__ = ["write_rank"]
+
+GROUP_JSON = dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})
+
+Held = np.ndarray | torch.Tensor
+"""A region of a piece where it lives: a NumPy view of CPU memory, or a tensor on a GPU."""
+
+
+def write_rank(
+    plan: RankPlan,
+    local: LocalPlan,
+    storage: Storage,
+    collective: Collective,
+    threads: int | None,
+    progress: bool,
+) -> None:
+    """Move shared pieces to their owners, then write this rank's documents and chunks, durably."""
+    dtypes = {s: a.layout.dtype for a in plan.arrays for c in a.chunks for s in c.sources}
+    incoming = [(t, dtypes[t.source]) for t in plan.receives]
+    moving_in = {t.source for t in plan.receives}
+    used = {(s.leaf, s.piece) for s in [*dtypes, *(t.source for t in plan.sends)] if s not in moving_in}
+    pieces = {
+        (leaf, piece): piece_data(local.pieces[leaf][piece], dtype_by_name(local.arrays[leaf].dtype))
+        for leaf, piece in used
+    }
+
+    def held(source: Source) -> Held:
+        """The source region in this rank's own memory (a view, on the piece's device)."""
+        box = local.pieces[source.leaf][source.piece].box
+        return pieces[source.leaf, source.piece][source.region.relative_to(box.offset)]
+
+    received_bytes = collective.exchange(
+        [(t.peer, t.tag, _on_host(held(t.source), dtypes.get(t.source))) for t in plan.sends],
+        [(t.peer, t.tag, t.source.region.volume * dtype.itemsize) for t, dtype in incoming],
+        "moving shared chunks' pieces to their owners",
+    )
+    received: dict[Source, Held] = {
+        t.source: raw.view(dtype.numpy_dtype).reshape(t.source.region.shape)
+        for (t, dtype), raw in zip(incoming, received_bytes, strict=True)
+    }
+    staging = _gpu_staging()
+    tasks: list[Callable[[], None]] = [
+        _write_json(storage, f"{g}/zarr.json", GROUP_JSON) for g in plan.groups
+    ]
+    with Progress(plan.nbytes, "saving", progress and collective.rank == 0) as bar:
+        for array in plan.arrays:
+            if array.write_metadata:
+                tasks.append(_write_json(storage, f"{array.path}/zarr.json", dumps(array.layout.zarr_json())))
+            tasks.extend(
+                _write_chunk(
+                    storage, array, chunk, lambda s: received[s] if s in received else held(s), staging, bar
+                )
+                for chunk in array.chunks
+            )
+        run_all(tasks, threads)
+    storage.sync()
+
+
+@functools.cache
+def _gpu_staging() -> StagingPool:
+    """Pinned buffers for chunks of GPU tensors, one per writing thread, kept for later saves:
+    pinning is slow (milliseconds per MiB), so a periodic checkpoint pays it once. Nothing is
+    allocated until a chunk of a GPU tensor is written."""
+    return StagingPool(pinned=True, max_buffers=default_threads())
+
+
+def _on_host(region: Held, dtype: DType | None) -> np.ndarray:
+    """A region to send through the collective, which takes host arrays."""
+    if isinstance(region, np.ndarray):
+        return region
+    assert dtype is not None
+    return as_numpy(region.contiguous().cpu(), dtype)
+
+
+def _write_json(storage: Storage, path: str, data: bytes) -> Callable[[], None]:
+    return lambda: storage.write_file(path, [data])
+
+
+def _write_chunk(
+    storage: Storage,
+    array: ArrayTask,
+    chunk: ChunkWrite,
+    data_of: Callable[[Source], Held],
+    staging: StagingPool,
+    bar: Progress,
+) -> Callable[[], None]:
+    layout = array.layout
+    path = f"{array.path}/{chunk_key(chunk.index)}"
+
+    def write(data: np.ndarray) -> None:
+        storage.write_file(path, encode_chunk(data, layout, chunk.index))
+        bar.advance(data.nbytes)
+
+    def task() -> None:
+        bounds = layout.chunk_region(chunk.index)
+        sources = [(s, data_of(s)) for s in chunk.sources]
+        if len(sources) == 1 and isinstance(sources[0][1], np.ndarray):
+            write(sources[0][1])
+            return
+        shape = [b - a for a, b in bounds]
+        nbytes = math.prod(shape) * layout.dtype.itemsize
+        on_gpu = any(isinstance(data, torch.Tensor) for _, data in sources)
+        if not on_gpu:
+            assembled = np.empty(shape, dtype=layout.dtype.numpy_dtype)
+            for source, data in sources:
+                assembled[source.region.relative_to(tuple(a for a, _ in bounds))] = data
+            write(assembled)
+            return
+        with staging.buffer(nbytes) as buffer:
+            typed = buffer[:nbytes].view(layout.dtype.torch_dtype).reshape(shape)
+            host = as_numpy(typed, layout.dtype)
+            for source, data in sources:
+                where = source.region.relative_to(tuple(a for a, _ in bounds))
+                if isinstance(data, np.ndarray):
+                    host[where] = data
+                else:
+                    typed[where].copy_(data)  # device to pinned host: waits for the copy
+            write(host)
+
+    return task
