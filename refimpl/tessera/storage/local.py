@@ -62,17 +62,16 @@ def _os_errors(what: str) -> Iterator[None]:
 
 
 def _fsync_dir(path: Path) -> None:
-    with _os_errors(f"cannot sync directory {path}"):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
 def _fsync_file(path: Path) -> None:
+    _fsync(path, os.O_RDONLY | os.O_NOFOLLOW)
+
+
+def _fsync(path: Path, flags: int) -> None:
     with _os_errors(f"cannot make {path} durable"):
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(path, flags)
         try:
             os.fsync(fd)
         finally:
