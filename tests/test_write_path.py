@@ -23,6 +23,8 @@ from tessera.chunk_codec import encode_chunk
 from tessera.format.dtypes import dtype_by_name
 from tessera.format.layout import ArrayLayout
 
+from .ranks import run_ranks
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -101,3 +103,22 @@ def test_save_from_gpu_tensors_bit_exact(tmp_path: Path) -> None:
     loaded = tessera.load(tmp_path / "ckpt")
     for key, bits in expected.items():
         assert torch.equal(_bits(loaded[key]), bits), key
+
+
+def _flat_range_rank(rank: int, world_size: int, root: Path, device: str) -> None:
+    """Each rank holds a flat range of one tensor on the GPU, with boundaries mid-row, so the
+    chunks where the ranges meet are assembled from pieces that travel between ranks."""
+    full = torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48)
+    start, stop = [0, 1000, 64 * 48][rank], [0, 1000, 64 * 48][rank + 1]
+    local = full.reshape(-1)[start:stop].to(device)
+    state = {
+        "w": tessera.ShardedTensor(local, (64, 48), (0, 0), box_shape=(64, 48), flat_range=(start, stop))
+    }
+    tessera.save(state, root, chunk_bytes=48 * 4 * 8)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_pieces_move_to_their_chunks_owners_from_any_device(tmp_path: Path, device: str) -> None:
+    run_ranks(2, _flat_range_rank, tmp_path / "ckpt", device)
+    expected = torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48)
+    assert torch.equal(tessera.load(tmp_path / "ckpt")["w"], expected)

@@ -58,10 +58,8 @@ def write_rank(
     incoming = [(t, dtypes[t.source]) for t in plan.receives]
     moving_in = {t.source for t in plan.receives}
     used = {(s.leaf, s.piece) for s in [*dtypes, *(t.source for t in plan.sends)] if s not in moving_in}
-    pieces = {
-        (leaf, piece): piece_data(local.pieces[leaf][piece], dtype_by_name(local.arrays[leaf].dtype))
-        for leaf, piece in used
-    }
+    dtype_of = {leaf: dtype_by_name(local.arrays[leaf].dtype) for leaf, _ in used}
+    pieces = {(leaf, piece): piece_data(local.pieces[leaf][piece], dtype_of[leaf]) for leaf, piece in used}
 
     def held(source: Source) -> Held:
         """The source region in this rank's own memory (a view, on the piece's device)."""
@@ -69,7 +67,7 @@ def write_rank(
         return pieces[source.leaf, source.piece][source.region.relative_to(box.offset)]
 
     received_bytes = collective.exchange(
-        [(t.peer, t.tag, _on_host(held(t.source), dtypes.get(t.source))) for t in plan.sends],
+        [(t.peer, t.tag, _on_host(held(t.source), dtype_of[t.source.leaf])) for t in plan.sends],
         [(t.peer, t.tag, t.source.region.volume * dtype.itemsize) for t, dtype in incoming],
         "moving shared chunks' pieces to their owners",
     )
@@ -103,11 +101,10 @@ def _gpu_staging() -> StagingPool:
     return StagingPool(pinned=True, max_buffers=default_threads())
 
 
-def _on_host(region: Held, dtype: DType | None) -> np.ndarray:
+def _on_host(region: Held, dtype: DType) -> np.ndarray:
     """A region to send through the collective, which takes host arrays."""
     if isinstance(region, np.ndarray):
         return region
-    assert dtype is not None
     return as_numpy(region.contiguous().cpu(), dtype)
 
 
