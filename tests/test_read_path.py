@@ -447,7 +447,7 @@ def test_the_staged_block_path_runs_on_the_cpu_too(tmp_path: Path, small_blocks:
         tessera.save({"t": t}, tmp_path / "ck")
     ck = tessera.open(tmp_path / "ck")
     entry = ck.array_entry("t")
-    copies = tessera.reader._DeviceCopies(buffers=2)
+    copies = tessera.reader._DeviceCopies(StagingPool(pinned=False, max_buffers=2))
     out = torch.zeros(37, 16)
     for index in entry.layout.chunk_indices():
         target = tessera.reader.ReadTarget(entry, index, ((0, 37), (0, 16)), out, copies)

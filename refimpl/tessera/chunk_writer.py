@@ -17,7 +17,6 @@ around it (plan, claim, commit). What makes it fast:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -29,11 +28,11 @@ from .collective import Collective
 from .format.dtypes import DType, dtype_by_name
 from .format.layout import chunk_key
 from .format.strict_json import dumps
-from .parallel import default_threads, run_all
+from .parallel import run_all
 from .planning.global_plan import ArrayTask, ChunkWrite, RankPlan, Source
 from .planning.local_plan import LocalPlan, piece_data
 from .progress import Progress
-from .staging import StagingPool
+from .staging import StagingPool, shared_pool
 from .storage.base import Storage
 from .tensors import as_numpy
 
@@ -75,7 +74,7 @@ def write_rank(
         t.source: raw.view(dtype.numpy_dtype).reshape(t.source.region.shape)
         for (t, dtype), raw in zip(incoming, received_bytes, strict=True)
     }
-    staging = _gpu_staging()
+    staging = shared_pool()
     tasks: list[Callable[[], None]] = [
         _write_json(storage, f"{g}/zarr.json", GROUP_JSON) for g in plan.groups
     ]
@@ -91,14 +90,6 @@ def write_rank(
             )
         run_all(tasks, threads)
     storage.sync()
-
-
-@functools.cache
-def _gpu_staging() -> StagingPool:
-    """Pinned buffers for chunks of GPU tensors, one per writing thread, kept for later saves:
-    pinning is slow (milliseconds per MiB), so a periodic checkpoint pays it once. Nothing is
-    allocated until a chunk of a GPU tensor is written."""
-    return StagingPool(pinned=True, max_buffers=default_threads())
 
 
 def _on_host(region: Held, dtype: DType) -> np.ndarray:

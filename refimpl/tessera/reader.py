@@ -59,7 +59,7 @@ from .format.manifest import Entry, Manifest, ObjectEntry, TensorEntry, ValueEnt
 from .format.schemas import validate
 from .format.strict_json import loads
 from .parallel import default_read_threads, run_all
-from .staging import StagingPool
+from .staging import StagingPool, shared_pool
 from .storage.base import CLAIM_FILE, ROOT_METADATA, FileMissingError, ReadNext, Storage
 from .storage.local import LocalStorage
 from .tensors import as_numpy
@@ -155,18 +155,10 @@ class _DeviceCopies:
     conjugate and negative views): through reusable staging buffers, pinned when CUDA is
     there, and on a CUDA stream per device, so that the copies overlap the next reads."""
 
-    def __init__(self, buffers: int) -> None:
-        self._buffers = buffers
-        self._pool: StagingPool | None = None
+    def __init__(self, pool: StagingPool) -> None:
+        self.pool = pool
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
-
-    @property
-    def pool(self) -> StagingPool:
-        with self._lock:
-            if self._pool is None:
-                self._pool = StagingPool(pinned=True, max_buffers=self._buffers)
-            return self._pool
 
     def begin(self, device: torch.device) -> None:
         """Order the copies to ``device`` after the work the calling thread queued there (it
@@ -304,8 +296,7 @@ class Checkpoint:
         self._checked_arrays: set[str] = set()
         self._accepted_documents: set[tuple[object, ...]] = set()
         self._lock = threading.Lock()
-        # Two staging buffers per read thread: one being filled while the other's copy runs.
-        self._copies = _DeviceCopies(2 * (threads or default_read_threads()))
+        self._copies = _DeviceCopies(shared_pool())
 
     # -- what is stored ---------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ ask for a second buffer while it holds one unless the pool has room for both.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StagingPool"]
+from .parallel import default_read_threads, default_threads
+
+__all__ = ["StagingPool", "shared_pool"]
 
 _GRAIN = 2**20
 """Buffer sizes are rounded up to whole MiB, so that nearby sizes share buffers."""
@@ -136,3 +139,12 @@ class StagingPool:
             self._changed.notify_all()
         for slot in free:
             slot.wait()
+
+
+@functools.cache
+def shared_pool() -> StagingPool:
+    """The process's pinned buffers, shared by every save and load: pinning costs milliseconds
+    per MiB, so a job that checkpoints and loads repeatedly pays it once, not on every call.
+    Two buffers per I/O thread (a read thread fills one while the other's copy runs; a write
+    thread holds one at a time). Nothing is allocated until a GPU tensor is saved or loaded."""
+    return StagingPool(pinned=True, max_buffers=2 * max(default_threads(), default_read_threads()))
