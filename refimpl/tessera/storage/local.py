@@ -189,7 +189,6 @@ class LocalStorage(Storage):
     def publish_root(self, data: bytes, save_id: str) -> None:
         temporary = f"{ROOT_METADATA}.{save_id}.tmp"
         self._write(temporary, [data], durable=True)
-
         final = self._root / ROOT_METADATA
         try:
             os.link(self._root / temporary, final)
