@@ -4,23 +4,34 @@ One run builds one deterministic GPT-like training state dict per requested size
 weights plus fp32 Adam state and fp32 master weights, or bf16 weights only), on the CPU
 or on a GPU, then, for each method, saves it into a fresh directory, drops the page
 cache of the written files, loads it back, and checks the load bit-exact against the
-source. Every number is compared with the raw write and raw read measured in that same
-run, at that same size.
+source. Every number is compared with the anchor's write and read measured in that same
+run, at that same size (``--anchor``: ``raw`` by default, or ``kvikio``).
 
-The anchor, ``raw``, is the disk's speed for one stream: every tensor's bytes written
-one after the other into ONE file with ``os.write`` from the tensor's memory (on a GPU:
-from a pinned host buffer the tensors are copied into, the copy overlapping the
-writes), one ``fsync`` of the file and one of its directory; the raw read reads that
-file, cold, with ``readinto`` straight into the preallocated destination tensors (on a
-GPU: into the pinned buffer, each tensor copied on to the GPU as soon as it is read).
-Nothing a format does can beat it by more than noise, so ratios above 1 are suspect.
+``raw`` is the disk's speed for one stream: every tensor's bytes written one after the
+other into ONE file with ``os.write`` from the tensor's memory (on a GPU: from a pinned
+host buffer the tensors are copied into, the copy overlapping the writes), one ``fsync``
+of the file and one of its directory; the raw read reads that file, cold, with
+``readinto`` straight into the preallocated destination tensors (on a GPU: into the
+pinned buffer, each tensor copied on to the GPU as soon as it is read). Nothing a format
+does in one stream can beat it by more than noise, so ratios above 1 are suspect.
+
+``kvikio`` (``--device cuda`` only) is the disk's speed through KvikIO, the library
+Tessera's GPU-direct engine does its I/O with, and no format: every tensor's bytes
+written into ONE file straight from GPU memory with ``CuFile.pwrite`` at its offset (all
+issued, then all awaited), one ``fsync`` of the file and one of its directory; read back
+cold with ``CuFile.pread`` straight into the preallocated GPU tensors. It runs with the
+KvikIO settings (threads, O_DIRECT) that ``tessera.gpu.direct_io.configure_kvikio``
+gives Tessera, recorded with the results, so with ``--anchor kvikio`` the ratios show
+what Tessera's format costs on that path. ``tessera-direct`` (``--device cuda`` only) is
+``tessera.save`` and an in-place ``tessera.load`` with ``gpu_direct=True``.
 
 A save is timed from the call until the checkpoint is *durable* (a power loss right
-after could not lose it): raw and torch.save fsync their file and its directory;
+after could not lose it): raw, kvikio and torch.save fsync their file and its directory;
 ``dcp.save`` runs with ``FileSystemWriter(sync_files=True)`` and the directories it made
 are fsynced after it (DCP does not); safetensors' ``save_file`` is followed by an fsync
 of the file and directory (on a GPU its tensors are first copied to host memory, timed:
-``save_file`` needs CPU tensors); ``tessera.save`` is durable when it returns.
+``save_file`` needs CPU tensors); ``tessera.save`` is durable when it returns (with or
+without ``gpu_direct``).
 
 A load is timed from the call until every page of every loaded tensor has been touched
 (so lazily mmapped results pay for their reads) and, on a GPU, until the device is
@@ -51,7 +62,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -59,11 +70,14 @@ import torch
 
 StateDict = dict[Any, Any]
 KeyPath = tuple[Any, ...]
+Extent = tuple[KeyPath, torch.Tensor, int]  # a tensor's key, its bytes, their offset in a file
 GB = 1e9
 GIB = 2**30
 PAGE = 4096
 HEADROOM = 1 * GIB  # memory left for transients (a tensor's copy, a library's buffers)
 MIXES = {"adam": 14, "weights-only": 2}  # bytes per parameter of each --dtype-mix
+ANCHORS = ("raw", "kvikio")  # the disk's own speed, no format: what --anchor may name
+DIRECT_RIVALS = ("dcp", "torch.save")  # what tessera-direct's goals must beat
 
 
 class BenchmarkError(RuntimeError):
@@ -256,8 +270,8 @@ def verify(expected: StateDict, actual: Any, what: str) -> None:
 
 @dataclass
 class Context:
-    """What the methods of one run share: the device, DCP's writer threads, and on a GPU the
-    raw anchor's pinned host buffer (one slice per tensor, allocated once, outside the timing)."""
+    """What the methods of one run share: the device, DCP's writer threads, and on a GPU raw's
+    pinned host buffer (one slice per tensor, allocated once, outside the timing)."""
 
     device: torch.device
     dcp_threads: int
@@ -393,6 +407,52 @@ def raw_load(path: Path, into: StateDict | None, ctx: Context) -> StateDict:
     return into
 
 
+def kvikio_extents(tree: StateDict) -> list[Extent]:
+    """Each tensor's key, bytes and offset in the kvikio anchor's file: back to back, in order."""
+    extents: list[Extent] = []
+    offset = 0
+    for key, t in leaves(tree):
+        b = byte_view(t)
+        extents.append((key, b, offset))
+        offset += b.numel()
+    return extents
+
+
+def check_counts(op: str, extents: list[Extent], counts: list[int]) -> None:
+    """KvikIO reports short transfers as byte counts, not errors: every tensor must be whole."""
+    for (key, b, _), n in zip(extents, counts, strict=True):
+        if n != b.numel():
+            raise BenchmarkError(f"kvikio: {op} {n} of the {b.numel()} bytes of {key}")
+
+
+def kvikio_save(sd: StateDict, path: Path, ctx: Context) -> None:
+    """One file written from GPU memory by KvikIO: every tensor's pwrite is issued before any is
+    awaited, so that KvikIO's thread pool can work on all of them at once."""
+    import kvikio
+
+    extents = kvikio_extents(sd)
+    with kvikio.CuFile(path, "w") as f:
+        futures = [f.pwrite(b, b.numel(), offset) for _, b, offset in extents]
+        check_counts("wrote", extents, [future.get() for future in futures])
+        os.fsync(f.fileno())
+    fsync_path(path.parent)
+
+
+def kvikio_load(path: Path, into: StateDict | None, ctx: Context) -> StateDict:
+    """The kvikio anchor's file read by KvikIO straight into the preallocated GPU tensors, every
+    pread issued before any is awaited."""
+    import kvikio
+
+    assert into is not None
+    extents = kvikio_extents(into)
+    with kvikio.CuFile(path, "r") as f:
+        futures = [f.pread(b, b.numel(), offset) for _, b, offset in extents]
+        check_counts("read", extents, [future.get() for future in futures])
+        if os.fstat(f.fileno()).st_size > payload_bytes(into):
+            raise BenchmarkError("kvikio: the file is longer than the state dict")
+    return into
+
+
 def torch_save(sd: StateDict, path: Path, ctx: Context) -> None:
     torch.save(sd, path)
     fsync_path(path)
@@ -461,6 +521,20 @@ def tessera_load_new(path: Path, _into: StateDict | None, ctx: Context) -> State
     return tessera.load(path)
 
 
+def tessera_direct_save(sd: StateDict, path: Path, ctx: Context) -> None:
+    import tessera
+
+    tessera.save(sd, path, gpu_direct=True)
+
+
+def tessera_direct_load(path: Path, into: StateDict | None, ctx: Context) -> StateDict:
+    import tessera
+
+    assert into is not None
+    tessera.load(path, into, gpu_direct=True)
+    return into
+
+
 def megatron_note() -> str:
     """Megatron-core's torch_dist format is compared only where it is already installed; the
     benchmark never installs it, and it needs a process group and its own ShardedTensor wrapping,
@@ -487,10 +561,12 @@ class Method:
     target: str  # file or directory name inside the method's fresh directory
     save: Callable[[StateDict, Path, Context], None]
     loads: tuple[Load, ...]
+    gpu_direct: bool = False  # moves GPU memory through KvikIO: --device cuda only
 
 
 METHODS = (
     Method("raw", "raw.bin", raw_save, (Load("readinto", raw_load, True),)),
+    Method("kvikio", "kvikio.bin", kvikio_save, (Load("CuFile.pread", kvikio_load, True),), gpu_direct=True),
     Method("torch.save", "model.pt", torch_save, (Load("torch.load", torch_load, False),)),
     Method("dcp", "dcp", dcp_save, (Load("dcp.load, in place", dcp_load, True),)),
     Method(
@@ -507,6 +583,13 @@ METHODS = (
             Load("load(path, sd), in place", tessera_load_into, True),
             Load("load(path), new dict", tessera_load_new, False, host_only=True),
         ),
+    ),
+    Method(
+        "tessera-direct",
+        "ckpt",
+        tessera_direct_save,
+        (Load("load(path, sd, gpu_direct=True), in place", tessera_direct_load, True),),
+        gpu_direct=True,
     ),
 )
 
@@ -617,21 +700,21 @@ def run_all(
     return samples
 
 
-def summarize(samples: list[dict[str, Any]], methods: list[Method]) -> list[dict[str, Any]]:
-    """One row per (method, load API): best and median GB/s, and the same over raw's."""
+def summarize(samples: list[dict[str, Any]], methods: list[Method], anchor: Method) -> list[dict[str, Any]]:
+    """One row per (method, load API): best and median GB/s, and the same over the anchor's."""
 
     def stats(method: str, op: str, api: str = "") -> dict[str, float]:
         v = [s["gbps"] for s in samples if (s["method"], s["op"], s["api"]) == (method, op, api)]
         return {"best": max(v), "median": statistics.median(v)}
 
-    def cells(op: str, mine: dict[str, float] | None, raw: dict[str, float]) -> dict[str, Any]:
+    def cells(op: str, mine: dict[str, float] | None, base: dict[str, float]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k in ("best", "median"):
             out[f"{op}_gbps_{k}"] = mine[k] if mine else None
-            out[f"{op}_ratio_{k}"] = mine[k] / raw[k] if mine else None
+            out[f"{op}_ratio_{k}"] = mine[k] / base[k] if mine else None
         return out
 
-    raw_save, raw_load = stats("raw", "save"), stats("raw", "load", "readinto")
+    anchor_save, anchor_load = stats(anchor.name, "save"), stats(anchor.name, "load", anchor.loads[0].api)
     rows = []
     for m in methods:
         for i, load in enumerate(m.loads):
@@ -639,26 +722,40 @@ def summarize(samples: list[dict[str, Any]], methods: list[Method]) -> list[dict
                 {
                     "method": m.name,
                     "load_api": load.api,
-                    **cells("save", stats(m.name, "save") if i == 0 else None, raw_save),
-                    **cells("load", stats(m.name, "load", load.api), raw_load),
+                    **cells("save", stats(m.name, "save") if i == 0 else None, anchor_save),
+                    **cells("load", stats(m.name, "load", load.api), anchor_load),
                 }
             )
     return rows
 
 
-def goal_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """Issue 5's goals for tessera, judged on the median ratios of this run."""
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def median_gbps(rows: list[dict[str, Any]], method: str, op: str) -> float | None:
+    """A method's median GB/s for ``op`` (its fastest load API's, for loads), None if it did not run."""
+    key = f"{op}_gbps_median"
+    values = [r[key] for r in rows if r["method"] == method and r[key] is not None]
+    return max(values, default=None)
+
+
+def goal_lines(rows: list[dict[str, Any]], anchor: str) -> list[str]:
+    """The goals, judged on the median ratios of this run: issue 5's for tessera, and, when it ran,
+    the GPU-direct path's for tessera-direct."""
+    return tessera_goals(rows, anchor) + direct_goals(rows, anchor)
+
+
+def tessera_goals(rows: list[dict[str, Any]], anchor: str) -> list[str]:
+    """Save ≥ 0.9 of the anchor and ahead of the other formats (the anchors are no format, and
+    tessera-direct is tessera), every load ≥ 0.9."""
     saves = {r["method"]: r["save_gbps_median"] for r in rows if r["save_gbps_median"] is not None}
     mine = [r for r in rows if r["method"] == "tessera"]
     if not mine or "tessera" not in saves:
         return []
-
-    def verdict(ok: bool) -> str:
-        return "met" if ok else "NOT met"
-
     save_ratio = mine[0]["save_ratio_median"]
-    others = {m: g for m, g in saves.items() if m not in ("raw", "tessera")}
-    lines = [f"goal: tessera save ÷ raw write ≥ 0.90: {save_ratio:.2f} ({verdict(save_ratio >= 0.9)})"]
+    others = {m: g for m, g in saves.items() if m not in (*ANCHORS, "tessera", "tessera-direct")}
+    lines = [f"goal: tessera save ÷ {anchor} write ≥ 0.90: {save_ratio:.2f} ({verdict(save_ratio >= 0.9)})"]
     if others:
         behind = [m for m, g in others.items() if g >= saves["tessera"]]
         vs = ", ".join(f"{m} {g:.2f}" for m, g in others.items())
@@ -670,19 +767,41 @@ def goal_lines(rows: list[dict[str, Any]]) -> list[str]:
         if r["load_ratio_median"] is not None:
             ratio = r["load_ratio_median"]
             lines.append(
-                f"goal: tessera {r['load_api']} ÷ raw read ≥ 0.90: {ratio:.2f} ({verdict(ratio >= 0.9)})"
+                f"goal: tessera {r['load_api']} ÷ {anchor} read ≥ 0.90: {ratio:.2f} ({verdict(ratio >= 0.9)})"
             )
     return lines
 
 
-def table(rows: list[dict[str, Any]], markdown: bool) -> str:
-    """The results, each cell 'best / median'; ratios are best÷raw best / median÷raw median."""
+def direct_goals(rows: list[dict[str, Any]], anchor: str) -> list[str]:
+    """tessera-direct's save and in-place load each ≥ 0.9 of the anchor and ahead of dcp and
+    torch.save (judged against those of them that ran, the others named)."""
+    mine = next((r for r in rows if r["method"] == "tessera-direct"), None)
+    if mine is None:
+        return []
+    lines = []
+    for op, what, io in (("save", "save", "write"), ("load", "load (in place)", "read")):
+        ratio, gbps = mine[f"{op}_ratio_median"], mine[f"{op}_gbps_median"]
+        rivals = {m: g for m in DIRECT_RIVALS if (g := median_gbps(rows, m, op)) is not None}
+        missing = [m for m in DIRECT_RIVALS if m not in rivals]
+        vs = ", ".join(f"{m} {g:.2f}" for m, g in rivals.items()) or "nothing"
+        ok = ratio >= 0.9 and all(gbps > g for g in rivals.values())
+        lines.append(
+            f"goal: tessera-direct {what} ÷ {anchor} {io} ≥ 0.90 and ahead of {' and '.join(DIRECT_RIVALS)}: "
+            f"{ratio:.2f}; {gbps:.2f} GB/s vs {vs}"
+            + (f"; {', '.join(missing)} not run" if missing else "")
+            + f" ({verdict(ok)})"
+        )
+    return lines
+
+
+def table(rows: list[dict[str, Any]], anchor: str, markdown: bool) -> str:
+    """The results, each cell 'best / median'; ratios are best÷anchor best / median÷anchor median."""
 
     def pair(row: dict[str, Any], key: str) -> str:
         b = row[f"{key}_best"]
         return "" if b is None else f"{b:.2f} / {row[f'{key}_median']:.2f}"
 
-    head = ["method", "load API", "save GB/s", "save ÷ raw", "load GB/s", "load ÷ raw read"]
+    head = ["method", "load API", "save GB/s", f"save ÷ {anchor} write", "load GB/s", f"load ÷ {anchor} read"]
     body = [
         [r["method"], r["load_api"]]
         + [pair(r, k) for k in ("save_gbps", "save_ratio", "load_gbps", "load_ratio")]
@@ -695,7 +814,7 @@ def table(rows: list[dict[str, Any]], markdown: bool) -> str:
     return "\n".join(line.rstrip() for line in pad)
 
 
-def environment(workdir: Path, ctx: Context) -> dict[str, Any]:
+def environment(workdir: Path, ctx: Context, methods: list[Method]) -> dict[str, Any]:
     def sh(*cmd: str) -> str:
         return subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
 
@@ -716,9 +835,17 @@ def environment(workdir: Path, ctx: Context) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "safetensors": version("safetensors"),
         "tessera": version("tessera"),
+        "kvikio": kvikio_description() if any(m.gpu_direct for m in methods) else None,
         "filesystem": sh("df", "-T", str(workdir)),
         "command": shlex.join([sys.executable, *sys.argv]),
     }
+
+
+def kvikio_description() -> str:
+    """KvikIO's version, mode, threads and O_DIRECT use, as tessera's GPU-direct engine runs it."""
+    from tessera.gpu import direct_io
+
+    return direct_io.describe()
 
 
 def cache_note(samples: list[dict[str, Any]]) -> str:
@@ -746,7 +873,7 @@ def describe(info: dict[str, Any]) -> str:
 
 
 def markdown_section(
-    env: dict[str, Any], info: dict[str, Any], rows: list[dict[str, Any]], notes: list[str]
+    env: dict[str, Any], info: dict[str, Any], rows: list[dict[str, Any]], anchor: str, notes: list[str]
 ) -> str:
     gpu = f", GPU {env['gpu']}" if env["gpu"] else ""
     lines = [
@@ -755,6 +882,7 @@ def markdown_section(
         f"- machine: `{env['uname']}`, {env['nproc']} CPUs, {env['memory_gib']} GiB memory{gpu}",
         f"- python {env['python']}, torch {env['torch']} ({env['torch_threads']} threads), "
         f"safetensors {env['safetensors']}, tessera {env['tessera']}",
+        *([f"- KvikIO: {env['kvikio']}"] if env["kvikio"] else []),
         "- filesystem of --dir:",
         "",
         "```",
@@ -765,9 +893,10 @@ def markdown_section(
         f"- state dict: {describe(info)}",
         *(f"- {n}" for n in notes),
         "",
-        "Cells are best / median over the timed rounds; ratios are best ÷ raw best / median ÷ raw median.",
+        f"Cells are best / median over the timed rounds; ratios are best ÷ {anchor} best / "
+        f"median ÷ {anchor} median.",
         "",
-        table(rows, markdown=True),
+        table(rows, anchor, markdown=True),
         "",
         "",
     ]
@@ -787,8 +916,8 @@ def meminfo_kib(field_name: str) -> int:
 
 def memory_refusals(layouts: list[Layout], ctx: Context) -> list[str]:
     """Why sizes cannot run: the state dict and one destination copy must fit (on the GPU, and on
-    the host; a GPU run also holds the raw anchor's pinned copy and safetensors' host copy), plus
-    headroom for transients."""
+    the host; a GPU run also holds raw's pinned copy, when raw runs, and safetensors' host copy),
+    plus headroom for transients."""
     host_free = meminfo_kib("MemAvailable") * 1024
     gpu_free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.cuda else 0
     pools = [("RAM (MemAvailable)", host_free)] + ([("GPU memory (free)", gpu_free)] if ctx.cuda else [])
@@ -841,8 +970,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--methods",
-        default=",".join(m.name for m in METHODS),
-        help="comma-separated subset; raw is always run",
+        default=",".join(m.name for m in METHODS if not m.gpu_direct),
+        help="comma-separated subset; the anchor is always run (default: all but "
+        + ", ".join(m.name for m in METHODS if m.gpu_direct)
+        + ", which need --device cuda)",
+    )
+    p.add_argument(
+        "--anchor",
+        choices=ANCHORS,
+        default="raw",
+        help="what every ratio is taken against: raw (default) or kvikio (--device cuda only)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", type=Path, help="append one markdown section per size to this file")
@@ -852,31 +989,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("need --repeat >= 1, --warmup >= 0 and every --size-gib > 0")
     if args.dcp_threads is not None and args.dcp_threads < 1:
         p.error("need --dcp-threads >= 1")
+    args.methods = {args.anchor, *(n.strip() for n in args.methods.split(",") if n.strip())}
+    if unknown := args.methods - {m.name for m in METHODS}:
+        p.error(f"unknown methods: {sorted(unknown)}")
+    direct = [m.name for m in METHODS if m.gpu_direct and m.name in args.methods]
+    if direct and torch.device(args.device).type != "cuda":
+        p.error(
+            f"{', '.join(direct)}: needs --device cuda (the GPU-direct methods write and read GPU "
+            f"memory through KvikIO); this run is on {args.device}"
+        )
     return args
 
 
-def select_methods(names: str, ctx: Context) -> tuple[list[Method], list[str]]:
-    """The requested methods (raw first), and notes on those that cannot run (fully)."""
-    wanted = {"raw", *(n.strip() for n in names.split(",") if n.strip())}
-    unknown = wanted - {m.name for m in METHODS}
-    if unknown:
-        raise SystemExit(f"unknown methods: {sorted(unknown)}")
-    methods, notes = [m for m in METHODS if m.name in wanted], [megatron_note()]
+def select_methods(names: set[str], ctx: Context) -> tuple[list[Method], list[str]]:
+    """The requested methods, in the table's order, and notes on those that cannot run (fully)."""
+    methods, notes = [m for m in METHODS if m.name in names], [megatron_note()]
     if ctx.cuda:
         skipped = [f"{m.name} {ld.api}" for m in methods for ld in m.loads if ld.host_only]
-        methods = [
-            Method(m.name, m.target, m.save, tuple(ld for ld in m.loads if not ld.host_only)) for m in methods
-        ]
+        methods = [replace(m, loads=tuple(ld for ld in m.loads if not ld.host_only)) for m in methods]
         notes += [f"{s}: skipped on a GPU (it can only return host tensors)" for s in skipped]
     return methods, notes
 
 
 def preimport(methods: list[Method]) -> None:
     """Import every method's library now, so no import lands inside a timing."""
-    names = {"dcp": "torch.distributed.checkpoint", "safetensors": "safetensors.torch", "tessera": "tessera"}
+    names = {
+        "kvikio": "kvikio",
+        "dcp": "torch.distributed.checkpoint",
+        "safetensors": "safetensors.torch",
+        "tessera": "tessera",
+        "tessera-direct": "tessera",
+    }
     for m in methods:
         if m.name in names:
             __import__(names[m.name])
+
+
+def configure_kvikio(methods: list[Method]) -> None:
+    """Give KvikIO tessera's settings (threads, O_DIRECT) before either GPU-direct method runs, so
+    that the kvikio anchor and tessera-direct differ only in what they do, not in how KvikIO runs."""
+    if any(m.gpu_direct for m in methods):
+        from tessera.gpu import direct_io
+
+        direct_io.configure_kvikio()
 
 
 def run_size(
@@ -885,30 +1040,40 @@ def run_size(
     """Build the state dict of one size, run every method on it, print and record its table."""
     sd, info = build_state_dict(layout, args.seed, ctx.device)
     print(f"\nstate dict: {describe(info)}", flush=True)
-    ctx.stage_for(sd)
+    ctx.stage_for(sd if any(m.name == "raw" for m in methods) else {})
     workdir = Path(tempfile.mkdtemp(prefix="tessera-bench-", dir=args.dir or "/tmp"))
     try:
-        env = environment(workdir, ctx)
+        env = environment(workdir, ctx, methods)
         samples = run_all(methods, sd, workdir, args.repeat, args.warmup, ctx)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         ctx.stage_for({})
-    rows = summarize(samples, methods)
+    anchor = next(m for m in methods if m.name == args.anchor)
+    rows = summarize(samples, methods, anchor)
     notes = [
         *notes,
         f"{args.repeat} timed round(s), round-robin, after {args.warmup} unrecorded warm-up round(s)",
         f"dcp: FileSystemWriter(thread_count={ctx.dcp_threads}, sync_files=True)",
         f"cache drop before each load: {cache_note(samples)}",
-        *goal_lines(rows),
+        *goal_lines(rows, anchor.name),
     ]
-    print("\n" + table(rows, markdown=False))
-    print("cells: best / median; ratios: best ÷ raw best / median ÷ raw median, same run")
+    print("\n" + table(rows, anchor.name, markdown=False))
+    print(
+        f"cells: best / median; ratios: best ÷ {anchor.name} best / median ÷ {anchor.name} median, same run"
+    )
     for n in notes:
         print(n)
     if args.markdown:
         with args.markdown.open("a") as f:
-            f.write(markdown_section(env, info, rows, notes))
-    return {"environment": env, "state_dict": info, "notes": notes, "summary": rows, "samples": samples}
+            f.write(markdown_section(env, info, rows, anchor.name, notes))
+    return {
+        "environment": env,
+        "state_dict": info,
+        "anchor": anchor.name,
+        "notes": notes,
+        "summary": rows,
+        "samples": samples,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -919,6 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(device, args.dcp_threads or (8 if device.type == "cuda" else 1))
     methods, notes = select_methods(args.methods, ctx)
     preimport(methods)
+    configure_kvikio(methods)
     sizes = [1 / 16] if args.quick else args.size_gib
     layouts = [choose_layout(int(s * GIB), args.dtype_mix) for s in sizes]
     if refusals := memory_refusals(layouts, ctx):

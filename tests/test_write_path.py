@@ -8,6 +8,7 @@ and that its failure modes still leave nothing committed.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import struct
 from pathlib import Path
@@ -26,6 +27,7 @@ from tessera.format.layout import ArrayLayout
 from .ranks import run_ranks
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+HAS_KVIKIO = importlib.util.find_spec("kvikio") is not None
 
 
 def test_checksum_of_a_chunk_of_many_blocks_R6_1() -> None:
@@ -105,7 +107,7 @@ def test_save_from_gpu_tensors_bit_exact(tmp_path: Path) -> None:
         assert torch.equal(_bits(loaded[key]), bits), key
 
 
-def _flat_range_rank(rank: int, world_size: int, root: Path, device: str) -> None:
+def _flat_range_rank(rank: int, world_size: int, root: Path, device: str, gpu_direct: bool) -> None:
     """Each rank holds a flat range of one tensor on the GPU, with boundaries mid-row, so the
     chunks where the ranges meet are assembled from pieces that travel between ranks."""
     full = torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48)
@@ -114,11 +116,21 @@ def _flat_range_rank(rank: int, world_size: int, root: Path, device: str) -> Non
     state = {
         "w": tessera.ShardedTensor(local, (64, 48), (0, 0), box_shape=(64, 48), flat_range=(start, stop))
     }
-    tessera.save(state, root, chunk_bytes=48 * 4 * 8)
+    tessera.save(state, root, chunk_bytes=48 * 4 * 8, gpu_direct=gpu_direct)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
-def test_pieces_move_to_their_chunks_owners_from_any_device(tmp_path: Path, device: str) -> None:
-    run_ranks(2, _flat_range_rank, tmp_path / "ckpt", device)
+@pytest.mark.parametrize(
+    ("device", "gpu_direct"),
+    [
+        ("cpu", False),
+        pytest.param("cuda", False, marks=cuda),
+        pytest.param("cuda", True, marks=[cuda, pytest.mark.skipif(not HAS_KVIKIO, reason="needs KvikIO")]),
+    ],
+    ids=["cpu", "cuda", "cuda-direct"],
+)
+def test_pieces_move_to_their_chunks_owners_from_any_device(
+    tmp_path: Path, device: str, gpu_direct: bool
+) -> None:
+    run_ranks(2, _flat_range_rank, tmp_path / "ckpt", device, gpu_direct)
     expected = torch.arange(64 * 48, dtype=torch.float32).reshape(64, 48)
     assert torch.equal(tessera.load(tmp_path / "ckpt")["w"], expected)

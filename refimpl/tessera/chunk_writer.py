@@ -11,6 +11,11 @@ around it (plan, claim, commit). What makes it fast:
 - a chunk of a GPU tensor is copied into a pinned host buffer from a small
   pool, in the writing thread, so device-to-host copies overlap the writes and
   never need a host copy of the whole state;
+- or, with ``gpu_direct``, it goes from device memory to its file through
+  cuFile (:mod:`.gpu.direct_io`), its checksum computed on the GPU
+  (:mod:`.gpu.crc32c`): straight from the tensor where the chunk is a
+  contiguous run of it, else assembled in a chunk-sized device buffer first;
+  compressed chunks still take the host path (zstd runs on the CPU);
 - files are not fsynced one by one: the storage starts each file's writeback
   as soon as it is written and fsyncs them all at the end (``Storage.sync``).
 """
@@ -18,23 +23,27 @@ around it (plan, claim, commit). What makes it fast:
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 
+import crc32c
 import numpy as np
 import torch
 
-from .chunk_codec import encode_chunk
+from .chunk_codec import encode_chunk, prefix_elements
 from .collective import Collective
 from .format.dtypes import DType, dtype_by_name
-from .format.layout import chunk_key
+from .format.layout import ArrayLayout, chunk_key
 from .format.strict_json import dumps
+from .gpu.crc32c import device_crc32c
+from .gpu.streams import thread_stream
 from .parallel import run_all
 from .planning.global_plan import ArrayTask, ChunkWrite, RankPlan, Source
 from .planning.local_plan import LocalPlan, piece_data
 from .progress import Progress
 from .staging import StagingPool, shared_pool
 from .storage.base import Storage
-from .tensors import as_numpy
+from .tensors import as_numpy, as_torch
 
 __all__ = ["write_rank"]
 
@@ -51,14 +60,21 @@ def write_rank(
     collective: Collective,
     threads: int | None,
     progress: bool,
+    gpu_direct: bool = False,
 ) -> None:
-    """Move shared pieces to their owners, then write this rank's documents and chunks, durably."""
+    """Move shared pieces to their owners, then write this rank's documents and chunks, durably;
+    with ``gpu_direct``, chunks of GPU tensors through ``storage``'s device I/O."""
     dtypes = {s: a.layout.dtype for a in plan.arrays for c in a.chunks for s in c.sources}
     incoming = [(t, dtypes[t.source]) for t in plan.receives]
     moving_in = {t.source for t in plan.receives}
     used = {(s.leaf, s.piece) for s in [*dtypes, *(t.source for t in plan.sends)] if s not in moving_in}
     dtype_of = {leaf: dtype_by_name(local.arrays[leaf].dtype) for leaf, _ in used}
     pieces = {(leaf, piece): piece_data(local.pieces[leaf][piece], dtype_of[leaf]) for leaf, piece in used}
+
+    for device in {p.device for p in pieces.values() if isinstance(p, torch.Tensor)}:
+        # The I/O threads read GPU memory on streams of their own: what the caller queued on its
+        # stream (the optimizer step that produced the tensors) must have finished.
+        torch.cuda.current_stream(device).synchronize()
 
     def held(source: Source) -> Held:
         """The source region in this rank's own memory (a view, on the piece's device)."""
@@ -84,7 +100,13 @@ def write_rank(
                 tasks.append(_write_json(storage, f"{array.path}/zarr.json", dumps(array.layout.zarr_json())))
             tasks.extend(
                 _write_chunk(
-                    storage, array, chunk, lambda s: received[s] if s in received else held(s), staging, bar
+                    storage,
+                    array,
+                    chunk,
+                    lambda s: received[s] if s in received else held(s),
+                    staging,
+                    bar,
+                    gpu_direct,
                 )
                 for chunk in array.chunks
             )
@@ -110,7 +132,10 @@ def _write_chunk(
     data_of: Callable[[Source], Held],
     staging: StagingPool,
     bar: Progress,
+    gpu_direct: bool,
 ) -> Callable[[], None]:
+    """The task that writes one chunk; GPU data goes through ``staging``, or with ``gpu_direct``
+    straight from device memory (unless the chunk is compressed: zstd runs on the CPU)."""
     layout = array.layout
     path = f"{array.path}/{chunk_key(chunk.index)}"
 
@@ -127,6 +152,10 @@ def _write_chunk(
         shape = [b - a for a, b in bounds]
         nbytes = math.prod(shape) * layout.dtype.itemsize
         on_gpu = any(isinstance(data, torch.Tensor) for _, data in sources)
+        if on_gpu and gpu_direct and layout.zstd_level is None:
+            _write_from_device(storage, path, layout, chunk, sources)
+            bar.advance(nbytes)
+            return
         if not on_gpu:
             assembled = np.empty(shape, dtype=layout.dtype.numpy_dtype)
             for source, data in sources:
@@ -145,3 +174,36 @@ def _write_chunk(
             write(host)
 
     return task
+
+
+def _write_from_device(
+    storage: Storage, path: str, layout: ArrayLayout, chunk: ChunkWrite, sources: list[tuple[Source, Held]]
+) -> None:
+    """Write a chunk of GPU data from device memory, its CRC32C computed on the device."""
+    device = next(data.device for _, data in sources if isinstance(data, torch.Tensor))
+    with torch.cuda.stream(thread_stream(device)):
+        bounds = layout.chunk_region(chunk.index)
+        valid = prefix_elements(layout, chunk.index)
+        data = sources[0][1]
+        padding = b""
+        if (
+            valid is not None
+            and len(sources) == 1
+            and isinstance(data, torch.Tensor)
+            and data.is_contiguous()
+        ):
+            body = data.reshape(-1).view(torch.uint8)  # the tensor's own memory
+            padding = layout.dtype.fill_bytes() * (math.prod(layout.chunk_shape) - valid)
+        else:
+            assembled = torch.empty(layout.chunk_nbytes, dtype=torch.uint8, device=device)
+            fill = torch.frombuffer(bytearray(layout.dtype.fill_bytes()), dtype=torch.uint8).to(device)
+            assembled.view(-1, layout.dtype.itemsize)[:] = fill
+            typed = assembled.view(layout.dtype.torch_dtype).reshape(layout.chunk_shape)
+            for source, part in sources:
+                where = source.region.relative_to(tuple(a for a, _ in bounds))
+                if isinstance(part, np.ndarray):  # a piece received from another rank
+                    part = as_torch(np.ascontiguousarray(part), layout.dtype)
+                typed[where].copy_(part)
+            body = assembled
+        checksum = crc32c.crc32c(padding, device_crc32c(body))
+        storage.write_file(path, [body, padding, struct.pack("<I", checksum)])

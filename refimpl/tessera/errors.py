@@ -23,6 +23,7 @@ __all__ = [
     "SchemaViolationError",
     "StorageError",
     "ShardingError",
+    "GpuDirectUnavailableError",
     "CollectiveError",
     "TensorMismatchError",
     "TesseraError",
@@ -134,6 +135,10 @@ class StorageError(TesseraError):
     """The storage failed (disk full, permission denied, I/O error) on a named file."""
 
     code = "io_error"
+
+
+class GpuDirectUnavailableError(StorageError):
+    """GPU-direct I/O was asked for where it cannot run (no KvikIO, no CUDA device)."""
 
 
 ERROR_CLASSES: dict[str, type[TesseraError]] = {

@@ -82,6 +82,7 @@ def load(
     allow_pickle: bool = False,
     limits: ReaderLimits = DEFAULT_LIMITS,
     process_group: dist.ProcessGroup | None = None,
+    gpu_direct: bool = False,
 ) -> Any:
     """Load a checkpoint; returns the state dict, or a :class:`LoadResult` in the ``RETURN_*`` modes.
 
@@ -90,9 +91,14 @@ def load(
     refused unless ``allow_pickle=True``. With ``process_group``, every rank of the group
     loads together (each calls ``load`` with its own template): each chunk that any rank
     needs is read from storage by one rank and its pieces sent to the others.
+    ``gpu_direct=True`` reads the chunks of GPU tensors in the template straight into device
+    memory (see :func:`tessera.open`; an already open ``Checkpoint`` keeps its own choice).
     """
     mode = Strict(strict)
-    checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path, limits=limits)
+    if isinstance(path, Checkpoint):
+        checkpoint = path
+    else:
+        checkpoint = open_checkpoint(path, limits=limits, gpu_direct=gpu_direct)
     result: Any
     if state_dict is None:
         requested = {k: None for k in keys} if keys is not None else {p: None for p in checkpoint}

@@ -58,6 +58,9 @@ from .format.limits import DEFAULT_LIMITS, ReaderLimits
 from .format.manifest import Entry, Manifest, ObjectEntry, TensorEntry, ValueEntry, check_version
 from .format.schemas import validate
 from .format.strict_json import loads
+from .gpu.crc32c import device_crc32c
+from .gpu.direct_io import direct_read_threads, kvikio_files
+from .gpu.streams import thread_stream
 from .parallel import default_read_threads, run_all
 from .staging import StagingPool, shared_pool
 from .storage.base import CLAIM_FILE, ROOT_METADATA, FileMissingError, ReadNext, Storage
@@ -93,10 +96,20 @@ def open_checkpoint(
     *,
     limits: ReaderLimits = DEFAULT_LIMITS,
     threads: int | None = None,
+    gpu_direct: bool = False,
 ) -> Checkpoint:
-    """Open the committed checkpoint at ``path``; raises before any array is read if it is not one."""
-    storage = LocalStorage(path)
-    return Checkpoint(storage, read_manifest(storage, limits), limits=limits, threads=threads)
+    """Open the committed checkpoint at ``path``; raises before any array is read if it is not one.
+
+    With ``gpu_direct=True``, chunks read into GPU tensors go from their files straight to device
+    memory through cuFile (KvikIO) and are checksummed on the GPU; raises
+    :class:`~tessera.GpuDirectUnavailableError` without KvikIO or CUDA.
+    """
+    storage = LocalStorage(path, kvikio_files() if gpu_direct else None)
+    if gpu_direct and threads is None:
+        threads = direct_read_threads()
+    return Checkpoint(
+        storage, read_manifest(storage, limits), limits=limits, threads=threads, gpu_direct=gpu_direct
+    )
 
 
 def read_manifest(storage: Storage, limits: ReaderLimits = DEFAULT_LIMITS) -> Manifest:
@@ -260,6 +273,19 @@ class ReadTarget:
         self.put(decoded[within(inner, self.entry.layout.chunk_region(self.index))])
 
 
+def _finish_chunk(read: ReadNext, checksum: int, padding: int, where: str) -> None:
+    """Read the last ``padding`` bytes of a chunk's data (its edge padding) and then its stored
+    CRC, continuing ``checksum`` (the CRC32C of the bytes before them), and check it."""
+    scratch = memoryview(bytearray(min(padding, BLOCK_BYTES)))
+    for start in range(0, padding, BLOCK_BYTES):
+        block = scratch[: min(BLOCK_BYTES, padding - start)]
+        read(block)
+        checksum = crc32c.crc32c(block, checksum)
+    stored = bytearray(CRC32C_SIZE)
+    read(memoryview(stored))
+    check_crc(checksum, bytes(stored), where)
+
+
 def _largest_chunk_file(layout: ArrayLayout) -> int:
     """The most bytes a valid chunk file of ``layout`` can hold (zstd's worst case, plus the CRC)."""
     return layout.chunk_nbytes + layout.chunk_nbytes // 128 + 1024 + CRC32C_SIZE
@@ -285,8 +311,12 @@ class Checkpoint:
         *,
         limits: ReaderLimits = DEFAULT_LIMITS,
         threads: int | None = None,
+        gpu_direct: bool = False,
     ) -> None:
         self.storage = storage
+        self.gpu_direct = gpu_direct
+        """Whether chunks for GPU destinations are read straight into device memory (``storage``
+        has device I/O); else they come through pinned host buffers."""
         self.manifest = manifest
         self._limits = limits
         self._threads = threads
@@ -389,6 +419,10 @@ class Checkpoint:
                 for index in entry.layout.chunks_overlapping(bounds)
             )
         for device in devices:
+            if self.gpu_direct and device.type == "cuda":
+                # Device I/O writes device memory outside any stream: whatever the caller queued
+                # that still uses the destinations must be done first.
+                torch.cuda.current_stream(device).synchronize()
             self._copies.begin(device)
         return targets
 
@@ -583,8 +617,22 @@ class Checkpoint:
             and prefix_elements(layout, target.index) is not None
             and part.is_contiguous()
         ):
+            if self._direct([target]):
+                return partial(self._read_direct_in_place, target.entry, target.index, part)
             return partial(self._read_in_place, target.entry, target.index, part, target.copies)
         return self._shared_chunk_task([target])
+
+    def _direct(self, targets: list[ReadTarget]) -> bool:
+        """Whether the chunk of ``targets`` goes straight from its file to GPU memory: GPU-direct
+        reads, an uncompressed chunk, and every destination a plain tensor on one GPU."""
+        devices = {t.dst.device for t in targets}
+        return (
+            self.gpu_direct
+            and targets[0].entry.layout.zstd_level is None
+            and len(devices) == 1
+            and next(iter(devices)).type == "cuda"
+            and not any(t.dst.is_conj() or t.dst.is_neg() for t in targets)
+        )
 
     def _read_in_place(
         self, entry: ArrayEntry, index: ChunkIndex, part: torch.Tensor, copies: _DeviceCopies | None
@@ -615,19 +663,51 @@ class Checkpoint:
                         read(block)
                         checksum = crc32c.crc32c(block, checksum)
                         copies.send(flat[start : start + length], host, stream)
-            scratch = memoryview(bytearray(min(padding, BLOCK_BYTES)))
-            for start in range(0, padding, BLOCK_BYTES):
-                block = scratch[: min(BLOCK_BYTES, padding - start)]
-                read(block)
-                checksum = crc32c.crc32c(block, checksum)
-            stored = bytearray(CRC32C_SIZE)
-            read(memoryview(stored))
-            check_crc(checksum, bytes(stored), self.chunk_where(entry, index))
+            _finish_chunk(read, checksum, padding, self.chunk_where(entry, index))
 
         self.storage.read_into(f"{self.path_of(entry)}/{chunk_key(index)}", 0, fill)
 
+    def _read_direct_in_place(self, entry: ArrayEntry, index: ChunkIndex, part: torch.Tensor) -> None:
+        """Read a raw chunk's data straight into ``part`` (contiguous, on a GPU) and checksum it
+        there; the edge padding after the data, then the CRC, through host memory."""
+        flat = part.reshape(-1).view(torch.uint8)
+        padding = entry.layout.chunk_nbytes - flat.numel()
+
+        def fill(size: int | None, read: ReadNext) -> None:
+            self._check_chunk_file(entry, index, size)
+            read(flat)
+            with torch.cuda.stream(thread_stream(part.device)):
+                checksum = device_crc32c(flat)
+            _finish_chunk(read, checksum, padding, self.chunk_where(entry, index))
+
+        self.storage.read_into(f"{self.path_of(entry)}/{chunk_key(index)}", 0, fill)
+
+    def _read_direct_shared(self, targets: list[ReadTarget]) -> None:
+        """Read a raw chunk whole into GPU memory, checksum it there, then copy each target's
+        part out of it on the device."""
+        entry, index = targets[0].entry, targets[0].index
+        layout = entry.layout
+        stream = thread_stream(targets[0].dst.device)
+        with torch.cuda.stream(stream):
+            scratch = torch.empty(layout.chunk_nbytes, dtype=torch.uint8, device=stream.device)
+
+            def fill(size: int | None, read: ReadNext) -> None:
+                self._check_chunk_file(entry, index, size)
+                read(scratch)
+                _finish_chunk(read, device_crc32c(scratch), 0, self.chunk_where(entry, index))
+
+            self.storage.read_into(f"{self.path_of(entry)}/{chunk_key(index)}", 0, fill)
+            decoded = scratch.view(layout.dtype.torch_dtype).reshape(layout.chunk_shape)
+            region = layout.chunk_region(index)
+            for target in targets:
+                inner, _ = target.overlap()
+                target.part().copy_(decoded[within(inner, region)])
+        stream.synchronize()  # the destinations are complete when the read returns
+
     def _shared_chunk_task(self, targets: list[ReadTarget]) -> Callable[[], None]:
         """Read the chunk whole, then copy each target's part out of it."""
+        if self._direct(targets):
+            return partial(self._read_direct_shared, targets)
 
         def gathered() -> None:
             decoded = self.read_chunk(targets[0].entry, targets[0].index)

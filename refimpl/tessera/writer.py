@@ -25,11 +25,18 @@ import torch.distributed as dist
 from . import __version__
 from .chunk_writer import write_rank
 from .collective import collective_for
-from .errors import CollectiveError, InvalidKeyError, SchemaViolationError, TesseraError
+from .errors import (
+    CollectiveError,
+    GpuDirectUnavailableError,
+    InvalidKeyError,
+    SchemaViolationError,
+    TesseraError,
+)
 from .flatten import flatten, is_json
 from .format.keys import Key
 from .format.manifest import FORMAT_NAME, Manifest, WriterInfo
 from .format.strict_json import dumps
+from .gpu.direct_io import kvikio_files
 from .planning.cache import PlanCache
 from .planning.contents import manifest_contents
 from .planning.global_plan import GlobalPlan, RankPlan, make_global_plan
@@ -64,6 +71,7 @@ def save(
     plan_cache: PlanCache | None = None,
     parallelism: Mapping[str, Any] | None = None,
     asynchronous: bool = False,
+    gpu_direct: bool = False,
 ) -> Manifest | AsyncSave:
     """Save a nested state dict as a committed checkpoint at ``path`` (a new or empty directory).
 
@@ -86,7 +94,18 @@ def save(
     :class:`~tessera.AsyncSave` is returned at once; the writing and the commit
     go on in the background, and ``wait()`` returns the manifest or raises
     (:class:`~tessera.AsyncSaver`: one per process group, one save in flight).
+
+    With ``gpu_direct=True`` the chunks of GPU tensors go from device memory to
+    their files through cuFile (KvikIO; GPUDirect Storage where the driver is
+    there, its POSIX compatibility mode elsewhere), their checksums computed on
+    the GPU; the files are the same. Raises
+    :class:`~tessera.GpuDirectUnavailableError` without KvikIO or CUDA.
     """
+    if asynchronous and gpu_direct:
+        raise GpuDirectUnavailableError(
+            "an asynchronous save writes from its snapshot in host memory; gpu_direct=True "
+            "applies to synchronous saves"
+        )
     if asynchronous:
         from .async_save import default_saver  # it imports this module
 
@@ -111,14 +130,17 @@ def save(
         pickle_keys=pickle_keys,
         chunk_shapes={path: tuple(shape) for path, shape in (chunk_shapes or {}).items()},
     )
-    local, error = _attempt(lambda: _local_plan(state_dict, options, compression, metadata, parallelism))
+    device_io, error = _attempt(lambda: kvikio_files() if gpu_direct else None)
+    local = None
+    if error is None:
+        local, error = _attempt(lambda: _local_plan(state_dict, options, compression, metadata, parallelism))
     digest = local.layout_digest(options, collective.world_size) if local else None
     reusable = plan_cache is not None and digest is not None and plan_cache.holds(digest)
     reports = collective.gather(_Report.of(error, digest, local, not reusable), "gathering the local plans")
     resend = collective.broadcast(_must_resend(reports, plan_cache), "agreeing on the plan cache")
     if resend:
         reports = collective.gather(_Report.of(error, digest, local, True), "gathering the local plans")
-    storage = LocalStorage(path)
+    storage = LocalStorage(path, device_io)
     instructions = None
     if collective.rank == 0:
         assert reports is not None
@@ -136,7 +158,9 @@ def save(
         plan_cache.hits += 1
     elif plan_cache is not None:
         plan_cache.digest, plan_cache.rank_plan = digest, rank_plan
-    _, error = _attempt(lambda: write_rank(rank_plan, local, storage, collective, threads, progress))
+    _, error = _attempt(
+        lambda: write_rank(rank_plan, local, storage, collective, threads, progress, gpu_direct)
+    )
     statuses = collective.gather(error, "reporting durable data")
     outcome: _Outcome | None = None
     if collective.rank == 0:

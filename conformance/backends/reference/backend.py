@@ -98,13 +98,24 @@ class ReferenceBackend:
         tessera.save(state, root, **options)
 
     def read(self, request: Request) -> Answer:
-        checkpoint = tessera.open(request["checkpoint"])
+        checkpoint = self.open(Path(request["checkpoint"]))
         out = Path(request["out"])
         out.mkdir(parents=True, exist_ok=True)
         wanted = request["requests"]
         if wanted is None:
             wanted = [{"key": list(entry.key)} for entry in checkpoint.manifest.entries]
-        return {"ok": True, "results": [read_one(checkpoint, r, out / str(i)) for i, r in enumerate(wanted)]}
+        results = [read_one(checkpoint, r, out / str(i), self.read_tensor) for i, r in enumerate(wanted)]
+        return {"ok": True, "results": results}
+
+    def open(self, root: Path) -> tessera.Checkpoint:
+        """Open a checkpoint to read: the step a GPU backend opens with GPU-direct reads."""
+        return tessera.open(root)
+
+    def read_tensor(
+        self, checkpoint: tessera.Checkpoint, key: Key, region: tuple[slice, ...] | None
+    ) -> torch.Tensor | np.ndarray:
+        """A tensor entry, whole or a region: the step a GPU backend reads into device memory."""
+        return checkpoint.read(key, region)
 
     def verify(self, request: Request) -> Answer:
         report = tessera.verify(request["checkpoint"])
@@ -126,13 +137,18 @@ class ReferenceBackend:
         elif entry["kind"] == "object":
             value = Path(entry["data"]).read_bytes()
         else:
-            value = tensor_from_file(entry)
+            value = self.tensor(entry)
             if "shards" in entry:
                 value = sharded(value, entry["shards"])
         grid = entry.get("grid")
         if grid is not None:
             value = tessera.ShardedObject(value, tuple(grid["shape"]), tuple(grid["offset"]), grid["replica"])
         return value
+
+    def tensor(self, entry: Request) -> torch.Tensor:
+        """A request's whole tensor where the user would hold it: the step a GPU backend moves
+        to the device."""
+        return tensor_from_file(entry)
 
     @contextlib.contextmanager
     def process_group(self, request: Request) -> Iterator[None]:
@@ -201,7 +217,12 @@ def cell_key(entry: Request) -> Key:
     return tuple(entry["key"]) + (tuple(grid["offset"]) if grid is not None else ())
 
 
-def read_one(checkpoint: tessera.Checkpoint, request: Request, stem: Path) -> Answer:
+def read_one(
+    checkpoint: tessera.Checkpoint,
+    request: Request,
+    stem: Path,
+    read_tensor: Callable[[tessera.Checkpoint, Key, tuple[slice, ...] | None], torch.Tensor | np.ndarray],
+) -> Answer:
     """Read one requested key (or a region of it) into ``stem.npy`` or ``stem.bin`` (P15, P19)."""
     key = tuple(request["key"])
     entry = checkpoint.entry(key)
@@ -213,7 +234,7 @@ def read_one(checkpoint: tessera.Checkpoint, request: Request, stem: Path) -> An
         data = checkpoint.value(key)  # a pickle without the opt-in: unsafe_encoding (spec R8.7)
         stem.with_suffix(".bin").write_bytes(data if region is None else data[region[0]])
         return {"key": request["key"], "kind": "object", "encoding": "bytes"}
-    tensor = checkpoint.read(key, region)
+    tensor = read_tensor(checkpoint, key, region)
     save_bits(stem.with_suffix(".npy"), bits_of(tensor, array.layout.dtype), array.layout.dtype.name)
     return {
         "key": request["key"],

@@ -15,10 +15,20 @@ from collections.abc import Iterable, Sequence
 
 from ..sharding.boxes import Box
 
-__all__ = ["MIN_ALIGNED_CHUNK_BYTES", "MIN_GATHERED_CHUNK_BYTES", "choose_chunk_shape", "chunk_shape_for"]
+__all__ = [
+    "DIRECT_IO_BLOCK",
+    "MIN_ALIGNED_CHUNK_BYTES",
+    "MIN_GATHERED_CHUNK_BYTES",
+    "choose_chunk_shape",
+    "chunk_shape_for",
+]
 
 MIN_ALIGNED_CHUNK_BYTES = 2**20
 """Smallest chunk worth aligning to shard boundaries; below it, pieces move to one owner instead."""
+
+DIRECT_IO_BLOCK = 4096
+"""The block of direct I/O (``O_DIRECT``, GPUDirect Storage): file offsets and sizes in whole
+blocks of it move without a read-modify-write or a bounce buffer."""
 
 MIN_GATHERED_CHUNK_BYTES = 8 * 2**20
 """Where pieces must move anyway, chunks no smaller than this: fewer files and a smaller plan."""
@@ -29,7 +39,10 @@ def choose_chunk_shape(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) 
 
     The chunk is ``[1, ..., 1, n, *shape[k+1:]]`` for the outermost dimension
     ``k`` whose trailing block fits: every chunk is then one contiguous byte
-    range of the tensor, written and read in place with no gather.
+    range of the tensor, written and read in place with no gather. Where the
+    tensor takes several chunks along ``k``, ``n`` is rounded down so that a
+    chunk's bytes fill whole :data:`DIRECT_IO_BLOCK` blocks where it can
+    (spec R6.9): direct I/O then moves every chunk's data in whole blocks.
     """
     if not shape:
         return ()
@@ -38,6 +51,9 @@ def choose_chunk_shape(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) 
         # The innermost dimension always fits: a chunk is at least one element.
         if block <= chunk_bytes or k == len(shape) - 1:
             n = max(1, min(shape[k], chunk_bytes // max(block, 1)))
+            step = DIRECT_IO_BLOCK // math.gcd(block, DIRECT_IO_BLOCK) if block else 1
+            if step <= n < shape[k]:
+                n -= n % step
             return (*([1] * k), n, *(max(s, 1) for s in shape[k + 1 :]))
     raise AssertionError("unreachable: the loop returns at the innermost dimension")
 

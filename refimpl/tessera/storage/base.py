@@ -7,7 +7,9 @@ Call order of a save (one writer; the distributed writer keeps it per rank):
 2. ``write_file(path, buffers)``: each chunk and ``zarr.json``, once each,
    possibly from many threads. The buffers may be a lazy iterable (a chunk's
    checksum is computed as its bytes are written); a file need not be durable
-   when the call returns, so a medium can batch the flushes.
+   when the call returns, so a medium can batch the flushes. A buffer may be
+   a CUDA tensor where the storage was given a :class:`DeviceIO` (GPU-direct
+   I/O): its bytes go from device memory to the file.
 3. ``sync()``: every file written and every directory created is durable.
 4. ``publish_root(data, save_id)``: the root ``zarr.json``, first-wins; its
    presence is the commit (spec §9).
@@ -15,20 +17,24 @@ Call order of a save (one writer; the distributed writer keeps it per rank):
 Readers call only ``read_file``, ``read_into``, ``size`` and ``list``, and
 open each file once: ``read_file`` for a whole small document, ``read_into``
 to learn a chunk's size and then stream its bytes into the caller's buffers,
-block by block. Every ``path`` is relative to the checkpoint root,
-``/``-separated, and checked by :func:`check_relative_path` before it reaches
-the medium.
+block by block (into a CUDA tensor too, given a :class:`DeviceIO`). Every
+``path`` is relative to the checkpoint root, ``/``-separated, and checked by
+:func:`check_relative_path` before it reaches the medium.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import torch
 
 from ..errors import InvalidKeyError, StorageError
 
 __all__ = [
     "Buffer",
+    "DeviceIO",
     "FileMissingError",
     "ReadNext",
     "Storage",
@@ -37,13 +43,28 @@ __all__ = [
     "CLAIM_FILE",
 ]
 
-Buffer = bytes | bytearray | memoryview
+Buffer = bytes | bytearray | memoryview | torch.Tensor
+"""Bytes to write: host memory, or a contiguous CUDA tensor (only where the storage has a
+:class:`DeviceIO`)."""
 
 ROOT_METADATA = "zarr.json"
 CLAIM_FILE = ".tessera-claim.json"
 
-ReadNext = Callable[[memoryview], None]
-"""Fills a whole buffer with an open file's next bytes; a file that ends first is an error."""
+ReadNext = Callable[[memoryview | torch.Tensor], None]
+"""Fills a whole buffer (host memory, or a contiguous CUDA tensor where the storage has a
+:class:`DeviceIO`) with an open file's next bytes; a file that ends first is an error."""
+
+
+class DeviceIO(Protocol):
+    """Moves bytes between an open file and GPU memory with no host copy the caller sees
+    (GPU-direct I/O); the storage opens, checks and syncs the files, this only moves bytes."""
+
+    def write(self, fd: int, offset: int, data: torch.Tensor) -> None:
+        """Write all bytes of ``data`` (contiguous, on a CUDA device) at ``offset``."""
+
+    def read(self, fd: int, offset: int, out: torch.Tensor) -> int:
+        """Fill ``out`` (contiguous, on a CUDA device) from ``offset``; the bytes read, fewer
+        only where the file ends first."""
 
 
 class FileMissingError(StorageError):

@@ -10,6 +10,9 @@ The root is published with ``os.link`` of a synced temporary file, which
 fails if ``zarr.json`` exists, where ``os.replace`` would silently overwrite
 a rival's commit.
 
+Given a :class:`~.base.DeviceIO`, it writes CUDA tensors' bytes into the files it
+opened, and reads file bytes into CUDA tensors, straight from and to device memory.
+
 Reads open every file with ``O_NOFOLLOW`` and check that its directory
 resolves inside the root, so neither ``..`` nor a symlink leads out.
 """
@@ -25,6 +28,8 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
+import torch
+
 from ..errors import (
     CheckpointExistsError,
     InvalidKeyError,
@@ -36,6 +41,7 @@ from .base import (
     CLAIM_FILE,
     ROOT_METADATA,
     Buffer,
+    DeviceIO,
     FileMissingError,
     ReadNext,
     Storage,
@@ -81,8 +87,9 @@ def _fsync(path: Path, flags: int) -> None:
 class LocalStorage(Storage):
     """A checkpoint in a local (or POSIX network) directory."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], device_io: DeviceIO | None = None) -> None:
         self._root = Path(root).absolute()
+        self._device_io = device_io
         self._unsynced_files: list[Path] = []
         self._created_dirs: set[Path] = set()
         self._written_dirs: set[Path] = set()
@@ -165,9 +172,13 @@ class LocalStorage(Storage):
         with self._lock:
             self._created_dirs.update(new)
 
-    @staticmethod
-    def _write_all(fd: int, buffers: Iterable[Buffer]) -> None:
+    def _write_all(self, fd: int, buffers: Iterable[Buffer]) -> None:
         for buffer in buffers:
+            if isinstance(buffer, torch.Tensor):
+                position = os.lseek(fd, 0, os.SEEK_CUR)
+                self._device(buffer).write(fd, position, buffer)
+                os.lseek(fd, position + buffer.numel() * buffer.element_size(), os.SEEK_SET)
+                continue
             view = memoryview(buffer).cast("B")
             while view:
                 written = os.write(fd, view)
@@ -292,18 +303,29 @@ class LocalStorage(Storage):
             fd, size = opened
             position = offset
 
-            def read(out: memoryview) -> None:
+            def read(out: memoryview | torch.Tensor) -> None:
                 nonlocal position
-                self._read_exact(fd, position, out, path)
-                position += out.nbytes
+                if isinstance(out, torch.Tensor):
+                    nbytes = out.numel() * out.element_size()
+                    if self._device(out).read(fd, position, out) != nbytes:
+                        raise StorageError(f"{self._root / path} ended early (truncated file)")
+                    position += nbytes
+                else:
+                    self._read_exact(fd, position, out, path)
+                    position += out.nbytes
 
             try:
                 fill(size, read)
             finally:
                 os.close(fd)
 
+    def _device(self, buffer: torch.Tensor) -> DeviceIO:
+        if self._device_io is None or buffer.device.type != "cuda" or not buffer.is_contiguous():
+            raise TypeError("a tensor buffer needs a storage with device I/O and a contiguous CUDA tensor")
+        return self._device_io
+
     def _no_file(self, path: str) -> ReadNext:
-        def read(out: memoryview) -> None:
+        def read(out: memoryview | torch.Tensor) -> None:
             raise FileMissingError(f"cannot read {self._root / path}: no such file")
 
         return read

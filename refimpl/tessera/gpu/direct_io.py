@@ -1,0 +1,142 @@
+"""File I/O straight between GPU memory and chunk files, through cuFile (GPUDirect Storage) by
+way of KvikIO.
+
+With the GDS driver (``nvidia-fs``) the bytes move by DMA between the device and the disk; without
+it KvikIO runs in its compatibility mode: POSIX reads and writes through its own pinned bounce
+buffers. Either way the caller hands over device memory and no host copy of a chunk is visible
+to it. :func:`describe` says which path runs.
+
+KvikIO's settings are process-wide. :func:`configure_kvikio` sets, once, those that the
+checkpoint I/O pattern needs (large files, several in flight), unless the user set them through
+KvikIO's environment variables: a pool of threads for the parallel parts of each request, and
+``O_DIRECT`` for reads and writes, which skips the page cache where the file system supports it
+(the chunks' data starts at offset 0 of its file, 4 KiB aligned; spec R6.9).
+
+Files are opened by the storage (exclusive creation, no symbolic links, inside the checkpoint)
+and handed over as descriptors; KvikIO reopens them through ``/proc/self/fd``, so it works on
+exactly the file the storage checked.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from ..errors import GpuDirectUnavailableError
+from ..parallel import default_read_threads, default_threads
+
+__all__ = ["KvikioFiles", "configure_kvikio", "describe", "direct_read_threads", "kvikio_files"]
+
+_THREADS_VARIABLE = "KVIKIO_NTHREADS"
+_DIRECT_VARIABLES = {
+    "auto_direct_io_read": "KVIKIO_AUTO_DIRECT_IO_READ",
+    "auto_direct_io_write": "KVIKIO_AUTO_DIRECT_IO_WRITE",
+}
+
+
+def _import_kvikio() -> Any:
+    try:
+        import kvikio  # noqa: PLC0415 - an optional dependency
+        import kvikio.defaults  # noqa: PLC0415 - a submodule the package does not import
+    except ImportError as exc:
+        raise GpuDirectUnavailableError(
+            f"gpu_direct=True needs KvikIO, which is not importable ({exc}); install kvikio-cu12 or "
+            "kvikio-cu13 to match the CUDA of your torch, or save and load without gpu_direct"
+        ) from None
+    return kvikio
+
+
+@functools.cache
+def configure_kvikio() -> None:
+    """Set KvikIO's thread pool and ``O_DIRECT`` options for checkpoint I/O, once per process;
+    a setting that the user gave through KvikIO's environment variable is left alone."""
+    kvikio = _import_kvikio()
+    settings: dict[str, Any] = {}
+    if _THREADS_VARIABLE not in os.environ:
+        settings["num_threads"] = 2 * default_threads()
+    for name, variable in _DIRECT_VARIABLES.items():
+        if variable not in os.environ:
+            settings[name] = True
+    if settings:
+        kvikio.defaults.set(settings)
+
+
+def describe() -> str:
+    """Which path GPU-direct I/O takes on this machine, for logs and benchmark reports."""
+    kvikio = _import_kvikio()
+    configure_kvikio()
+    defaults = kvikio.defaults
+    if defaults.is_compat_mode_preferred():
+        path = "compatibility mode (no GPUDirect Storage): POSIX I/O through pinned bounce buffers"
+    else:
+        path = "GPUDirect Storage (cuFile DMA between the GPU and the disk)"
+    direct = [k.removeprefix("auto_direct_io_") for k in _DIRECT_VARIABLES if defaults.get(k)]
+    return (
+        f"KvikIO {kvikio.__version__}, {path}, {defaults.get('num_threads')} threads, "
+        f"O_DIRECT for {' and '.join(direct) or 'nothing'}"
+    )
+
+
+def direct_read_threads() -> int:
+    """Reading threads for GPU-direct loads: twice those of host loads.
+
+    Between its file reads a thread checksums on the GPU, reads the CRC and runs Python, so more
+    threads than for host reads keep KvikIO's pool busy. Measured on the H200 machine (virtio
+    disk, compatibility mode), 8.7 GB in 2,030 chunk files, cold: 16 threads 2.25-2.90 GB/s,
+    32 threads 2.83-3.06, against 2.86-3.13 for one file read by KvikIO alone.
+    """
+    return 2 * default_read_threads()
+
+
+class KvikioFiles:
+    """Reads and writes between open files and CUDA tensors (the storage's device I/O)."""
+
+    def __init__(self) -> None:
+        if not torch.cuda.is_available():
+            raise GpuDirectUnavailableError("gpu_direct=True needs a CUDA device; torch sees none")
+        self._kvikio = _import_kvikio()
+        configure_kvikio()
+
+    def write(self, fd: int, offset: int, data: torch.Tensor) -> None:
+        """Write the bytes of ``data`` (contiguous, on a CUDA device) at ``offset`` of the open file."""
+        data = _bytes_of(data)
+        nbytes = data.numel()
+        with _as_os_error("write"), self._kvikio.CuFile(f"/proc/self/fd/{fd}", "r+") as file:
+            done = file.pwrite(data, nbytes, offset).get()
+        if done != nbytes:
+            raise OSError(errno.EIO, f"KvikIO wrote {done} of {nbytes} bytes")
+
+    def read(self, fd: int, offset: int, out: torch.Tensor) -> int:
+        """Read into ``out`` (contiguous, on a CUDA device) from ``offset``; returns the bytes read,
+        fewer only where the file ends first."""
+        out = _bytes_of(out)
+        with _as_os_error("read"), self._kvikio.CuFile(f"/proc/self/fd/{fd}", "r") as file:
+            return int(file.pread(out, out.numel(), offset).get())
+
+
+def _bytes_of(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor as flat bytes: KvikIO takes buffers through ``__cuda_array_interface__``,
+    which names element types as NumPy does; bfloat16 and the float8 types have no such name."""
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+@contextmanager
+def _as_os_error(operation: str) -> Iterator[None]:
+    """KvikIO reports a failed system call as a ``RuntimeError``; the storage turns an ``OSError``
+    into an error that names the file."""
+    try:
+        yield
+    except RuntimeError as exc:
+        raise OSError(errno.EIO, f"KvikIO could not {operation}: {exc}") from exc
+
+
+@functools.cache
+def kvikio_files() -> KvikioFiles:
+    """The process's one engine (KvikIO's pool and settings are process-wide anyway)."""
+    return KvikioFiles()
