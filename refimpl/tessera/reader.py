@@ -107,9 +107,7 @@ def open_checkpoint(
     storage = LocalStorage(path, kvikio_files() if gpu_direct else None)
     if gpu_direct and threads is None:
         threads = direct_read_threads()
-    return Checkpoint(
-        storage, read_manifest(storage, limits), limits=limits, threads=threads, gpu_direct=gpu_direct
-    )
+    return Checkpoint(storage, read_manifest(storage, limits), limits=limits, threads=threads)
 
 
 def read_manifest(storage: Storage, limits: ReaderLimits = DEFAULT_LIMITS) -> Manifest:
@@ -311,12 +309,8 @@ class Checkpoint:
         *,
         limits: ReaderLimits = DEFAULT_LIMITS,
         threads: int | None = None,
-        gpu_direct: bool = False,
     ) -> None:
         self.storage = storage
-        self.gpu_direct = gpu_direct
-        """Whether chunks for GPU destinations are read straight into device memory (``storage``
-        has device I/O); else they come through pinned host buffers."""
         self.manifest = manifest
         self._limits = limits
         self._threads = threads
@@ -327,6 +321,12 @@ class Checkpoint:
         self._accepted_documents: set[tuple[object, ...]] = set()
         self._lock = threading.Lock()
         self._copies = _DeviceCopies(shared_pool())
+
+    @property
+    def gpu_direct(self) -> bool:
+        """Whether chunks for GPU destinations are read straight into device memory (the storage
+        has device I/O); else they come through pinned host buffers."""
+        return self.storage.device_io is not None
 
     # -- what is stored ---------------------------------------------------------------------
 

@@ -94,6 +94,12 @@ class Storage(ABC):
     def location(self) -> str:
         """Where the checkpoint lives, as shown in messages."""
 
+    @property
+    def device_io(self) -> DeviceIO | None:
+        """How this storage moves bytes between its files and GPU memory, if it can (GPU-direct
+        I/O): then ``write_file`` and ``read_into`` take CUDA tensors too."""
+        return None
+
     @abstractmethod
     def claim(self, doc: bytes) -> None:
         """Create the claim file exclusively; raise ``CheckpointExistsError`` if taken."""

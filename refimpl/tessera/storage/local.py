@@ -101,6 +101,10 @@ class LocalStorage(Storage):
     def location(self) -> str:
         return str(self._root)
 
+    @property
+    def device_io(self) -> DeviceIO | None:
+        return self._device_io
+
     # -- writing ---------------------------------------------------------------------------
 
     def claim(self, doc: bytes) -> None:
