@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,19 @@ def test_device_crc_matches_the_host_crc(size: int, offset: int) -> None:
     assert device_crc32c(data, 0x12345678) == crc32c.crc32c(host, 0x12345678)
 
 
+@gpu_direct
+def test_device_crcs_of_many_buffers_in_one_batch_match_the_host_crcs() -> None:
+    """One batch mixes every case a load's chunks bring: empty, tiny, unaligned, a partial last
+    segment, and buffers far larger than the segment, in any order."""
+    from tessera.gpu.crc32c import device_crc32c_many
+
+    pool = torch.randint(0, 256, (2**23,), dtype=torch.uint8, device="cuda")
+    spans = [(0, 0), (5, 1), (3, 4095), (4096, 4096), (9, 3 * SEGMENT + 1), (100, 2**22 + 7), (7, 0), (1, 17)]
+    buffers = [pool[start : start + size] for start, size in spans]
+    assert device_crc32c_many(buffers) == [crc32c.crc32c(b.cpu().numpy().tobytes()) for b in buffers]
+    assert device_crc32c_many([]) == []
+
+
 def _gpu_state() -> dict[str, Any]:
     """Every path of the GPU-direct writer: contiguous chunks with and without edge padding,
     chunks gathered from strided tensors, tiny and empty arrays, 1-byte and complex types."""
@@ -216,6 +230,32 @@ def test_gpu_direct_reads_refuse_missing_and_truncated_chunks_R6_7(tmp_path: Pat
         checkpoint.read_into("w", torch.zeros(200, device="cuda"))
     with pytest.raises(tessera.InconsistentCheckpointError, match="bytes"):
         checkpoint.read_into("v", torch.zeros(200, device="cuda"))
+
+
+@gpu_direct
+def test_a_device_read_has_landed_when_read_into_returns(tmp_path: Path) -> None:
+    """A device read runs beside the host reads after it; the storage waits for it before the
+    file closes and the call returns, also when ``fill`` raised; one past the end of the file
+    is an error that names the file (KvikIO raises at the end of a file)."""
+    from tessera.gpu.direct_io import kvikio_files
+    from tessera.storage.local import LocalStorage
+
+    data = bytes(range(256)) * 64
+    (tmp_path / "f").write_bytes(data)
+    storage = LocalStorage(tmp_path, kvikio_files())
+    out, tail = torch.zeros(len(data) - 4096, dtype=torch.uint8, device="cuda"), bytearray(4096)
+
+    def fill(size: int | None, read: Any) -> None:
+        read(out)
+        read(memoryview(tail))
+        raise ValueError("fill failed")
+
+    with pytest.raises(ValueError, match="fill failed"):
+        storage.read_into("f", 0, fill)
+    assert out.cpu().numpy().tobytes() == data[:-4096] and bytes(tail) == data[-4096:]
+    longer = torch.zeros(len(data) + 1, dtype=torch.uint8, device="cuda")
+    with pytest.raises(tessera.StorageError, match=re.escape(str(tmp_path / "f"))):
+        storage.read_into("f", 0, lambda size, read: read(longer))
 
 
 @gpu_direct

@@ -300,7 +300,7 @@ def test_no_chunk_is_read_before_its_array_is_checked_R5_10(
         time.sleep(0.02)  # a slow disk: the threads reach the array's chunks before this is done
         real_check(self, entry)
         with lock:
-            events.append(("checked", self.path_of(entry)))
+            events.append(("checked", entry.path))
 
     def read_into(self: LocalStorage, path: str, *args: Any) -> None:
         with lock:

@@ -103,7 +103,7 @@ def load(
     if state_dict is None:
         requested = {k: None for k in keys} if keys is not None else {p: None for p in checkpoint}
         plan = _match(checkpoint, requested, mode)
-        values = checkpoint.values([checkpoint.path_of(e) for e in plan.entries], allow_pickle=allow_pickle)
+        values = checkpoint.values([e.path for e in plan.entries], allow_pickle=allow_pickle)
         result = unflatten(zip([e.key for e in plan.entries], values, strict=True), checkpoint.manifest.lists)
     else:
         flat = flatten(state_dict)
@@ -161,7 +161,7 @@ def _match(checkpoint: Checkpoint, requested: Mapping[str, None], mode: Strict) 
         if subtree:
             found.append(path)
             entries.extend(subtree)
-            covered.update(checkpoint.path_of(e) for e in subtree)
+            covered.update(e.path for e in subtree)
         else:
             unexpected.append(path)
     missing = frozenset(p for p in checkpoint if p not in covered)
@@ -199,7 +199,7 @@ def _read_subtree(checkpoint: Checkpoint, key: Key, path: str, template: Any, al
         value = checkpoint.value(path, allow_pickle=allow_pickle)
     else:
         subtree = checkpoint.subtree(path)
-        values = checkpoint.values([checkpoint.path_of(e) for e in subtree], allow_pickle=allow_pickle)
+        values = checkpoint.values([e.path for e in subtree], allow_pickle=allow_pickle)
         leaves = [(e.key[len(key) :], v) for e, v in zip(subtree, values, strict=True)]
         lists = [
             k[len(key) :] for k in checkpoint.manifest.lists if k[: len(key)] == key and len(k) > len(key)

@@ -54,11 +54,11 @@ def read_together(
         error = None
     except TesseraError as exc:  # the other ranks must learn of it, not wait for this rank
         targets, error = [], exc
-    needs = sorted({(checkpoint.path_of(t.entry), t.bounds) for t in targets})
+    needs = sorted({(t.entry.path, t.bounds) for t in targets})
     need_index = {need: i for i, need in enumerate(needs)}
     waiting: dict[tuple[int, _Chunk], list[ReadTarget]] = {}
     for t in targets:
-        path = checkpoint.path_of(t.entry)
+        path = t.entry.path
         waiting.setdefault((need_index[(path, t.bounds)], (path, t.index)), []).append(t)
     shared = collective.all_gather((error, needs), "sharing what each rank loads")
     _raise_if_any([e for e, _ in shared], error)

@@ -51,49 +51,46 @@ NONFINITE_FLOATS = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": 
 
 
 @dataclass(frozen=True, slots=True)
-class TensorEntry:
-    """A global tensor, stored as the Zarr array at ``path``."""
+class _Keyed:
+    """What every entry has: its key, and the key as a path (spec §4), escaped once here since
+    readers look it up for every chunk."""
 
     key: Key
+    path: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", key_to_path(self.key))
+
+
+@dataclass(frozen=True, slots=True)
+class TensorEntry(_Keyed):
+    """A global tensor, stored as the Zarr array at ``path``."""
+
     layout: ArrayLayout
     origin: Literal["torch", "numpy"] = "torch"
     """What the writer held; a Python reader gives back the same kind of array."""
 
     kind: Literal["tensor"] = field(default="tensor", init=False)
 
-    @property
-    def path(self) -> str:
-        return key_to_path(self.key)
-
 
 @dataclass(frozen=True, slots=True)
-class ObjectEntry:
+class ObjectEntry(_Keyed):
     """Opaque bytes (a ``uint8`` array): raw ``bytes``, or a ``pickle`` stored only on request."""
 
-    key: Key
     layout: ArrayLayout
     encoding: ObjectEncoding
 
     kind: Literal["object"] = field(default="object", init=False)
 
-    @property
-    def path(self) -> str:
-        return key_to_path(self.key)
-
 
 @dataclass(frozen=True, slots=True)
-class ValueEntry:
+class ValueEntry(_Keyed):
     """A JSON value held in the manifest itself (``float``: a non-finite float, spelled as Zarr does)."""
 
-    key: Key
     value: Any
     encoding: ValueEncoding = "json"
 
     kind: Literal["value"] = field(default="value", init=False)
-
-    @property
-    def path(self) -> str:
-        return key_to_path(self.key)
 
     def decoded(self) -> Any:
         return NONFINITE_FLOATS[self.value] if self.encoding == "float" else self.value

@@ -8,8 +8,10 @@ for byte strings ``A`` and ``B``,
 
 in GF(2)[x] modulo the CRC32C polynomial ``P`` (zlib's ``crc32_combine``; the
 pre- and post-conditioning cancel out). One kernel gives each thread a
-:data:`SEGMENT` of bytes (slice-by-8 tables in shared memory); a second, of
-one block, folds the segments' CRCs together with that rule. The combine
+:data:`SEGMENT` of bytes of one of the buffers (slice-by-8 tables in shared
+memory); a second, of one block per buffer, folds each buffer's segment CRCs
+together with that rule. Many buffers (every chunk a load read) thus cost two
+launches, not two each. The combine
 arithmetic is written twice, in CUDA for the device and in Python
 (:func:`crc32c_combine`), so that the CPU tests check it against the
 ``crc32c`` package and the GPU tests check the kernels against both.
@@ -22,11 +24,12 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["POLYNOMIAL", "SEGMENT", "crc32c_combine", "device_crc32c", "x8n_mod_p"]
+__all__ = ["POLYNOMIAL", "SEGMENT", "crc32c_combine", "device_crc32c", "device_crc32c_many", "x8n_mod_p"]
 
 POLYNOMIAL = 0x82F63B78
 """CRC32C (Castagnoli), bit-reflected, as in RFC 3720 and Zarr's ``crc32c`` codec."""
@@ -117,17 +120,36 @@ __device__ unsigned int x8n(unsigned long long n, const unsigned int* x_2k) {
     return p;
 }
 
+__device__ unsigned long long buffer_of(
+    const unsigned long long* first, unsigned long long count, unsigned long long s
+) {
+    // The last buffer whose first segment is at or before segment s.
+    unsigned long long lo = 0, hi = count - 1;
+    while (lo < hi) {
+        unsigned long long mid = (lo + hi + 1) / 2;
+        if (first[mid] <= s) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+// buffers: count addresses, then count sizes, then count first segments (the segments of
+// buffer b are first[b] .. first[b + 1] - 1, each of `segment` bytes but the last).
 extern "C" __global__ void crc32c_segments(
-    const unsigned char* __restrict__ data, unsigned long long n, unsigned long long segment,
-    unsigned long long count, const unsigned int* __restrict__ tables, unsigned int* __restrict__ out
+    const unsigned long long* __restrict__ buffers, unsigned long long count,
+    unsigned long long segment, unsigned long long segments,
+    const unsigned int* __restrict__ tables, unsigned int* __restrict__ out
 ) {
     __shared__ unsigned int t[8][256];
     for (int i = threadIdx.x; i < 8 * 256; i += blockDim.x) t[i >> 8][i & 255] = tables[i];
     __syncthreads();
     unsigned long long s = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (s >= count) return;
-    const unsigned char* p = data + s * segment;
-    const unsigned char* end = data + min((s + 1) * segment, n);
+    if (s >= segments) return;
+    const unsigned long long* first = buffers + 2 * count;
+    unsigned long long b = buffer_of(first, count, s);
+    const unsigned char* data = (const unsigned char*)buffers[b];
+    unsigned long long n = buffers[count + b], k = s - first[b];
+    const unsigned char* p = data + k * segment;
+    const unsigned char* end = data + min((k + 1) * segment, n);
     unsigned int crc = 0xffffffffu;
     while (p < end && ((unsigned long long)p & 7)) crc = t[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
     for (; p + 8 <= end; p += 8) {
@@ -141,21 +163,26 @@ extern "C" __global__ void crc32c_segments(
 }
 
 extern "C" __global__ void crc32c_fold(
-    const unsigned int* __restrict__ crcs, unsigned long long count, unsigned long long segment,
-    unsigned long long n, const unsigned int* __restrict__ x_2k, unsigned int* __restrict__ result
+    const unsigned int* __restrict__ crcs, const unsigned long long* __restrict__ buffers,
+    unsigned long long count, unsigned long long segment,
+    const unsigned int* __restrict__ x_2k, unsigned int* __restrict__ result
 ) {
-    // One block: each thread folds a run of consecutive segments, then the runs fold pairwise.
+    // One block per buffer: each thread folds a run of consecutive segments, then the runs
+    // fold pairwise.
     __shared__ unsigned int crc[1024];
     __shared__ unsigned long long length[1024];
+    unsigned long long b = blockIdx.x, n = buffers[count + b];
+    const unsigned int* mine = crcs + buffers[2 * count + b];
+    unsigned long long segments = (n + segment - 1) / segment;
     unsigned int j = threadIdx.x;
-    unsigned long long per = (count + blockDim.x - 1) / blockDim.x;
-    unsigned long long first = j * per, last = min(first + per, count);
+    unsigned long long per = (segments + blockDim.x - 1) / blockDim.x;
+    unsigned long long first = j * per, last = min(first + per, segments);
     unsigned int acc = 0;
     unsigned long long bytes = 0;
     unsigned int full = x8n(segment, x_2k);
     for (unsigned long long i = first; i < last; ++i) {
         unsigned long long size = min(segment, n - i * segment);
-        acc = (bytes ? multiply(size == segment ? full : x8n(size, x_2k), acc) : 0) ^ crcs[i];
+        acc = (bytes ? multiply(size == segment ? full : x8n(size, x_2k), acc) : 0) ^ mine[i];
         bytes += size;
     }
     crc[j] = acc;
@@ -168,7 +195,7 @@ extern "C" __global__ void crc32c_fold(
         }
         __syncthreads();
     }
-    if (j == 0) *result = crc[0];
+    if (j == 0) result[b] = crc[0];
 }
 """
 
@@ -218,50 +245,70 @@ def _cupy_stream(cupy: Any, stream: torch.cuda.Stream) -> Any:
     return from_external(_StreamHandle(stream.cuda_stream))
 
 
-def device_crc32c(data: torch.Tensor, value: int = 0) -> int:
-    """The CRC32C of the bytes of ``data`` (a contiguous tensor on a CUDA device), continuing
-    from ``value`` (the CRC32C of the bytes before them), as ``crc32c.crc32c(data, value)``.
+def device_crc32c_many(buffers: Sequence[torch.Tensor]) -> list[int]:
+    """The CRC32C of the bytes of each of ``buffers`` (contiguous tensors on one CUDA device),
+    as ``crc32c.crc32c(buffer)`` would give it: two kernel launches and one wait for them all.
 
     The kernels run on the calling thread's current stream, so they see what it queued before
-    (a copy that assembled the chunk); the call returns once the 4-byte result is on the host.
+    (a copy that assembled a chunk); the call returns once the results are on the host. Checking
+    a pass's chunks together, rather than one launch and wait per chunk, keeps the I/O threads
+    from contending for the GIL and the GPU between their reads.
     """
-    if data.device.type != "cuda" or not data.is_contiguous():
-        raise ValueError("device_crc32c takes a contiguous tensor on a CUDA device")
-    n = data.numel() * data.element_size()
-    if n == 0:
-        return value
-    device = data.device
+    if not buffers:
+        return []
+    device = buffers[0].device
+    if any(b.device != device or device.type != "cuda" or not b.is_contiguous() for b in buffers):
+        raise ValueError("device_crc32c_many takes contiguous tensors on one CUDA device")
+    sizes = [b.numel() * b.element_size() for b in buffers]
+    nonempty = [i for i, n in enumerate(sizes) if n]
+    if not nonempty:
+        return [0] * len(buffers)
+    firsts, segments = [], 0
+    for i in nonempty:
+        firsts.append(segments)
+        segments += -(-sizes[i] // SEGMENT)
+    table = [buffers[i].data_ptr() for i in nonempty] + [sizes[i] for i in nonempty] + firsts
     kernels = _kernels(device)
-    count = -(-n // SEGMENT)
-    crcs = torch.empty(count, dtype=torch.int32, device=device)
-    result = torch.empty(1, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device)
     cupy = kernels.cupy
-    with cupy.cuda.Device(device.index), _cupy_stream(cupy, stream):
+    described = torch.tensor(table, dtype=torch.int64).to(device)
+    crcs = torch.empty(segments, dtype=torch.int32, device=device)
+    results = torch.empty(len(nonempty), dtype=torch.int32, device=device)
+    count = cupy.uint64(len(nonempty))
+    with cupy.cuda.Device(device.index), _cupy_stream(cupy, torch.cuda.current_stream(device)):
         threads = 256
         kernels.segments(
-            ((count + threads - 1) // threads,),
+            ((segments + threads - 1) // threads,),
             (threads,),
             (
-                data.data_ptr(),
-                cupy.uint64(n),
+                described.data_ptr(),
+                count,
                 cupy.uint64(SEGMENT),
-                cupy.uint64(count),
+                cupy.uint64(segments),
                 kernels.tables.data_ptr(),
                 crcs.data_ptr(),
             ),
         )
         kernels.fold(
-            (1,),
+            (len(nonempty),),
             (_COMBINE_THREADS,),
             (
                 crcs.data_ptr(),
-                cupy.uint64(count),
+                described.data_ptr(),
+                count,
                 cupy.uint64(SEGMENT),
-                cupy.uint64(n),
                 kernels.x_2k.data_ptr(),
-                result.data_ptr(),
+                results.data_ptr(),
             ),
         )
-    crc = int(result.item()) & 0xFFFFFFFF  # .item() waits for the stream
-    return crc if value == 0 else crc32c_combine(value, crc, n)
+    crc = [0] * len(buffers)
+    for i, value in zip(nonempty, results.tolist(), strict=True):  # .tolist() waits for the stream
+        crc[i] = value & 0xFFFFFFFF
+    return crc
+
+
+def device_crc32c(data: torch.Tensor, value: int = 0) -> int:
+    """The CRC32C of the bytes of ``data`` (a contiguous tensor on a CUDA device), continuing
+    from ``value`` (the CRC32C of the bytes before them), as ``crc32c.crc32c(data, value)``."""
+    crc = device_crc32c_many([data])[0]
+    n = data.numel() * data.element_size()
+    return crc if value == 0 or n == 0 else crc32c_combine(value, crc, n)

@@ -36,6 +36,7 @@ __all__ = [
     "Buffer",
     "DeviceIO",
     "FileMissingError",
+    "PendingRead",
     "ReadNext",
     "Storage",
     "check_relative_path",
@@ -52,7 +53,13 @@ CLAIM_FILE = ".tessera-claim.json"
 
 ReadNext = Callable[[memoryview | torch.Tensor], None]
 """Fills a whole buffer (host memory, or a contiguous CUDA tensor where the storage has a
-:class:`DeviceIO`) with an open file's next bytes; a file that ends first is an error."""
+:class:`DeviceIO`) with an open file's next bytes; a file that ends first is an error.
+
+A CUDA tensor's read may still be landing when the call returns (the next host read then runs
+beside it); it has landed, and a short read has raised, when ``read_into`` returns."""
+
+PendingRead = Callable[[], int]
+"""Waits for a read that :meth:`DeviceIO.start_read` started; the bytes read."""
 
 
 class DeviceIO(Protocol):
@@ -62,9 +69,10 @@ class DeviceIO(Protocol):
     def write(self, fd: int, offset: int, data: torch.Tensor) -> None:
         """Write all bytes of ``data`` (contiguous, on a CUDA device) at ``offset``."""
 
-    def read(self, fd: int, offset: int, out: torch.Tensor) -> int:
-        """Fill ``out`` (contiguous, on a CUDA device) from ``offset``; the bytes read, fewer
-        only where the file ends first."""
+    def start_read(self, fd: int, offset: int, out: torch.Tensor) -> PendingRead:
+        """Start filling ``out`` (contiguous, on a CUDA device) from ``offset``; the returned
+        function waits for it and gives the bytes read, fewer (or an ``OSError``) where the
+        file ends first. The caller keeps ``fd`` open, and calls it, before it returns."""
 
 
 class FileMissingError(StorageError):

@@ -43,6 +43,7 @@ from .base import (
     Buffer,
     DeviceIO,
     FileMissingError,
+    PendingRead,
     ReadNext,
     Storage,
     check_relative_path,
@@ -65,6 +66,17 @@ def _os_errors(what: str) -> Iterator[None]:
         else:
             hint = exc.strerror or str(exc)
         raise StorageError(f"{what}: {hint}") from exc
+
+
+def _wait_for(pending: list[tuple[PendingRead, int]]) -> tuple[BaseException | None, bool]:
+    """Wait for every started device read: the first that failed, and whether one came short."""
+    error, short = None, False
+    for wait, nbytes in pending:
+        try:
+            short = short or wait() != nbytes
+        except Exception as exc:  # noqa: BLE001 - kept to raise once every read landed
+            error = error or exc
+    return error, short
 
 
 def _fsync_dir(path: Path) -> None:
@@ -94,8 +106,10 @@ class LocalStorage(Storage):
         self._created_dirs: set[Path] = set()
         self._written_dirs: set[Path] = set()
         self._lock = threading.Lock()
-        self._real_root: Path | None = None
-        self._inside: set[Path] = set()  # directories known to resolve inside the root
+        self._real_root: str | None = None
+        # Directories known to resolve inside the root, as strings: a load checks one per file
+        # it opens, and pathlib's objects cost more to build and hash than the check itself.
+        self._inside: set[str] = {str(self._root)}
 
     @property
     def location(self) -> str:
@@ -226,8 +240,8 @@ class LocalStorage(Storage):
         return self._root.is_dir() and any(self._root.iterdir())
 
     def _open(self, path: str) -> int:
-        target = self._root / check_relative_path(path)
-        self._check_inside(target.parent, path)
+        target = os.path.join(self._root, check_relative_path(path))
+        self._check_inside(os.path.dirname(target), path)
         try:
             return os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
@@ -235,22 +249,28 @@ class LocalStorage(Storage):
                 raise InvalidKeyError(f"{target} is a symbolic link; refused") from None
             raise
 
-    def _check_inside(self, directory: Path, path: str) -> None:
-        # Resolving costs a system call per path component, and a load opens files in hundreds
-        # of directories: a directory whose parent is known to lie inside lies inside too unless
-        # it is itself a symbolic link (one lstat); only others are resolved in full.
+    def _check_inside(self, directory: str, path: str) -> None:
+        """Refuse a ``directory`` (under the root) that resolves outside the root.
+
+        Resolving costs a system call per path component, and a load opens files in hundreds
+        of directories: a directory whose parent lies inside lies inside too unless it is itself
+        a symbolic link. So walk up to the nearest directory known to lie inside, one lstat per
+        step, and resolve in full only a symbolic link met on the way.
+        """
         inside = self._inside
-        if directory in inside:
-            return
-        if directory.parent in inside and not os.path.islink(directory):
-            inside.add(directory)
-            return
-        if self._real_root is None:
-            self._real_root = self._root.resolve()
-        real = directory.resolve()
-        if real != self._real_root and self._real_root not in real.parents:
-            raise InvalidKeyError(f"{path!r} resolves outside the checkpoint at {self._root}")
-        inside.add(directory)
+        unknown: list[str] = []
+        while directory not in inside:
+            if os.path.islink(directory) or os.path.dirname(directory) == directory:
+                if self._real_root is None:
+                    self._real_root = os.path.realpath(self._root)
+                real = os.path.realpath(directory)
+                if real != self._real_root and not real.startswith(self._real_root.rstrip(os.sep) + os.sep):
+                    raise InvalidKeyError(f"{path!r} resolves outside the checkpoint at {self._root}")
+                unknown.append(directory)
+                break
+            unknown.append(directory)
+            directory = os.path.dirname(directory)
+        inside.update(unknown)
 
     def _open_file(self, path: str) -> tuple[int, int] | None:
         """An open descriptor of the regular file at ``path`` and its size; ``None`` if there is none."""
@@ -306,13 +326,15 @@ class LocalStorage(Storage):
                 return
             fd, size = opened
             position = offset
+            # Device reads run beside the host reads after them (a chunk's CRC behind its data)
+            # and are waited for before the file closes, whatever ``fill`` did.
+            pending: list[tuple[PendingRead, int]] = []
 
             def read(out: memoryview | torch.Tensor) -> None:
                 nonlocal position
                 if isinstance(out, torch.Tensor):
                     nbytes = out.numel() * out.element_size()
-                    if self._device(out).read(fd, position, out) != nbytes:
-                        raise StorageError(f"{self._root / path} ended early (truncated file)")
+                    pending.append((self._device(out).start_read(fd, position, out), nbytes))
                     position += nbytes
                 else:
                     self._read_exact(fd, position, out, path)
@@ -321,7 +343,12 @@ class LocalStorage(Storage):
             try:
                 fill(size, read)
             finally:
+                error, short = _wait_for(pending)
                 os.close(fd)
+            if error is not None:
+                raise error
+            if short:
+                raise StorageError(f"{self._root / path} ended early (truncated file)")
 
     def _device(self, buffer: torch.Tensor) -> DeviceIO:
         if self._device_io is None or buffer.device.type != "cuda" or not buffer.is_contiguous():

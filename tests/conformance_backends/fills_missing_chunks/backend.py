@@ -34,7 +34,7 @@ class FillsMissingChunks(ReferenceBackend):
             return super().read(request)
 
 
-def _through_read_chunk(self: Checkpoint, target: ReadTarget) -> object:
+def _through_read_chunk(self: Checkpoint, target: ReadTarget, checksums: object) -> object:
     return self._shared_chunk_task([target])
 
 
