@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -161,6 +163,20 @@ def edit_manifest(root: Path, fn: Callable[[dict[str, Any]], Any]) -> None:
 def entry_of(root: Path, path: str) -> dict[str, Any]:
     manifest = read_json(Path(root) / "zarr.json")["attributes"]["tessera"]
     return next(e for e in manifest["entries"] if e["path"] == path)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_conformance(backend: Path, *options: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """``conformance run BACKEND OPTIONS`` as a user runs it, from the repository root."""
+    return subprocess.run(
+        [sys.executable, "-m", "conformance", "run", str(backend), *options],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def flip_byte(path: Path, offset: int = 0) -> None:

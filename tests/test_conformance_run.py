@@ -11,8 +11,6 @@ reads that expect that check's error, and nothing else.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +23,8 @@ from conformance.protocol.messages import problems
 from conformance.report import RunReport
 from conformance.runner import run_cases
 
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import ROOT, run_conformance
+
 REFERENCE = ROOT / "conformance" / "backends" / "reference"
 BROKEN = Path(__file__).resolve().parent / "conformance_backends"
 
@@ -33,13 +32,7 @@ BROKEN = Path(__file__).resolve().parent / "conformance_backends"
 def test_the_reference_backend_passes_every_profile(tmp_path: Path) -> None:
     """Through the real command: exit 0, a report that satisfies its schema, no MUST case lost."""
     report_path = tmp_path / "report.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "conformance", "run", str(REFERENCE), "--report", str(report_path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    done = run_conformance(REFERENCE, "--report", str(report_path))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads(report_path.read_text())
     assert problems(report, "report") == []

@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +23,8 @@ import torch
 from tessera.gpu.crc32c import SEGMENT, crc32c_combine, x8n_mod_p
 from tessera.planning.chunk_grid import DIRECT_IO_BLOCK, choose_chunk_shape
 
-from .conftest import assert_bit_equal, flip_byte, forced_chunks, random_tensor
+from .conftest import ROOT, assert_bit_equal, flip_byte, forced_chunks, random_tensor, run_conformance
 
-ROOT = Path(__file__).resolve().parent.parent
 HAS_GPU_DIRECT = torch.cuda.is_available() and importlib.util.find_spec("kvikio") is not None
 gpu_direct = pytest.mark.skipif(not HAS_GPU_DIRECT, reason="needs a CUDA device and KvikIO")
 
@@ -95,13 +92,7 @@ def test_an_asynchronous_save_cannot_be_gpu_direct(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(HAS_GPU_DIRECT, reason="GPU-direct I/O is available here")
 def test_the_gpu_direct_backend_says_why_it_cannot_start(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "conformance", "run", str(ROOT / "conformance/backends/gpu-direct")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
+    done = run_conformance(ROOT / "conformance/backends/gpu-direct", timeout=300)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert "needs a CUDA device" in done.stdout and "CONFORMANT" not in done.stdout.replace(
         "NOT CONFORMANT", ""
@@ -271,13 +262,7 @@ def test_a_gpu_direct_save_never_overwrites_R9_1(tmp_path: Path) -> None:
 def test_the_gpu_direct_backend_is_conformant(tmp_path: Path) -> None:
     report_path = tmp_path / "report.json"
     backend = ROOT / "conformance" / "backends" / "gpu-direct"
-    done = subprocess.run(
-        [sys.executable, "-m", "conformance", "run", str(backend), "--report", str(report_path)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-    )
+    done = run_conformance(backend, "--report", str(report_path), timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     report = json.loads(report_path.read_text())
     failed = [c["id"] for c in report["cases"] if c["status"] in ("fail", "error")]

@@ -21,7 +21,7 @@ from numcodecs import Zstd
 from .errors import ChecksumMismatchError, InconsistentCheckpointError
 from .format.layout import CRC32C_SIZE, ArrayLayout, ChunkIndex
 
-__all__ = ["encode_chunk", "decode_chunk", "prefix_elements", "check_crc"]
+__all__ = ["encode_chunk", "decode_chunk", "edge_padding", "prefix_elements", "check_crc"]
 
 Region = tuple[tuple[int, int], ...]
 
@@ -46,6 +46,12 @@ def prefix_elements(layout: ArrayLayout, index: ChunkIndex) -> int | None:
     return math.prod(extents)
 
 
+def edge_padding(layout: ArrayLayout, valid: int) -> bytes:
+    """The fill bytes after a chunk's first ``valid`` elements (its data, a prefix of the chunk;
+    see :func:`prefix_elements`): empty for a chunk inside the array."""
+    return layout.dtype.fill_bytes() * (math.prod(layout.chunk_shape) - valid)
+
+
 def _bytes_of(array: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array; ml_dtypes types lack the buffer protocol, uint8 has it."""
     return array.reshape(-1).view(np.uint8).data
@@ -62,9 +68,9 @@ def encode_chunk(data: np.ndarray, layout: ArrayLayout, index: ChunkIndex) -> It
     valid = prefix_elements(layout, index)
     if valid is not None and data.flags.c_contiguous:
         payload: list[memoryview | bytes] = [_bytes_of(data)]
-        padding = math.prod(layout.chunk_shape) - valid
+        padding = edge_padding(layout, valid)
         if padding:
-            payload.append(layout.dtype.fill_bytes() * padding)
+            payload.append(padding)
     else:
         fill = np.frombuffer(layout.dtype.fill_bytes(), layout.dtype.numpy_dtype)[0]
         full = np.full(layout.chunk_shape, fill, dtype=layout.dtype.numpy_dtype)

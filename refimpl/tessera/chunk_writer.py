@@ -30,7 +30,7 @@ import crc32c
 import numpy as np
 import torch
 
-from .chunk_codec import encode_chunk, prefix_elements
+from .chunk_codec import edge_padding, encode_chunk, prefix_elements
 from .collective import Collective
 from .format.dtypes import DType, dtype_by_name
 from .format.layout import ArrayLayout, chunk_key
@@ -193,7 +193,7 @@ def _write_from_device(
             and data.is_contiguous()
         ):
             body = data.reshape(-1).view(torch.uint8)  # the tensor's own memory
-            padding = layout.dtype.fill_bytes() * (math.prod(layout.chunk_shape) - valid)
+            padding = edge_padding(layout, valid)
         else:
             assembled = torch.empty(layout.chunk_nbytes, dtype=torch.uint8, device=device)
             fill = torch.frombuffer(bytearray(layout.dtype.fill_bytes()), dtype=torch.uint8).to(device)

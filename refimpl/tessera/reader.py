@@ -244,9 +244,10 @@ class _DeviceChecksums:
     class Pending:
         data: torch.Tensor
         """The chunk's data as it lies in GPU memory (flat bytes)."""
-        tail: int
-        """CRC32C of the chunk's bytes after ``data`` (its edge padding), read on the host."""
-        tail_bytes: int
+        padding_crc: int
+        """CRC32C of the chunk's edge padding after ``data``, read on the host."""
+        padding: int
+        """Bytes of that padding."""
         stored: bytes
         where: str
 
@@ -269,8 +270,8 @@ class _DeviceChecksums:
             with torch.cuda.stream(thread_stream(device)):
                 crcs = device_crc32c_many([chunk.data for chunk in chunks])
             for chunk, crc in zip(chunks, crcs, strict=True):
-                if chunk.tail_bytes:
-                    crc = crc32c_combine(crc, chunk.tail, chunk.tail_bytes)
+                if chunk.padding:
+                    crc = crc32c_combine(crc, chunk.padding_crc, chunk.padding)
                 check_crc(crc, chunk.stored, chunk.where)
 
 
@@ -724,9 +725,9 @@ class Checkpoint:
         def fill(size: int | None, read: ReadNext) -> None:
             self._check_chunk_file(entry, index, size)
             read(flat)
-            tail, stored = _read_tail(read, padding, 0)
+            padding_crc, stored = _read_tail(read, padding, 0)
             where = self.chunk_where(entry, index)
-            checksums.add(_DeviceChecksums.Pending(flat, tail, padding, stored, where))
+            checksums.add(_DeviceChecksums.Pending(flat, padding_crc, padding, stored, where))
 
         self.storage.read_into(f"{entry.path}/{chunk_key(index)}", 0, fill)
 
