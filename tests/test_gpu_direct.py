@@ -115,11 +115,18 @@ def test_device_crc_matches_the_host_crc(size: int, offset: int) -> None:
 
 
 @gpu_direct
-def test_device_crcs_of_many_buffers_in_one_batch_match_the_host_crcs() -> None:
+@pytest.mark.parametrize("batch_segments", [None, 1, 5])
+def test_device_crcs_of_many_buffers_in_one_batch_match_the_host_crcs(
+    batch_segments: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """One batch mixes every case a load's chunks bring: empty, tiny, unaligned, a partial last
-    segment, and buffers far larger than the segment, in any order."""
+    segment, and buffers far larger than the segment, in any order; split into launches of a
+    few segments (a buffer larger than one launch then goes alone), the results are the same."""
+    from tessera.gpu import crc32c as device
     from tessera.gpu.crc32c import device_crc32c_many
 
+    if batch_segments is not None:
+        monkeypatch.setattr(device, "BATCH_SEGMENTS", batch_segments)
     pool = torch.randint(0, 256, (2**23,), dtype=torch.uint8, device="cuda")
     spans = [(0, 0), (5, 1), (3, 4095), (4096, 4096), (9, 3 * SEGMENT + 1), (100, 2**22 + 7), (7, 0), (1, 17)]
     buffers = [pool[start : start + size] for start, size in spans]

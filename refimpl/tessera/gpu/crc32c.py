@@ -29,7 +29,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["POLYNOMIAL", "SEGMENT", "crc32c_combine", "device_crc32c", "device_crc32c_many", "x8n_mod_p"]
+__all__ = [
+    "BATCH_SEGMENTS",
+    "POLYNOMIAL",
+    "SEGMENT",
+    "crc32c_combine",
+    "device_crc32c",
+    "device_crc32c_many",
+    "x8n_mod_p",
+]
 
 POLYNOMIAL = 0x82F63B78
 """CRC32C (Castagnoli), bit-reflected, as in RFC 3720 and Zarr's ``crc32c`` codec."""
@@ -37,6 +45,10 @@ POLYNOMIAL = 0x82F63B78
 SEGMENT = 4096
 """Bytes per thread: small enough that a 64 MiB chunk gives 16,384 threads, large enough that
 the combining stays a small part of the work."""
+
+BATCH_SEGMENTS = 1 << 22
+"""Segments per pair of launches: 16 GiB of buffers, whose segment CRCs take 16 MiB of GPU
+memory, so that checking a whole GPU's worth of chunks at once never needs much more."""
 
 _COMBINE_THREADS = 1024
 
@@ -247,7 +259,8 @@ def _cupy_stream(cupy: Any, stream: torch.cuda.Stream) -> Any:
 
 def device_crc32c_many(buffers: Sequence[torch.Tensor]) -> list[int]:
     """The CRC32C of the bytes of each of ``buffers`` (contiguous tensors on one CUDA device),
-    as ``crc32c.crc32c(buffer)`` would give it: two kernel launches and one wait for them all.
+    as ``crc32c.crc32c(buffer)`` would give it: two kernel launches per :data:`BATCH_SEGMENTS`
+    segments and one wait for them all.
 
     The kernels run on the calling thread's current stream, so they see what it queued before
     (a copy that assembled a chunk); the call returns once the results are on the host. Checking
@@ -260,50 +273,69 @@ def device_crc32c_many(buffers: Sequence[torch.Tensor]) -> list[int]:
     if any(b.device != device or device.type != "cuda" or not b.is_contiguous() for b in buffers):
         raise ValueError("device_crc32c_many takes contiguous tensors on one CUDA device")
     sizes = [b.numel() * b.element_size() for b in buffers]
-    nonempty = [i for i, n in enumerate(sizes) if n]
-    if not nonempty:
-        return [0] * len(buffers)
-    firsts, segments = [], 0
-    for i in nonempty:
-        firsts.append(segments)
-        segments += -(-sizes[i] // SEGMENT)
-    table = [buffers[i].data_ptr() for i in nonempty] + [sizes[i] for i in nonempty] + firsts
+    batches: list[list[int]] = [[]]
+    segments = 0
+    for i, size in enumerate(sizes):
+        if not size:
+            continue
+        if batches[-1] and segments + -(-size // SEGMENT) > BATCH_SEGMENTS:
+            batches.append([])
+            segments = 0
+        batches[-1].append(i)
+        segments += -(-size // SEGMENT)
     kernels = _kernels(device)
+    stream = _cupy_stream(kernels.cupy, torch.cuda.current_stream(device))
+    with kernels.cupy.cuda.Device(device.index), stream:
+        results = [_launch(kernels, [buffers[i] for i in b], [sizes[i] for i in b]) for b in batches]
+    crc = [0] * len(buffers)
+    for batch, result in zip(batches, results, strict=True):
+        for i, value in zip(batch, result.tolist(), strict=True):  # .tolist() waits for the stream
+            crc[i] = value & 0xFFFFFFFF
+    return crc
+
+
+def _launch(kernels: _Kernels, buffers: list[torch.Tensor], sizes: list[int]) -> torch.Tensor:
+    """Queue the two kernels over non-empty ``buffers`` on the current stream; their CRCs, as
+    int32 on the device."""
+    device = kernels.tables.device
+    if not buffers:
+        return torch.empty(0, dtype=torch.int32, device=device)
     cupy = kernels.cupy
+    firsts, segments = [], 0
+    for size in sizes:
+        firsts.append(segments)
+        segments += -(-size // SEGMENT)
+    table = [b.data_ptr() for b in buffers] + sizes + firsts
     described = torch.tensor(table, dtype=torch.int64).to(device)
     crcs = torch.empty(segments, dtype=torch.int32, device=device)
-    results = torch.empty(len(nonempty), dtype=torch.int32, device=device)
-    count = cupy.uint64(len(nonempty))
-    with cupy.cuda.Device(device.index), _cupy_stream(cupy, torch.cuda.current_stream(device)):
-        threads = 256
-        kernels.segments(
-            ((segments + threads - 1) // threads,),
-            (threads,),
-            (
-                described.data_ptr(),
-                count,
-                cupy.uint64(SEGMENT),
-                cupy.uint64(segments),
-                kernels.tables.data_ptr(),
-                crcs.data_ptr(),
-            ),
-        )
-        kernels.fold(
-            (len(nonempty),),
-            (_COMBINE_THREADS,),
-            (
-                crcs.data_ptr(),
-                described.data_ptr(),
-                count,
-                cupy.uint64(SEGMENT),
-                kernels.x_2k.data_ptr(),
-                results.data_ptr(),
-            ),
-        )
-    crc = [0] * len(buffers)
-    for i, value in zip(nonempty, results.tolist(), strict=True):  # .tolist() waits for the stream
-        crc[i] = value & 0xFFFFFFFF
-    return crc
+    results = torch.empty(len(buffers), dtype=torch.int32, device=device)
+    count = cupy.uint64(len(buffers))
+    threads = 256
+    kernels.segments(
+        ((segments + threads - 1) // threads,),
+        (threads,),
+        (
+            described.data_ptr(),
+            count,
+            cupy.uint64(SEGMENT),
+            cupy.uint64(segments),
+            kernels.tables.data_ptr(),
+            crcs.data_ptr(),
+        ),
+    )
+    kernels.fold(
+        (len(buffers),),
+        (_COMBINE_THREADS,),
+        (
+            crcs.data_ptr(),
+            described.data_ptr(),
+            count,
+            cupy.uint64(SEGMENT),
+            kernels.x_2k.data_ptr(),
+            results.data_ptr(),
+        ),
+    )
+    return results
 
 
 def device_crc32c(data: torch.Tensor, value: int = 0) -> int:
