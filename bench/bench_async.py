@@ -25,7 +25,6 @@ Run ``python bench/bench_async.py --help``; see bench/README.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shutil
 import statistics
@@ -47,6 +46,7 @@ from bench_save_load import (
     MIXES,
     BenchmarkError,
     StateDict,
+    add_common_options,
     build_state_dict,
     byte_view,
     choose_layout,
@@ -54,6 +54,7 @@ from bench_save_load import (
     empty_like_tree,
     leaves,
     meminfo_kib,
+    run_stamp,
     verify,
 )
 
@@ -300,12 +301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dcp-threads", type=int, default=None, help="FileSystemWriter thread_count (1 on cpu, 8 on cuda)"
     )
     p.add_argument("--no-dcp", action="store_true", help="skip the dcp.async_save context rounds")
-    p.add_argument(
-        "--dir", type=Path, default=None, help="parent of the scratch directory (default: under /tmp)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--markdown", type=Path, help="append a markdown section to this file")
-    p.add_argument("--json", type=Path, help="write machine-readable results to this file")
+    add_common_options(p, "append a markdown section to this file")
     args = p.parse_args(argv)
     if args.rounds < 1 or (args.size_gib is not None and args.size_gib <= 0):
         p.error("need --rounds >= 1 and --size-gib > 0")
@@ -350,8 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     notes += summary_lines(results, anchor, device)
     print("\n" + table(results, anchor, markdown=False))
     print("\n".join(notes))
-    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    command = " ".join([sys.executable, *sys.argv])
+    date, command = run_stamp()
     if args.markdown:
         with args.markdown.open("a") as f:
             f.write(f"## Asynchronous save, {info['bytes'] / GIB:.2f} GiB on {device}, {date}\n\n")

@@ -24,7 +24,6 @@ Run ``python bench/bench_reshard.py --help``; see bench/README.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import shutil
@@ -40,7 +39,7 @@ import tessera
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_save_load import BenchmarkError, byte_view, drop_cache
+from bench_save_load import BenchmarkError, add_common_options, byte_view, drop_cache, run_stamp
 
 MIB = 2**20
 GOAL = 1.25
@@ -276,12 +275,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="chunk sizes to save with (default: tessera's)",
     )
     p.add_argument("--quick", action="store_true", help="32 MiB, for smoke tests (overrides --size-mib)")
-    p.add_argument(
-        "--dir", type=Path, default=None, help="parent of the scratch directory (default: under /tmp)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--markdown", type=Path, help="append a markdown section to this file")
-    p.add_argument("--json", type=Path, help="write machine-readable results to this file")
+    add_common_options(p, "append a markdown section to this file")
     args = p.parse_args(argv)
     if args.size_mib <= 0 or (args.chunk_mib and min(args.chunk_mib) <= 0):
         p.error("sizes must be > 0")
@@ -313,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = notes(rows)
     print("\n" + table(rows, markdown=False))
     print("\n".join(lines))
-    date = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    command = " ".join([sys.executable, *sys.argv])
+    date, command = run_stamp()
     if args.markdown:
         with args.markdown.open("a") as f:
             f.write(f"## Resharding load, 4 -> 3 ranks, {date}\n\n- command: `{command}`\n")

@@ -848,8 +848,9 @@ def environment(workdir: Path, ctx: Context, methods: list[Method]) -> dict[str,
         except Exception:  # noqa: BLE001 - absent or broken: just not reported
             return None
 
+    date, command = run_stamp()
     return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "date": date,
         "uname": sh("uname", "-a"),
         "nproc": os.cpu_count(),
         "memory_gib": round(meminfo_kib("MemTotal") / 2**20, 1),
@@ -861,7 +862,7 @@ def environment(workdir: Path, ctx: Context, methods: list[Method]) -> dict[str,
         "tessera": version("tessera"),
         "kvikio": kvikio_description() if any(m.gpu_direct for m in methods) else None,
         "filesystem": sh("df", "-T", str(workdir)),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": command,
     }
 
 
@@ -960,6 +961,25 @@ def memory_refusals(layouts: list[Layout], ctx: Context) -> list[str]:
 # -- main ----------------------------------------------------------------------------------
 
 
+def add_common_options(p: argparse.ArgumentParser, markdown: str) -> None:
+    """The options every benchmark here takes: where it works, its seed, where results go
+    (``markdown``: what ``--markdown`` appends)."""
+    p.add_argument(
+        "--dir", type=Path, default=None, help="parent of the scratch directory (default: under /tmp)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markdown", type=Path, help=markdown)
+    p.add_argument("--json", type=Path, help="write machine-readable results to this file")
+
+
+def run_stamp() -> tuple[str, str]:
+    """The run's date (UTC) and its command line, as every result records them."""
+    return (
+        datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        shlex.join([sys.executable, *sys.argv]),
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -990,9 +1010,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="unrecorded rounds of every method before the timed ones (default 1)",
     )
     p.add_argument(
-        "--dir", type=Path, default=None, help="parent of the scratch directory (default: under /tmp)"
-    )
-    p.add_argument(
         "--methods",
         default=",".join(m.name for m in METHODS if not m.gpu_direct),
         help="comma-separated subset; the anchor is always run (default: all but "
@@ -1005,9 +1022,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="raw",
         help="what every ratio is taken against: raw (default) or kvikio (--device cuda only)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--markdown", type=Path, help="append one markdown section per size to this file")
-    p.add_argument("--json", type=Path, help="write machine-readable results to this file")
+    add_common_options(p, "append one markdown section per size to this file")
     args = p.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0 or min(args.size_gib) <= 0:
         p.error("need --repeat >= 1, --warmup >= 0 and every --size-gib > 0")
