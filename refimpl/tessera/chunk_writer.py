@@ -61,10 +61,10 @@ def write_rank(
     collective: Collective,
     threads: int | None,
     progress: bool,
-    gpu_direct: bool = False,
 ) -> None:
     """Move shared pieces to their owners, then write this rank's documents and chunks, durably;
-    with ``gpu_direct``, chunks of GPU tensors through ``storage``'s device I/O."""
+    where ``storage`` has device I/O (GPU-direct), chunks of GPU tensors through it."""
+    gpu_direct = storage.device_io is not None
     dtypes = {s: a.layout.dtype for a in plan.arrays for c in a.chunks for s in c.sources}
     incoming = [(t, dtypes[t.source]) for t in plan.receives]
     moving_in = {t.source for t in plan.receives}

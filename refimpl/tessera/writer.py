@@ -158,9 +158,7 @@ def save(
         plan_cache.hits += 1
     elif plan_cache is not None:
         plan_cache.digest, plan_cache.rank_plan = digest, rank_plan
-    _, error = _attempt(
-        lambda: write_rank(rank_plan, local, storage, collective, threads, progress, gpu_direct)
-    )
+    _, error = _attempt(lambda: write_rank(rank_plan, local, storage, collective, threads, progress))
     statuses = collective.gather(error, "reporting durable data")
     outcome: _Outcome | None = None
     if collective.rank == 0:
