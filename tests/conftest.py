@@ -6,6 +6,7 @@ Rule numbers (R5.3, R11.4...) refer to ``spec/tessera-v1.md``.
 from __future__ import annotations
 
 import json
+import re
 import math
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import tessera
 import torch
+from tessera.format.digest import DIGEST_MEMBER, PLACEHOLDER, seal_root
 from tessera.format.dtypes import DTYPES, DType
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,8 +141,18 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def write_json(path: Path, doc: Any) -> None:
-    Path(path).write_text(json.dumps(doc), encoding="utf-8")
+def write_json(path: Path, doc: Any, *, seal: bool = True) -> None:
+    """Write ``doc``; a root document whose manifest has a well-formed ``manifest_digest`` is
+    sealed again (its digest recomputed, R3.20), as by a tamperer who recomputes every checksum,
+    so that a test crafting a hostile manifest reaches the checks after the digest (R11.1).
+    ``seal=False`` keeps the digest as ``doc`` has it."""
+    manifest = doc.get("attributes", {}).get("tessera") if isinstance(doc, dict) else None
+    value = manifest.get(DIGEST_MEMBER) if isinstance(manifest, dict) else None
+    if not (seal and isinstance(value, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", value)):
+        Path(path).write_text(json.dumps(doc), encoding="utf-8")
+        return
+    manifest[DIGEST_MEMBER] = PLACEHOLDER
+    Path(path).write_bytes(seal_root(json.dumps(doc).encode()))
 
 
 def edit_json(path: Path, fn: Callable[[Any], Any]) -> None:

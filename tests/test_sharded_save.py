@@ -840,7 +840,8 @@ def _coordinate(states: list[dict[str, Any]], path: Path, **options: Any) -> lis
     for state in states:
         local = make_local_plan(flatten(state), opts)
         reports.append(_Report.of(None, local.layout_digest(opts, len(states)), local, True))
-    return coordinate(reports, opts, LocalStorage(path), None, None, None, len(states))
+    instructions, _ = coordinate(reports, opts, LocalStorage(path), None, None, None, len(states))
+    return instructions
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))

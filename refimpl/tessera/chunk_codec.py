@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import crc32c
 import numpy as np
@@ -57,12 +57,18 @@ def _bytes_of(array: np.ndarray) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
 
-def encode_chunk(data: np.ndarray, layout: ArrayLayout, index: ChunkIndex) -> Iterator[memoryview | bytes]:
+def encode_chunk(
+    data: np.ndarray,
+    layout: ArrayLayout,
+    index: ChunkIndex,
+    record: Callable[[int], None] | None = None,
+) -> Iterator[memoryview | bytes]:
     """The stored chunk ``index``, given its part of the array: buffers to write one after another.
 
     Lazy, so that the checksum costs no pass of its own over memory: each block's
     CRC32C is computed just before the block is handed to the write, while it is
-    still in the CPU cache; the checksum itself comes last.
+    still in the CPU cache; the checksum itself comes last, given to ``record`` first
+    (the writer's chunk list, spec R3.19).
     """
     region = layout.chunk_region(index)
     valid = prefix_elements(layout, index)
@@ -86,12 +92,16 @@ def encode_chunk(data: np.ndarray, layout: ArrayLayout, index: ChunkIndex) -> It
             block = view[start : start + _CHECKSUM_BLOCK]
             checksum = crc32c.crc32c(block, checksum)
             yield block
+    if record is not None:
+        record(checksum)
     yield struct.pack("<I", checksum)
 
 
-def check_crc(checksum: int, stored: bytes, where: str) -> None:
+def check_crc(checksum: int, stored: bytes, where: str, listed: int | None = None) -> None:
     """Raise :class:`ChecksumMismatchError` unless ``checksum``, the CRC32C of a chunk's bytes
-    (computed whole, or block by block as they were read), equals its 4 ``stored`` bytes.
+    (computed whole, or block by block as they were read), equals its 4 ``stored`` bytes (R6.6),
+    and these equal ``listed``, the CRC the manifest's chunk list gives the chunk's index (R3.19;
+    ``None`` for a 1.0 manifest, which has no chunk list).
 
     Every chunk a reader trusts passes here, so a reader that must not check (the
     conformance suite's broken backends) replaces this one function.
@@ -101,6 +111,12 @@ def check_crc(checksum: int, stored: bytes, where: str) -> None:
         raise ChecksumMismatchError(
             f"{where}: CRC32C is {checksum:08x} but the chunk stores {expected:08x}; "
             "the chunk is corrupt (re-save or restore it from a copy)"
+        )
+    if listed is not None and expected != listed:
+        raise ChecksumMismatchError(
+            f"{where}: the chunk is intact (CRC32C {expected:08x}) but the manifest lists "
+            f"{listed:08x} for this index: the file holds other data than was saved here (a valid "
+            "chunk moved or copied from another place); restore the checkpoint from a copy"
         )
 
 
@@ -123,12 +139,15 @@ def zstd_content_size(frame: memoryview) -> int | None:
     return value + 256 if fcs_size == 2 else value
 
 
-def decode_chunk(raw: bytes | memoryview, layout: ArrayLayout, where: str) -> np.ndarray:
-    """A chunk's elements, chunk-shaped, after checking its checksum and its size."""
+def decode_chunk(
+    raw: bytes | memoryview, layout: ArrayLayout, where: str, listed: int | None = None
+) -> np.ndarray:
+    """A chunk's elements, chunk-shaped, after checking its checksum (against ``listed`` too,
+    the manifest's CRC for its index, :func:`check_crc`) and its size."""
     if len(raw) < CRC32C_SIZE:
         raise InconsistentCheckpointError(f"{where}: {len(raw)} bytes cannot hold a checksum")
     body = memoryview(raw)[:-CRC32C_SIZE]
-    check_crc(crc32c.crc32c(body), bytes(raw[-CRC32C_SIZE:]), where)
+    check_crc(crc32c.crc32c(body), bytes(raw[-CRC32C_SIZE:]), where, listed)
     if layout.zstd_level is not None:
         declared = zstd_content_size(body)
         if declared != layout.chunk_nbytes:

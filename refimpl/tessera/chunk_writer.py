@@ -19,6 +19,9 @@ around it (plan, claim, commit). What makes it fast:
   compressed chunks still take the host path (zstd runs on the CPU);
 - files are not fsynced one by one: the storage starts each file's writeback
   as soon as it is written and fsyncs them all at the end (``Storage.sync``).
+
+Each chunk's CRC32C is recorded as it is written: :func:`write_rank` returns them
+for the coordinator's chunk lists (spec R3.19), in the order of the rank plan.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import crc32c
 import numpy as np
@@ -61,9 +65,13 @@ def write_rank(
     collective: Collective,
     threads: int | None,
     progress: bool,
-) -> None:
+) -> bytes:
     """Move shared pieces to their owners, then write this rank's documents and chunks, durably;
-    where ``storage`` has device I/O (GPU-direct), chunks of GPU tensors through it."""
+    where ``storage`` has device I/O (GPU-direct), chunks of GPU tensors through it.
+
+    Returns the CRC32C of every chunk written (the value stored in its last 4 bytes), as
+    little-endian ``uint32`` in the order of ``plan.arrays`` and their ``chunks``: 4 bytes per
+    chunk for the coordinator's chunk lists (:mod:`.chunk_crcs` reads them)."""
     gpu_direct = storage.device_io is not None
     dtypes = {s: a.layout.dtype for a in plan.arrays for c in a.chunks for s in c.sources}
     incoming = [(t, dtypes[t.source]) for t in plan.receives]
@@ -97,19 +105,26 @@ def write_rank(
 
     checksums = _device_checksums(plan.arrays, data_of) if gpu_direct else {}
     staging = shared_pool()
+    crcs = np.zeros(sum(len(a.chunks) for a in plan.arrays), dtype="<u4")
     tasks: list[Callable[[], None]] = [
         _write_json(storage, f"{g}/zarr.json", GROUP_JSON) for g in plan.groups
     ]
     with Progress(plan.nbytes, "saving", progress and collective.rank == 0) as bar:
+        position = 0
         for array in plan.arrays:
             if array.write_metadata:
                 tasks.append(_write_json(storage, f"{array.path}/zarr.json", dumps(array.layout.zarr_json())))
-            tasks.extend(
-                _write_chunk(storage, array, chunk, data_of, staging, bar, gpu_direct, checksums.get(chunk))
-                for chunk in array.chunks
-            )
+            for chunk in array.chunks:
+                record = partial(crcs.__setitem__, position)
+                tasks.append(
+                    _write_chunk(
+                        storage, array, chunk, data_of, staging, bar, gpu_direct, checksums.get(chunk), record
+                    )
+                )
+                position += 1
         run_all(tasks, threads)
     storage.sync()
+    return crcs.tobytes()
 
 
 def _device_body(layout: ArrayLayout, chunk: ChunkWrite, sources: list[Held]) -> torch.Tensor | None:
@@ -169,15 +184,17 @@ def _write_chunk(
     bar: Progress,
     gpu_direct: bool,
     body_crc: int | None,
+    record: Callable[[int], None],
 ) -> Callable[[], None]:
     """The task that writes one chunk; GPU data goes through ``staging``, or with ``gpu_direct``
     straight from device memory (unless the chunk is compressed: zstd runs on the CPU).
-    ``body_crc`` is the CRC32C of its data where :func:`_device_checksums` computed it."""
+    ``body_crc`` is the CRC32C of its data where :func:`_device_checksums` computed it;
+    ``record`` is given the CRC32C the chunk file stores."""
     layout = array.layout
     path = f"{array.path}/{chunk_key(chunk.index)}"
 
     def write(data: np.ndarray) -> None:
-        storage.write_file(path, encode_chunk(data, layout, chunk.index))
+        storage.write_file(path, encode_chunk(data, layout, chunk.index, record))
         bar.advance(data.nbytes)
 
     def task() -> None:
@@ -190,7 +207,7 @@ def _write_chunk(
         nbytes = math.prod(shape) * layout.dtype.itemsize
         on_gpu = any(isinstance(data, torch.Tensor) for _, data in sources)
         if on_gpu and gpu_direct and layout.zstd_level is None:
-            _write_from_device(storage, path, layout, chunk, sources, body_crc)
+            record(_write_from_device(storage, path, layout, chunk, sources, body_crc))
             bar.advance(nbytes)
             return
         if not on_gpu:
@@ -220,9 +237,9 @@ def _write_from_device(
     chunk: ChunkWrite,
     sources: list[tuple[Source, Held]],
     body_crc: int | None,
-) -> None:
+) -> int:
     """Write a chunk of GPU data from device memory, its CRC32C computed on the device (here,
-    unless ``body_crc`` already is the CRC32C of its data)."""
+    unless ``body_crc`` already is the CRC32C of its data); returns the CRC32C it stored."""
     device = next(data.device for _, data in sources if isinstance(data, torch.Tensor))
     with torch.cuda.stream(thread_stream(device)):
         body = _device_body(layout, chunk, [data for _, data in sources])
@@ -246,3 +263,4 @@ def _write_from_device(
             body_crc = device_crc32c(body)
         checksum = crc32c.crc32c(padding, body_crc)
         storage.write_file(path, [body, padding, struct.pack("<I", checksum)])
+    return checksum

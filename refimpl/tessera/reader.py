@@ -55,7 +55,16 @@ from .format.dtypes import DType
 from .format.keys import Key, key_to_path
 from .format.layout import CRC32C_SIZE, ArrayLayout, ChunkIndex, chunk_key
 from .format.limits import DEFAULT_LIMITS, ReaderLimits
-from .format.manifest import Entry, Manifest, ObjectEntry, TensorEntry, ValueEntry, check_version
+from .format.digest import check_manifest_digest
+from .format.manifest import (
+    Entry,
+    Manifest,
+    ObjectEntry,
+    TensorEntry,
+    ValueEntry,
+    check_version,
+    listed_chunk_crc,
+)
 from .format.schemas import validate
 from .format.strict_json import loads
 from .gpu.crc32c import crc32c_combine, device_crc32c, device_crc32c_many
@@ -130,10 +139,13 @@ def read_manifest(storage: Storage, limits: ReaderLimits = DEFAULT_LIMITS) -> Ma
 
 
 def check_root_document(data: bytes, where: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Manifest:
-    """Parse a root ``zarr.json``: strict JSON, then version, then schema, then entries (spec §13)."""
+    """Parse a root ``zarr.json``: strict JSON, then version, then the manifest digest, then schema,
+    then entries (spec R11.1, §13)."""
     doc = loads(data, where, limits)
     attributes = doc.get("attributes") if isinstance(doc, dict) else None
-    check_version(attributes.get("tessera") if isinstance(attributes, dict) else None)
+    manifest = attributes.get("tessera") if isinstance(attributes, dict) else None
+    check_version(manifest)
+    check_manifest_digest(data, manifest, where)
     validate(doc, "root", where)
     return Manifest.from_root(doc, limits)
 
@@ -250,6 +262,8 @@ class _DeviceChecksums:
         """Bytes of that padding."""
         stored: bytes
         where: str
+        listed: int | None
+        """The CRC the manifest lists for the chunk (R3.19), if it lists one."""
 
     def __init__(self) -> None:
         self._pending: list[_DeviceChecksums.Pending] = []
@@ -272,7 +286,7 @@ class _DeviceChecksums:
             for chunk, crc in zip(chunks, crcs, strict=True):
                 if chunk.padding:
                     crc = crc32c_combine(crc, chunk.padding_crc, chunk.padding)
-                check_crc(crc, chunk.stored, chunk.where)
+                check_crc(crc, chunk.stored, chunk.where, chunk.listed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -630,7 +644,8 @@ class Checkpoint:
             self.chunk_size(entry, index)  # the precise error: a raw chunk of the wrong size
             raise
         self._check_chunk_file(entry, index, len(raw))
-        return decode_chunk(raw, entry.layout, self.chunk_where(entry, index))
+        listed = listed_chunk_crc(entry, index)
+        return decode_chunk(raw, entry.layout, self.chunk_where(entry, index), listed)
 
     def _targets(self, entry: ArrayEntry, bounds: Bounds, out: torch.Tensor) -> list[ReadTarget]:
         """Every chunk overlapping ``bounds``, each with the CPU, C-contiguous ``out`` to fill."""
@@ -709,7 +724,11 @@ class Checkpoint:
                         read(block)
                         checksum = crc32c.crc32c(block, checksum)
                         copies.send(flat[start : start + length], host, stream)
-            check_crc(*_read_tail(read, padding, checksum), self.chunk_where(entry, index))
+            check_crc(
+                *_read_tail(read, padding, checksum),
+                self.chunk_where(entry, index),
+                listed_chunk_crc(entry, index),
+            )
 
         self.storage.read_into(f"{entry.path}/{chunk_key(index)}", 0, fill)
 
@@ -727,7 +746,8 @@ class Checkpoint:
             read(flat)
             padding_crc, stored = _read_tail(read, padding, 0)
             where = self.chunk_where(entry, index)
-            checksums.add(_DeviceChecksums.Pending(flat, padding_crc, padding, stored, where))
+            listed = listed_chunk_crc(entry, index)
+            checksums.add(_DeviceChecksums.Pending(flat, padding_crc, padding, stored, where, listed))
 
         self.storage.read_into(f"{entry.path}/{chunk_key(index)}", 0, fill)
 
@@ -747,7 +767,8 @@ class Checkpoint:
                 stored.append(_read_tail(read, 0, 0)[1])
 
             self.storage.read_into(f"{entry.path}/{chunk_key(index)}", 0, fill)
-            check_crc(device_crc32c(scratch), stored[0], self.chunk_where(entry, index))
+            where = self.chunk_where(entry, index)
+            check_crc(device_crc32c(scratch), stored[0], where, listed_chunk_crc(entry, index))
             decoded = scratch.view(layout.dtype.torch_dtype).reshape(layout.chunk_shape)
             region = layout.chunk_region(index)
             for target in targets:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import torch.distributed as dist
 
 from . import __version__
+from .chunk_crcs import chunk_lists, with_chunk_lists
 from .chunk_writer import write_rank
 from .collective import collective_for
 from .errors import (
@@ -142,9 +143,10 @@ def save(
         reports = collective.gather(_Report.of(error, digest, local, True), "gathering the local plans")
     storage = LocalStorage(path, device_io)
     instructions = None
+    pending: _Pending | None = None
     if collective.rank == 0:
         assert reports is not None
-        instructions = _coordinate(
+        instructions, pending = _coordinate(
             reports, options, storage, metadata, parallelism, plan_cache, collective.world_size
         )
     instruction: _Instruction = collective.scatter(instructions, "handing out the global plan")
@@ -158,12 +160,12 @@ def save(
         plan_cache.hits += 1
     elif plan_cache is not None:
         plan_cache.digest, plan_cache.rank_plan = digest, rank_plan
-    _, error = _attempt(lambda: write_rank(rank_plan, local, storage, collective, threads, progress))
-    statuses = collective.gather(error, "reporting durable data")
+    crcs, error = _attempt(lambda: write_rank(rank_plan, local, storage, collective, threads, progress))
+    statuses = collective.gather((error, crcs), "reporting durable data and chunk CRCs")
     outcome: _Outcome | None = None
     if collective.rank == 0:
-        assert statuses is not None and instruction.manifest is not None
-        outcome = _commit(statuses, storage, instruction.manifest, instruction.root)
+        assert statuses is not None and pending is not None
+        outcome = _commit(statuses, storage, pending)
     outcome = collective.broadcast(outcome, "announcing the commit")
     if error is not None:
         raise error
@@ -201,10 +203,18 @@ class _Instruction:
     error: TesseraError | None
     rank_plan: RankPlan | None
     """``None``: use the plan cache's."""
-    manifest: Manifest | None = None
-    """Coordinator only: the manifest to commit."""
-    root: bytes = b""
-    """Coordinator only: the manifest's root ``zarr.json``, as checked before the claim."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """What the coordinator keeps, never sends, between the claim and the commit."""
+
+    manifest: Manifest
+    """The manifest to commit, but for its chunk lists (R3.19), which the ranks' CRCs give."""
+    ranks: tuple[RankPlan, ...]
+    """Every rank's plan: which chunks the CRCs each rank reports belong to."""
+    root_size: int
+    """Bytes of the root document checked before the claim; the published one has as many."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,7 +274,7 @@ def _coordinate(
     parallelism: Mapping[str, Any] | None,
     cache: PlanCache | None,
     world_size: int,
-) -> list[_Instruction]:
+) -> tuple[list[_Instruction], _Pending | None]:
     """Rank 0: the global plan, the manifest and the claim; or the error every rank raises."""
     errors = [r.error for r in reports if r.error is not None]
     try:
@@ -287,17 +297,17 @@ def _coordinate(
             world_size=world_size,
             parallelism=dict(parallelism or {}),
         )
-        root = dumps(manifest.to_root())
-        # The writer reads its own root back as every reader will, so that it never
-        # commits what a reader refuses (too deep metadata, limits, schema).
+        # The writer reads its own root back as every reader will, so that it never commits
+        # what a reader refuses (too deep metadata, limits, schema). Only the chunk lists are
+        # unknown yet: zeros of their final length stand for them, so the document checked
+        # here has the size and structure of the one published (R3.19).
+        root = with_chunk_lists(manifest, {}).root_bytes()
         check_root_document(root, f"the root zarr.json for {storage.location}")
         storage.claim(dumps(claim_document(manifest)))
     except TesseraError as exc:
-        return [_Instruction(exc, None)] * world_size
-    return [
-        _Instruction(None, rank_plans[0], manifest, root),
-        *(_Instruction(None, rank_plans[r]) for r in range(1, world_size)),
-    ]
+        return [_Instruction(exc, None)] * world_size, None
+    instructions = [_Instruction(None, rank_plans[r]) for r in range(world_size)]
+    return instructions, _Pending(manifest, plan.ranks, len(root))
 
 
 def _global_plan(
@@ -315,9 +325,10 @@ def _global_plan(
     return plan, list(plan.ranks)
 
 
-def _commit(statuses: list[Any], storage: Storage, manifest: Manifest, root: bytes) -> _Outcome:
-    """Rank 0: publish the root only if every rank's data is durable."""
-    failed = [(rank, e) for rank, e in enumerate(statuses) if e is not None]
+def _commit(statuses: list[tuple[TesseraError | None, bytes | None]], storage: Storage, pending: _Pending) -> _Outcome:
+    """Rank 0: publish the root only if every rank's data is durable, with the chunk lists
+    built from the CRCs the ranks report (R3.19) and sealed with its digest (R3.20)."""
+    failed = [(rank, e) for rank, (e, _) in enumerate(statuses) if e is not None]
     if failed:
         rank, error = failed[0]
         return _Outcome(
@@ -327,6 +338,13 @@ def _commit(statuses: list[Any], storage: Storage, manifest: Manifest, root: byt
             None,
         )
     try:
+        crcs = [c for _, c in statuses]
+        manifest = with_chunk_lists(pending.manifest, chunk_lists(pending.ranks, crcs))
+        root = manifest.root_bytes()
+        where = f"the root zarr.json for {storage.location}"
+        if len(root) != pending.root_size:
+            raise CollectiveError(f"{where} has {len(root)} bytes, not the {pending.root_size} checked")
+        check_root_document(root, where)
         storage.publish_root(root, manifest.save_id)
     except TesseraError as exc:
         return _Outcome(exc, None)

@@ -19,9 +19,12 @@ from ..errors import (
     SchemaViolationError,
     UnsupportedVersionError,
 )
+from .chunk_list import check_chunk_list, listed_crc
+from .digest import DIGEST_MEMBER, PLACEHOLDER, seal_root
 from .keys import Key, key_to_path, parent_paths
-from .layout import ArrayLayout
+from .layout import ArrayLayout, ChunkIndex
 from .limits import DEFAULT_LIMITS, ReaderLimits
+from .strict_json import dumps
 
 __all__ = [
     "FORMAT_NAME",
@@ -34,10 +37,12 @@ __all__ = [
     "TensorEntry",
     "ValueEntry",
     "WriterInfo",
+    "listed_chunk_crc",
 ]
 
 FORMAT_NAME = "tessera"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.1"
+"""What this writer writes: 1.1 added the chunk lists (R3.19) and the manifest digest (R3.20)."""
 SUPPORTED_MAJOR = 1
 UNDERSTOOD_FIELDS: frozenset[str] = frozenset()
 """Names a manifest's ``must_understand`` may list that this reader implements (none in 1.0)."""
@@ -69,6 +74,9 @@ class TensorEntry(_Keyed):
     layout: ArrayLayout
     origin: Literal["torch", "numpy"] = "torch"
     """What the writer held; a Python reader gives back the same kind of array."""
+    chunk_crc32c: str | None = None
+    """The chunk list (R3.19): 8 hex digits per chunk, C order; ``None`` in a 1.0 manifest, and
+    in a writer's plan until its chunks are written."""
 
     kind: Literal["tensor"] = field(default="tensor", init=False)
 
@@ -79,6 +87,8 @@ class ObjectEntry(_Keyed):
 
     layout: ArrayLayout
     encoding: ObjectEncoding
+    chunk_crc32c: str | None = None
+    """As :attr:`TensorEntry.chunk_crc32c`."""
 
     kind: Literal["object"] = field(default="object", init=False)
 
@@ -97,6 +107,13 @@ class ValueEntry(_Keyed):
 
 
 Entry = TensorEntry | ObjectEntry | ValueEntry
+
+
+def listed_chunk_crc(entry: TensorEntry | ObjectEntry, index: ChunkIndex) -> int | None:
+    """The CRC the manifest lists for chunk ``index`` of ``entry`` (R3.19); ``None`` if it lists none."""
+    if entry.chunk_crc32c is None:
+        return None
+    return listed_crc(entry.chunk_crc32c, entry.layout, index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +144,17 @@ class Manifest:
     must_understand: tuple[str, ...] = ()
 
     def to_root(self) -> dict[str, Any]:
-        """The root ``zarr.json`` document."""
+        """The root ``zarr.json`` document; from 1.1 on, its ``manifest_digest`` is the placeholder
+        that :meth:`root_bytes` replaces. The digest member comes before every member that holds
+        the caller's data, so that its placeholder is the first in the file (R3.20)."""
         manifest: dict[str, Any] = {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
             "must_understand": list(self.must_understand),
+        }
+        if self.format_version != "1.0":
+            manifest[DIGEST_MEMBER] = PLACEHOLDER
+        manifest |= {
             "save_id": self.save_id,
             "created": self.created,
             "writer": {"name": self.writer.name, "version": self.writer.version},
@@ -141,6 +164,12 @@ class Manifest:
             "entries": [_entry_to_json(e) for e in self.entries],
         }
         return {"zarr_format": 3, "node_type": "group", "attributes": {"tessera": manifest}}
+
+    def root_bytes(self) -> bytes:
+        """The root ``zarr.json`` as the writer publishes it: compact strict JSON, sealed with
+        its digest from 1.1 on (R3.20)."""
+        data = dumps(self.to_root())
+        return data if self.format_version == "1.0" else seal_root(data)
 
     @classmethod
     def from_root(cls, root: dict[str, Any], limits: ReaderLimits = DEFAULT_LIMITS) -> Manifest:
@@ -206,6 +235,9 @@ def _entry_to_json(entry: Entry) -> dict[str, Any]:
     elif isinstance(entry, ObjectEntry):
         doc.update(entry.layout.manifest_fields())
         doc["encoding"] = entry.encoding
+    if not isinstance(entry, ValueEntry):
+        if entry.chunk_crc32c is not None:
+            doc["chunk_crc32c"] = entry.chunk_crc32c
     else:
         doc["encoding"] = entry.encoding
         doc["value"] = entry.value
@@ -220,13 +252,16 @@ def _entry_from_json(doc: dict[str, Any], index: int, limits: ReaderLimits) -> E
             f"{where}: path does not match key {list(key)} (expected {key_to_path(key)!r})"
         )
     kind = doc["kind"]
-    if kind == "tensor":
-        return TensorEntry(key, ArrayLayout.from_manifest(doc, where, limits), doc["origin"])
-    if kind == "object":
+    if kind in ("tensor", "object"):
         layout = ArrayLayout.from_manifest(doc, where, limits)
+        chunks = doc.get("chunk_crc32c")
+        if chunks is not None:
+            check_chunk_list(chunks, layout, where)
+        if kind == "tensor":
+            return TensorEntry(key, layout, doc["origin"], chunks)
         if layout.dtype.name != "uint8" or len(layout.shape) != 1:
             raise SchemaViolationError(f"{where}: an object is a 1-d uint8 array")
-        return ObjectEntry(key, layout, doc["encoding"])
+        return ObjectEntry(key, layout, doc["encoding"], chunks)
     if doc["encoding"] == "float" and doc["value"] not in NONFINITE_FLOATS:
         raise SchemaViolationError(f"{where}: float value must be one of {list(NONFINITE_FLOATS)}")
     return ValueEntry(key, doc["value"], doc["encoding"])
