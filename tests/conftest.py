@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 import math
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import numpy as np
 import pytest
 import tessera
@@ -155,6 +157,17 @@ def write_json(path: Path, doc: Any, *, seal: bool = True) -> None:
     Path(path).write_bytes(seal_root(json.dumps(doc).encode()))
 
 
+def reseal_root(path: Path) -> None:
+    """Recompute the manifest digest of the root document at ``path`` after a test edited its
+    text (R3.20), whatever its formatting, as a tamperer who recomputes every checksum would."""
+    data = Path(path).read_bytes()
+    found = re.search(rb'"manifest_digest"\s*:\s*"(sha256:[0-9a-f]{64})"', data)
+    if found is None:  # text that is no longer JSON, or has no digest: nothing to seal
+        return
+    start, stop = found.span(1)
+    Path(path).write_bytes(seal_root(data[:start] + PLACEHOLDER.encode() + data[stop:]))
+
+
 def edit_json(path: Path, fn: Callable[[Any], Any]) -> None:
     """Load a JSON file, let ``fn`` mutate it in place (its return value is ignored), write it back."""
     doc = read_json(path)
@@ -170,6 +183,31 @@ def replace_json(path: Path, fn: Callable[[Any], Any]) -> None:
 def edit_manifest(root: Path, fn: Callable[[dict[str, Any]], Any]) -> None:
     """Mutate ``attributes.tessera`` of the root ``zarr.json`` in place."""
     edit_json(Path(root) / "zarr.json", lambda doc: fn(doc["attributes"]["tessera"]))
+
+
+def write_chunk_file(path: Path, body: bytes) -> None:
+    """Write ``body`` and its CRC32C as the chunk file ``path`` of a committed checkpoint, and list
+    that CRC for the chunk in the manifest's chunk list (R3.19, re-sealed): a crafted chunk that is
+    intact and in its place, so that the checks after the CRC's are what a test reaches."""
+    checksum = crc32c.crc32c(body)
+    path = Path(path)
+    path.write_bytes(body + struct.pack("<I", checksum))
+    root = next(p for p in path.parents if (p / "zarr.json").is_file() and "tessera" in read_json(p / "zarr.json").get("attributes", {}))
+    parts = path.relative_to(root).parts
+    at = len(parts) - 1 - parts[::-1].index("c")
+    array, index = "/".join(parts[:at]), tuple(int(i) for i in parts[at + 1 :])
+
+    def relist(manifest: dict[str, Any]) -> None:
+        entry = next(e for e in manifest["entries"] if e["path"] == array)
+        if "chunk_crc32c" in entry:
+            grid = [-(-s // c) for s, c in zip(entry["shape"], entry["chunk_shape"], strict=True)]
+            flat = 0
+            for i, n in zip(index, grid, strict=True):
+                flat = flat * n + i
+            listed = entry["chunk_crc32c"]
+            entry["chunk_crc32c"] = listed[: 8 * flat] + format(checksum, "08x") + listed[8 * flat + 8 :]
+
+    edit_manifest(root, relist)
 
 
 def entry_of(root: Path, path: str) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def test_zarr_python_group_lists_every_array_R2_4(saved: tuple[Path, dict]) -> N
     group = zarr.open_group(store=str(root), mode="r")
     members = dict(group.members(max_depth=None))
     manifest = group.attrs["tessera"]
-    assert manifest["format"] == "tessera" and manifest["format_version"] == "1.0"
+    assert manifest["format"] == "tessera" and manifest["format_version"] == "1.1"
     arrays = {path for path, node in members.items() if isinstance(node, zarr.Array)}
     groups = {path for path, node in members.items() if isinstance(node, zarr.Group)}
     assert arrays == {e["path"] for e in manifest["entries"]}
@@ -198,6 +198,7 @@ def _foreign_checkpoint(
         created="2026-11-21T00:00:00Z",
         writer=WriterInfo(writer, "test"),
         entries=tuple(entries),
+        format_version="1.0",  # no chunk lists (R3.19): a 1.0 manifest, which 1.1 readers still read
     )
     write_json(root / "zarr.json", manifest.to_root())
 

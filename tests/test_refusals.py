@@ -29,6 +29,8 @@ from tessera import ReaderLimits
 from tessera.storage.local import LocalStorage
 
 from .conftest import (
+    reseal_root,
+    write_chunk_file,
     assert_tree_bit_equal,
     edit_json,
     edit_manifest,
@@ -309,6 +311,7 @@ def _replace_root_text(root: Path, old: str, new: str) -> None:
     text = (root / "zarr.json").read_text()
     assert old in text
     (root / "zarr.json").write_text(text.replace(old, new, 1))
+    reseal_root(root / "zarr.json")
 
 
 @pytest.mark.parametrize(
@@ -492,7 +495,7 @@ def _zstd_frame(blocks: list[tuple[str, bytes, int]], content_size: int | None) 
 
 
 def _write_chunk(path: Path, body: bytes) -> None:
-    path.write_bytes(body + struct.pack("<I", crc32c.crc32c(body)))
+    write_chunk_file(path, body)
 
 
 def test_zstd_frame_helper_is_valid() -> None:
@@ -565,6 +568,13 @@ def test_zstd_bomb_is_not_decompressed_R6_8(tmp_path: Path) -> None:
         frame = bytes(frame)
         with open(root + "/a/c/0", "wb") as f:
             f.write(frame + struct.pack("<I", crc32c.crc32c(frame)))
+        from tessera.format.digest import PLACEHOLDER, seal_root  # list the frame's CRC (R3.19)
+        import json
+        doc = json.load(open(root + "/zarr.json"))
+        manifest = doc["attributes"]["tessera"]
+        manifest["entries"][0]["chunk_crc32c"] = format(crc32c.crc32c(frame), "08x")
+        manifest["manifest_digest"] = PLACEHOLDER
+        open(root + "/zarr.json", "wb").write(seal_root(json.dumps(doc).encode()))
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         try:
             tessera.load(root)
@@ -646,6 +656,7 @@ def test_member_order_and_whitespace_carry_no_meaning_R2_8(good: Path) -> None:
         doc = read_json(path)
         reordered = {k: doc[k] for k in reversed(list(doc))}
         path.write_text(json.dumps(reordered, indent=3, sort_keys=True))
+    reseal_root(good / "zarr.json")  # the digest covers the bytes, whitespace included (R3.20)
     assert_tree_bit_equal(tessera.load(good), _state())
 
 
