@@ -6,8 +6,6 @@ Rule numbers (R5.3, R11.4...) refer to ``spec/tessera-v1.md``.
 from __future__ import annotations
 
 import json
-import re
-import struct
 import math
 import subprocess
 import sys
@@ -16,12 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import crc32c
 import numpy as np
 import pytest
 import tessera
 import torch
-from tessera.format.digest import DIGEST_MEMBER, PLACEHOLDER, seal_root
+from tessera.format.digest import reseal_root
 from tessera.format.dtypes import DTYPES, DType
 
 REPO = Path(__file__).resolve().parent.parent
@@ -148,24 +145,14 @@ def write_json(path: Path, doc: Any, *, seal: bool = True) -> None:
     sealed again (its digest recomputed, R3.20), as by a tamperer who recomputes every checksum,
     so that a test crafting a hostile manifest reaches the checks after the digest (R11.1).
     ``seal=False`` keeps the digest as ``doc`` has it."""
-    manifest = doc.get("attributes", {}).get("tessera") if isinstance(doc, dict) else None
-    value = manifest.get(DIGEST_MEMBER) if isinstance(manifest, dict) else None
-    if not (seal and isinstance(value, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", value)):
-        Path(path).write_text(json.dumps(doc), encoding="utf-8")
-        return
-    manifest[DIGEST_MEMBER] = PLACEHOLDER
-    Path(path).write_bytes(seal_root(json.dumps(doc).encode()))
+    data = json.dumps(doc).encode()
+    Path(path).write_bytes(reseal_root(data) if seal else data)
 
 
-def reseal_root(path: Path) -> None:
+def reseal_root_file(path: Path) -> None:
     """Recompute the manifest digest of the root document at ``path`` after a test edited its
     text (R3.20), whatever its formatting, as a tamperer who recomputes every checksum would."""
-    data = Path(path).read_bytes()
-    found = re.search(rb'"manifest_digest"\s*:\s*"(sha256:[0-9a-f]{64})"', data)
-    if found is None:  # text that is no longer JSON, or has no digest: nothing to seal
-        return
-    start, stop = found.span(1)
-    Path(path).write_bytes(seal_root(data[:start] + PLACEHOLDER.encode() + data[stop:]))
+    Path(path).write_bytes(reseal_root(Path(path).read_bytes()))
 
 
 def edit_json(path: Path, fn: Callable[[Any], Any]) -> None:
@@ -189,25 +176,9 @@ def write_chunk_file(path: Path, body: bytes) -> None:
     """Write ``body`` and its CRC32C as the chunk file ``path`` of a committed checkpoint, and list
     that CRC for the chunk in the manifest's chunk list (R3.19, re-sealed): a crafted chunk that is
     intact and in its place, so that the checks after the CRC's are what a test reaches."""
-    checksum = crc32c.crc32c(body)
-    path = Path(path)
-    path.write_bytes(body + struct.pack("<I", checksum))
-    root = next(p for p in path.parents if (p / "zarr.json").is_file() and "tessera" in read_json(p / "zarr.json").get("attributes", {}))
-    parts = path.relative_to(root).parts
-    at = len(parts) - 1 - parts[::-1].index("c")
-    array, index = "/".join(parts[:at]), tuple(int(i) for i in parts[at + 1 :])
+    from conformance.generator.damage import write_chunk
 
-    def relist(manifest: dict[str, Any]) -> None:
-        entry = next(e for e in manifest["entries"] if e["path"] == array)
-        if "chunk_crc32c" in entry:
-            grid = [-(-s // c) for s, c in zip(entry["shape"], entry["chunk_shape"], strict=True)]
-            flat = 0
-            for i, n in zip(index, grid, strict=True):
-                flat = flat * n + i
-            listed = entry["chunk_crc32c"]
-            entry["chunk_crc32c"] = listed[: 8 * flat] + format(checksum, "08x") + listed[8 * flat + 8 :]
-
-    edit_manifest(root, relist)
+    write_chunk(Path(path), body)
 
 
 def entry_of(root: Path, path: str) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from tessera import ReaderLimits
 from tessera.storage.local import LocalStorage
 
 from .conftest import (
-    reseal_root,
+    reseal_root_file,
     write_chunk_file,
     assert_tree_bit_equal,
     edit_json,
@@ -311,7 +311,7 @@ def _replace_root_text(root: Path, old: str, new: str) -> None:
     text = (root / "zarr.json").read_text()
     assert old in text
     (root / "zarr.json").write_text(text.replace(old, new, 1))
-    reseal_root(root / "zarr.json")
+    reseal_root_file(root / "zarr.json")
 
 
 @pytest.mark.parametrize(
@@ -656,7 +656,7 @@ def test_member_order_and_whitespace_carry_no_meaning_R2_8(good: Path) -> None:
         doc = read_json(path)
         reordered = {k: doc[k] for k in reversed(list(doc))}
         path.write_text(json.dumps(reordered, indent=3, sort_keys=True))
-    reseal_root(good / "zarr.json")  # the digest covers the bytes, whitespace included (R3.20)
+    reseal_root_file(good / "zarr.json")  # the digest covers the bytes, whitespace included (R3.20)
     assert_tree_bit_equal(tessera.load(good), _state())
 
 

@@ -50,7 +50,21 @@ def check_chunks(root: Path, array: StoredArray, out: Findings) -> bool:
         except OSError:
             continue
         ok = _check_chunk(data, layout, index, where, out) and ok
+        ok = _check_listed(data, array, index, where, out) and ok
     return ok
+
+
+def _check_listed(data: bytes, array: StoredArray, index: ChunkIndex, where: str, out: Findings) -> bool:
+    """R3.19: the CRC the chunk stores is the one the entry's chunk list gives its index (C order)."""
+    if array.chunk_crc32c is None or len(data) < _CRC_BYTES:
+        return True
+    flat = int(np.ravel_multi_index(index, array.layout.grid_shape)) if index else 0
+    listed = array.chunk_crc32c[8 * flat : 8 * flat + 8]
+    stored = int.from_bytes(data[-_CRC_BYTES:], "little")
+    if listed != format(stored, "08x"):
+        out.add("R3.19", f"{where} stores CRC-32C {stored:08x}, but the chunk list gives its index {listed}")
+        return False
+    return True
 
 
 def _largest(layout: ArrayLayout) -> int:

@@ -8,6 +8,7 @@ a finding already says why they differ.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,8 @@ class StoredArray:
     layout: ArrayLayout
     expected: ExpectedTensor | ExpectedObject | None
     """What the case stored at this key, or ``None`` for an entry it did not ask for."""
+    chunk_crc32c: str | None = None
+    """The entry's chunk list (R3.19) where it is a string of 8 digits per chunk, else ``None``."""
 
 
 @dataclass(slots=True)
@@ -124,6 +127,25 @@ def _leaf_rule(entry: ExpectedEntry) -> tuple[str, str]:
     return ("R8.3", "a non-finite float") if entry.encoding == "float" else ("R8.1", "a JSON value")
 
 
+def _chunk_list(entry: dict[str, Any], layout: ArrayLayout, where: str, out: Findings) -> str | None:
+    """R3.19: a 1.1 writer lists every chunk's CRC, 8 lowercase hex digits each; the list, if usable."""
+    listed = entry.get("chunk_crc32c")
+    if listed is None:
+        out.add("R3.19", f"{where} has no chunk_crc32c; a 1.1 writer lists every chunk's CRC-32C")
+        return None
+    if not isinstance(listed, str) or re.fullmatch(r"[0-9a-f]*", listed) is None:
+        out.add("R3.19", f"{where}: chunk_crc32c is {shown(listed)}, not a string of lowercase hex digits")
+        return None
+    if len(listed) != 8 * layout.chunk_count:
+        out.add(
+            "R3.19",
+            f"{where}: chunk_crc32c has {len(listed)} digits; {layout.chunk_count} chunks need "
+            f"{8 * layout.chunk_count}",
+        )
+        return None
+    return listed
+
+
 def _check_entry(
     path: str,
     entry: dict[str, Any],
@@ -142,7 +164,8 @@ def _check_entry(
         else:
             _check_compression(layout, expected.compression, where, out)
             array_want = want if isinstance(want, (ExpectedTensor, ExpectedObject)) else None
-            stored.arrays.append(StoredArray(path, layout, array_want))
+            listed = _chunk_list(entry, layout, where, out)
+            stored.arrays.append(StoredArray(path, layout, array_want, listed))
     if want is None or not _matches(entry, want, where, out):
         stored.broken.add(path)
 

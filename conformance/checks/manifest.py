@@ -2,12 +2,13 @@
 
 Schema violations cite the rule of the member they sit in (a bad ``save_id``
 is R3.3, a bad entry path R3.11), so that a case citing one rule sees its own
-findings; what the schemas cannot say (a version 4 UUID, ``"1.0"`` exactly,
-the case's world size, metadata and lists) is checked here by hand.
+findings; what the schemas cannot say (a version 4 UUID, ``"1.1"`` exactly,
+the case's world size, metadata and lists, the manifest digest) is checked here by hand.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -29,14 +30,16 @@ _HEADER_RULES = {
     "created": "R3.4",
     "format_version": "R12.5",
     "must_understand": "R12.5",
+    "manifest_digest": "R3.20",
     "provenance": "R3.5",
     "metadata": "R3.6",
     "lists": "R3.8",
 }
-_ENTRY_RULES = {"key": "R3.7", "path": "R3.11", "codecs": "R6.1"}
+_ENTRY_RULES = {"key": "R3.7", "path": "R3.11", "codecs": "R6.1", "chunk_crc32c": "R3.19"}
 _KIND_RULES = {"tensor": "R3.14", "object": "R3.15", "value": "R3.16"}
 _ENTRY_PATH = re.compile(r"\.entries\[(\d+)\](?:\.(\w+))?")
 _MEMBER_PATH = re.compile(r"\.(\w+)")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _ROOT_MEMBERS = {"zarr_format", "node_type", "attributes"}
 
@@ -66,7 +69,28 @@ def check_root(root: Path, expected: ExpectedCheckpoint, out: Findings) -> dict[
         out.add("R3.1", f"{ROOT} has attributes {extra} besides tessera")
     manifest: dict[str, Any] = attributes["tessera"]
     _check_header(manifest, expected, out)
+    _check_digest((root / ROOT).read_bytes(), manifest.get("manifest_digest"), out)
     return manifest
+
+
+def _check_digest(data: bytes, value: Any, out: Findings) -> None:
+    """R3.20, by the spec's own words: ``sha256:`` and the SHA-256 of the file's bytes with the 64
+    digits read as ASCII ``0``, the value once in the file, unescaped."""
+    if value is None:
+        out.add("R3.20", "the manifest has no manifest_digest; a 1.1 writer writes one")
+        return
+    if not isinstance(value, str) or _DIGEST.fullmatch(value) is None:
+        out.add("R3.20", f"manifest_digest is {shown(value)}, not 'sha256:' and 64 lowercase hex digits")
+        return
+    literal = f'"{value}"'.encode()
+    count = data.count(literal)
+    if count != 1:
+        out.add("R3.20", f"the manifest_digest value occurs {count} times in {ROOT}'s bytes, not once")
+        return
+    at = data.index(literal) + len('"sha256:')
+    actual = hashlib.sha256(data[:at] + b"0" * 64 + data[at + 64 :]).hexdigest()
+    if "sha256:" + actual != value:
+        out.add("R3.20", f"manifest_digest is {value}, but {ROOT}'s bytes give sha256:{actual}")
 
 
 def _rule_of(doc: dict[str, Any]) -> Callable[[str], str]:
@@ -90,13 +114,13 @@ def _rule_of(doc: dict[str, Any]) -> Callable[[str], str]:
 
 
 def _check_header(manifest: dict[str, Any], expected: ExpectedCheckpoint, out: Findings) -> None:
-    """What the schema leaves open: version "1.0", a v4 save id, the case's world size, metadata, lists."""
+    """What the schema leaves open: version "1.1", a v4 save id, the case's world size, metadata, lists."""
     version = manifest.get("format_version")
-    if isinstance(version, str) and version != "1.0":
-        out.add("R12.5", f'format_version is {version!r}; a 1.0 writer writes "1.0"')
+    if isinstance(version, str) and version != "1.1":
+        out.add("R12.5", f'format_version is {version!r}; a 1.1 writer writes "1.1"')
     understood = manifest.get("must_understand")
     if isinstance(understood, list) and understood:
-        out.add("R12.5", f"must_understand is {shown(understood)}; a 1.0 writer writes []")
+        out.add("R12.5", f"must_understand is {shown(understood)}; a 1.1 writer writes []")
     save_id = manifest.get("save_id")
     if (
         isinstance(save_id, str)

@@ -7,7 +7,18 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from . import inconsistent, invalid, malformed, multi_writer, storage, tolerated, unsupported, valid, values
+from . import (
+    inconsistent,
+    integrity,
+    invalid,
+    malformed,
+    multi_writer,
+    storage,
+    tolerated,
+    unsupported,
+    valid,
+    values,
+)
 
 __all__ = ["GROUPS", "VECTORS_DIR", "generate"]
 
@@ -24,6 +35,7 @@ _BUILDERS: tuple[Callable[[Path], None], ...] = (
     invalid.build,
     inconsistent.build,
     storage.build,
+    integrity.build,
     unsupported.build,
 )
 _KEPT = frozenset({"README.md"})

@@ -4,7 +4,9 @@ Every broken vector starts as a checkpoint the reference writer saved and
 then has one fault put in: an edited document, a flipped byte, a chunk
 rewritten with a correct CRC around wrong content, a hand-made zstd frame.
 Keeping the CRC right where the fault is elsewhere makes the expected error
-unambiguous (R13.2).
+unambiguous (R13.2). For the same reason an edited root document is sealed
+again (its ``manifest_digest`` recomputed, R3.20) and a rewritten chunk's CRC
+is listed in its array's chunk list (R3.19), unless the vector is about those.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import crc32c
+from tessera.format.chunk_list import CRC_HEX_DIGITS
+from tessera.format.digest import reseal_root
 from tessera.format.strict_json import dumps
 
 __all__ = [
@@ -31,16 +35,18 @@ __all__ = [
 _ZSTD_MAGIC = struct.pack("<I", 0xFD2FB528)
 
 
-def edit_json(path: Path, change: Callable[[Any], Any]) -> None:
-    """Let ``change`` mutate the document at ``path`` in place; write it back as the writer would."""
+def edit_json(path: Path, change: Callable[[Any], Any], *, seal: bool = True) -> None:
+    """Let ``change`` mutate the document at ``path`` in place; write it back as the writer would
+    (a root document sealed again unless ``seal`` is false)."""
     doc = json.loads(path.read_bytes())
     change(doc)
-    path.write_bytes(dumps(doc))
+    data = dumps(doc)
+    path.write_bytes(reseal_root(data) if seal else data)
 
 
-def edit_manifest(checkpoint: Path, change: Callable[[dict[str, Any]], Any]) -> None:
+def edit_manifest(checkpoint: Path, change: Callable[[dict[str, Any]], Any], *, seal: bool = True) -> None:
     """Mutate the manifest (``attributes.tessera`` of the root ``zarr.json``) in place."""
-    edit_json(checkpoint / "zarr.json", lambda doc: change(doc["attributes"]["tessera"]))
+    edit_json(checkpoint / "zarr.json", lambda doc: change(doc["attributes"]["tessera"]), seal=seal)
 
 
 def replace_bytes(path: Path, old: bytes, new: bytes) -> None:
@@ -48,7 +54,7 @@ def replace_bytes(path: Path, old: bytes, new: bytes) -> None:
     data = path.read_bytes()
     if data.count(old) != 1:
         raise ValueError(f"{path}: {old!r} occurs {data.count(old)} times, not once")
-    path.write_bytes(data.replace(old, new))
+    path.write_bytes(reseal_root(data.replace(old, new)))
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -64,8 +70,30 @@ def chunk_body(path: Path) -> bytes:
 
 
 def write_chunk(path: Path, body: bytes) -> None:
-    """Write ``body`` followed by its correct CRC-32C (R6.4), so only the body is at fault."""
-    path.write_bytes(body + struct.pack("<I", crc32c.crc32c(body)))
+    """Write ``body`` followed by its correct CRC-32C (R6.4), listed for the chunk in the chunk
+    list of a 1.1 manifest (R3.19), so only the body is at fault.
+
+    ``path`` is a chunk file of a committed checkpoint: ``<root>/<array path>/c/<i>/<j>...``.
+    """
+    checksum = crc32c.crc32c(body)
+    path.write_bytes(body + struct.pack("<I", checksum))
+    root = next(p for p in path.parents if (p / "zarr.json").is_file() and b'"tessera"' in (p / "zarr.json").read_bytes())
+    parts = path.relative_to(root).parts
+    at = len(parts) - 1 - parts[::-1].index("c")
+    array, index = "/".join(parts[:at]), [int(i) for i in parts[at + 1 :]]
+
+    def relist(manifest: dict[str, Any]) -> None:
+        entry = next(e for e in manifest["entries"] if e["path"] == array)
+        if "chunk_crc32c" not in entry:
+            return
+        flat = 0
+        for i, size, chunk in zip(index, entry["shape"], entry["chunk_shape"], strict=True):
+            flat = flat * -(-size // chunk) + i
+        start = CRC_HEX_DIGITS * flat
+        listed = entry["chunk_crc32c"]
+        entry["chunk_crc32c"] = listed[:start] + format(checksum, "08x") + listed[start + CRC_HEX_DIGITS :]
+
+    edit_manifest(root, relist)
 
 
 def zstd_frame(payload: bytes, declared: int | None, *, block_type: int = 0) -> bytes:

@@ -3,8 +3,9 @@
 The reference writer stamps each save with a random ``save_id`` and the
 current time (R3.3, R3.4). Here both are replaced, in the root ``zarr.json``
 and in the claim, by a UUID derived from the vector's name and a fixed time,
-and the documents are serialized again with the writer's own encoder: the
-files stay exactly what the writer would have written for that identity.
+and the documents are serialized again with the writer's own encoder, the
+root sealed again with its digest (R3.20): the files stay exactly what the
+writer would have written for that identity.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import tessera
+from tessera.format.digest import reseal_root
 from tessera.format.strict_json import dumps
 
 __all__ = ["CREATED", "fix", "save", "save_id"]
@@ -44,4 +46,4 @@ def fix(checkpoint: Path, name: str) -> None:
     for path, manifest_of in ((root, lambda d: d["attributes"]["tessera"]), (claim, lambda d: d)):
         doc = json.loads(path.read_bytes())
         manifest_of(doc).update(save_id=save_id(name), created=CREATED)
-        path.write_bytes(dumps(doc))
+        path.write_bytes(reseal_root(dumps(doc)))

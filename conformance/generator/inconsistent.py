@@ -129,9 +129,11 @@ def _value(*key: str, value: Any = 1) -> dict[str, Any]:
 
 
 def _tensor(name: str, dtype: str, shape: list[int], chunk_shape: list[int]) -> dict[str, Any]:
-    """A manifest entry of a tensor ``name`` that no writer may save: it exceeds a limit."""
+    """A manifest entry of a tensor ``name`` that no writer may save: it exceeds a limit. Its chunk
+    list is empty: the limits are checked before the list's length (R11.6, R3.19)."""
     layout = ArrayLayout(dtype_by_name(dtype), tuple(shape), tuple(chunk_shape))
-    return {"kind": "tensor", "key": [name], "path": name, **layout.manifest_fields(), "origin": "torch"}
+    fields = {**layout.manifest_fields(), "chunk_crc32c": ""}
+    return {"kind": "tensor", "key": [name], "path": name, **fields, "origin": "torch"}
 
 
 def _array_files(entry: dict[str, Any], *, chunk: bytes | None = None) -> Callable[[Path], None]:

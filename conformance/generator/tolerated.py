@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tessera.format.digest import reseal_root
+
 from .bases import save_base
 from .damage import edit_json, edit_manifest
 from .data import tensor
@@ -110,7 +112,7 @@ def _json_formatting(out: Path) -> None:
     manifest = doc["attributes"]["tessera"]
     doc["attributes"]["tessera"] = dict(reversed(list(manifest.items())))
     text = json.dumps(dict(reversed(list(doc.items()))), indent="\t", ensure_ascii=True)
-    root.write_text("\n  " + text + "\r\n\n", encoding="utf-8")
+    root.write_bytes(reseal_root(("\n  " + text + "\r\n\n").encode()))  # the digest covers every byte
     v.finish(
         "a root zarr.json with other member order, tabs, CRLF and \\u escapes for non-ASCII keys",
         ["R2.8", "R11.4"],

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ChecksumMismatchError, SchemaViolationError
 
-__all__ = ["DIGEST_MEMBER", "PLACEHOLDER", "check_manifest_digest", "seal_root"]
+__all__ = ["DIGEST_MEMBER", "PLACEHOLDER", "check_manifest_digest", "reseal_root", "seal_root"]
 
 DIGEST_MEMBER = "manifest_digest"
 _PREFIX = "sha256:"
@@ -27,6 +27,7 @@ PLACEHOLDER = _PREFIX + "0" * _HEX
 """The value a writer puts in the member before it knows the digest; also what the 64 hex
 digits become when the digest is computed."""
 _VALUE = re.compile(r"sha256:[0-9a-f]{64}")
+_MEMBER = re.compile(rb'"manifest_digest"\s*:\s*"(sha256:[0-9a-f]{64})"')
 
 
 def _digest(data: bytes | memoryview, value_at: int) -> str:
@@ -59,8 +60,24 @@ def seal_root(data: bytes) -> bytes:
     at = data.find(b'"' + PLACEHOLDER.encode() + b'"')
     if at < 0:
         raise ValueError("the root document has no manifest_digest placeholder")
+    return _seal_at(data, at)
+
+
+def _seal_at(data: bytes, at: int) -> bytes:
+    """``data`` with the digest value whose opening quote is at ``at`` (64 hex digits, any)
+    replaced by the digest of ``data``."""
     value = _digest(data, at)
-    return data[: at + 1] + value.encode() + data[at + 1 + len(PLACEHOLDER) :]
+    return data[: at + 1] + value.encode() + data[at + 1 + len(value) :]
+
+
+def reseal_root(data: bytes) -> bytes:
+    """A root document whose bytes were edited (by a tool that rewrites manifests, or a test
+    crafting a damaged one), with the digest recomputed over the new bytes; ``data`` unchanged
+    if it holds no ``"manifest_digest": "sha256:..."`` member (a 1.0 root, or not JSON at all)."""
+    found = _MEMBER.search(data)
+    if found is None:
+        return data
+    return _seal_at(data, found.start(1) - 1)
 
 
 def check_manifest_digest(data: bytes, manifest: Any, where: str) -> None:
