@@ -1,8 +1,9 @@
-"""Broken on purpose: a reader that never checks a chunk's CRC-32C (spec R6.6).
+"""Broken on purpose: a reader that never checks a checksum: a chunk's CRC-32C, the chunk list
+(spec R6.6, R3.19), or the manifest digest (R3.21).
 
-Its reads go through tessera with the checksum comparison replaced by nothing, so a chunk with a
-flipped bit is read as if it were sound. The suite must fail it on every read case that expects
-``checksum_mismatch``.
+Its reads go through tessera with the checksum comparisons replaced by nothing, so a chunk with a
+flipped bit, a chunk in another's place or an edited manifest is read as if it were sound. The
+suite must fail it on every read case that expects ``checksum_mismatch``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ class AcceptsCorruption(ReferenceBackend):
         with (
             mock.patch.object(tessera.chunk_codec, "check_crc", _unchecked),
             mock.patch.object(tessera.reader, "check_crc", _unchecked),
+            mock.patch.object(tessera.reader, "check_manifest_digest", _unchecked_digest),
         ):
             return super().read(request)
 
 
 def _unchecked(checksum: int, stored: bytes, where: str, listed: int | None = None) -> None:
     """Whatever the chunk holds, its checksum "matches"."""
+
+
+def _unchecked_digest(data: bytes, manifest: object, where: str) -> None:
+    """Whatever the root holds, its digest "matches"."""
 
 
 if __name__ == "__main__":
