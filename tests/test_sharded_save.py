@@ -30,7 +30,7 @@ from tessera.planning.options import SaveOptions
 from tessera.sharding.boxes import Box
 from tessera.storage.local import LocalStorage
 
-from .conftest import assert_bit_equal, random_tensor, recording
+from .conftest import assert_bit_equal, assert_chunk_lists_are_stored_crcs, random_tensor, recording
 from .ranks import RankDied, run_ranks
 
 CHUNK_BYTES = 40
@@ -186,6 +186,16 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[int, tuple[Path, lis
     for ws in WORLD_SIZES[1:]:
         out[ws] = (root / f"ws{ws}", run_ranks(ws, _save_rank, root / f"ws{ws}"))
     return out
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_chunk_lists_are_the_crcs_the_owners_stored_R3_19_R16_17(
+    saved: dict[int, tuple[Path, list[Any]]], world_size: int
+) -> None:
+    """Each rank reports the CRCs of the chunks it wrote (replicated arrays once, chunks assembled
+    from flat ranges moved between ranks by their owner); the coordinator's chunk lists are exactly
+    the CRCs at the ends of the chunk files."""
+    assert assert_chunk_lists_are_stored_crcs(saved[world_size][0]) > 0
 
 
 def _assert_stored(ck: tessera.Checkpoint, path: str, want: Any) -> None:
