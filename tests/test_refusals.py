@@ -20,7 +20,6 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-import crc32c
 import numpy as np
 import pytest
 import tessera
@@ -29,14 +28,14 @@ from tessera import ReaderLimits
 from tessera.storage.local import LocalStorage
 
 from .conftest import (
-    reseal_root_file,
-    write_chunk_file,
     assert_tree_bit_equal,
     edit_json,
     edit_manifest,
     entry_of,
     flip_byte,
     read_json,
+    reseal_root_file,
+    write_chunk_file,
 )
 
 W = torch.arange(24.0).reshape(4, 6)

@@ -77,7 +77,7 @@ def write_chunk(path: Path, body: bytes) -> None:
     """
     checksum = crc32c.crc32c(body)
     path.write_bytes(body + struct.pack("<I", checksum))
-    root = next(p for p in path.parents if (p / "zarr.json").is_file() and b'"tessera"' in (p / "zarr.json").read_bytes())
+    root = next(p for p in path.parents if _is_root(p))
     parts = path.relative_to(root).parts
     at = len(parts) - 1 - parts[::-1].index("c")
     array, index = "/".join(parts[:at]), [int(i) for i in parts[at + 1 :]]
@@ -94,6 +94,12 @@ def write_chunk(path: Path, body: bytes) -> None:
         entry["chunk_crc32c"] = listed[:start] + format(checksum, "08x") + listed[start + CRC_HEX_DIGITS :]
 
     edit_manifest(root, relist)
+
+
+def _is_root(folder: Path) -> bool:
+    """Whether ``folder`` holds a root ``zarr.json`` (a group document with a manifest)."""
+    document = folder / "zarr.json"
+    return document.is_file() and b'"tessera"' in document.read_bytes()
 
 
 def zstd_frame(payload: bytes, declared: int | None, *, block_type: int = 0) -> bytes:

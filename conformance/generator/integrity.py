@@ -49,7 +49,9 @@ def _swapped(out: Path) -> None:
         [
             v.read(error="checksum_mismatch"),
             v.read("subset", GOOD_KEYS, rules=["R14.1"]),
-            v.read("region-avoiding-fault", [(("w",), [(2, 4), (0, 6)])], rules=["R14.2"], features=["regions"]),
+            v.read(
+                "region-avoiding-fault", [(("w",), [(2, 4), (0, 6)])], rules=["R14.2"], features=["regions"]
+            ),
             v.verify("checksum_mismatch"),
         ],
     )
@@ -59,9 +61,10 @@ def _root_value_changed(out: Path) -> None:
     v = VectorWriter(out, "invalid", "manifest-digest-mismatch")
     save_base(v)
     # grp/n is the JSON value 3; 7 is one byte and still strict JSON, schema-valid and consistent.
-    (v.checkpoint / "zarr.json").write_bytes(
-        (v.checkpoint / "zarr.json").read_bytes().replace(b'"encoding":"json","value":3}', b'"encoding":"json","value":7}')
-    )
+    root = v.checkpoint / "zarr.json"
+    old, new = b'"encoding":"json","value":3}', b'"encoding":"json","value":7}'
+    assert root.read_bytes().count(old) == 1
+    root.write_bytes(root.read_bytes().replace(old, new))
     v.finish(
         "one byte of a JSON value in the root zarr.json changed (grp/n 3 -> 7), the digest not "
         "recomputed",

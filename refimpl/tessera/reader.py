@@ -51,11 +51,11 @@ from .errors import (
     UncommittedCheckpointError,
     UnsafeEncodingError,
 )
+from .format.digest import check_manifest_digest
 from .format.dtypes import DType
 from .format.keys import Key, key_to_path
 from .format.layout import CRC32C_SIZE, ArrayLayout, ChunkIndex, chunk_key
 from .format.limits import DEFAULT_LIMITS, ReaderLimits
-from .format.digest import check_manifest_digest
 from .format.manifest import (
     Entry,
     Manifest,

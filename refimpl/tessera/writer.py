@@ -325,7 +325,9 @@ def _global_plan(
     return plan, list(plan.ranks)
 
 
-def _commit(statuses: list[tuple[TesseraError | None, bytes | None]], storage: Storage, pending: _Pending) -> _Outcome:
+def _commit(
+    statuses: list[tuple[TesseraError | None, bytes | None]], storage: Storage, pending: _Pending
+) -> _Outcome:
     """Rank 0: publish the root only if every rank's data is durable, with the chunk lists
     built from the CRCs the ranks report (R3.19) and sealed with its digest (R3.20)."""
     failed = [(rank, e) for rank, (e, _) in enumerate(statuses) if e is not None]

@@ -10,7 +10,6 @@ into, so that an array of millions of chunks costs no Python object per chunk.
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..errors import InconsistentCheckpointError, SchemaViolationError
