@@ -18,9 +18,14 @@ runs them:
                 transfers);
 - ``contents``: ``manifest_contents`` (JSON values merged, sharded-object cells checked,
                 state-dict order);
-- ``root``:     ``Manifest(...)`` and ``dumps(manifest.to_root())``;
-- ``check``:    ``check_root_document`` of those bytes (strict JSON, schema, entries), which
-                the writer runs on its own root before claiming the path.
+- ``root``:     ``Manifest(...)`` and its root bytes with zeros for the chunk lists, sealed
+                with its digest (``with_chunk_lists(manifest, {}).root_bytes()``);
+- ``check``:    ``check_root_document`` of those bytes (strict JSON, digest, schema, entries),
+                which the writer runs on its own root before claiming the path;
+- ``commit``:   after the writes: the chunk lists from every rank's reported CRCs (4 bytes a
+                chunk, random here), the final root sealed with its digest and compared with
+                the checked one (only hex digits may differ), as ``writer._commit`` does before
+                it publishes.
 
 ``unpickle`` (decoding the gathered local plans) is reported beside them but not in the total.
 
@@ -63,10 +68,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+import numpy as np
+from tessera.chunk_crcs import chunk_lists, only_hex_digits_differ, with_chunk_lists
 from tessera.format.dtypes import dtype_by_name
 from tessera.format.keys import Key
 from tessera.format.manifest import Manifest, WriterInfo
-from tessera.format.strict_json import dumps
 from tessera.planning.contents import manifest_contents
 from tessera.planning.global_plan import GlobalPlan, make_global_plan
 from tessera.planning.local_plan import Cell, Extent, LeafSpec
@@ -294,7 +300,7 @@ def build_root(plan: GlobalPlan, gathered: list[tuple[Any, ...]], layout: Layout
     entries, lists = manifest_contents(
         plan, [g[3] for g in gathered], [g[4] for g in gathered], [g[5] for g in gathered]
     )
-    return dumps(_manifest(entries, lists, layout).to_root())
+    return with_chunk_lists(_manifest(entries, lists, layout), {}).root_bytes()
 
 
 def _manifest(entries: Any, lists: Any, layout: Layout) -> Manifest:
@@ -336,7 +342,7 @@ class Point:
         return sum(self.cpu[s] for s in STEPS)
 
 
-STEPS = ("plan", "contents", "root", "check")
+STEPS = ("plan", "contents", "root", "check", "commit")
 """The coordinator's timed steps; ``unpickle`` is reported but not in the total."""
 
 
@@ -354,8 +360,18 @@ def measure(layout: Layout, repeat: int, options: SaveOptions) -> Point:
     plan = timed("plan", lambda: make_global_plan(specs, options))
     values, orders, lists = [g[3] for g in gathered], [g[4] for g in gathered], [g[5] for g in gathered]
     entries, keys = timed("contents", lambda: manifest_contents(plan, values, orders, lists))
-    root = timed("root", lambda: dumps(_manifest(entries, keys, layout).to_root()))
+    manifest = _manifest(entries, keys, layout)
+    root = timed("root", lambda: with_chunk_lists(manifest, {}).root_bytes())
     timed("check", lambda: check_root_document(root, "the simulated root"))
+    rng = np.random.default_rng(0)
+    counts = [sum(len(a.chunks) for a in r.arrays) for r in plan.ranks]
+    reported = [rng.integers(0, 2**32, n, dtype="<u4").tobytes() for n in counts]
+
+    def commit() -> None:
+        final = with_chunk_lists(manifest, chunk_lists(plan.ranks, reported)).root_bytes()
+        assert only_hex_digits_differ(root, final)
+
+    timed("commit", commit)
     return Point(
         layout,
         wall,

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import torch.distributed as dist
 
 from . import __version__
-from .chunk_crcs import chunk_lists, with_chunk_lists
+from .chunk_crcs import chunk_lists, only_hex_digits_differ, with_chunk_lists
 from .chunk_writer import write_rank
 from .collective import collective_for
 from .errors import (
@@ -213,8 +213,8 @@ class _Pending:
     """The manifest to commit, but for its chunk lists (R3.19), which the ranks' CRCs give."""
     ranks: tuple[RankPlan, ...]
     """Every rank's plan: which chunks the CRCs each rank reports belong to."""
-    root_size: int
-    """Bytes of the root document checked before the claim; the published one has as many."""
+    checked_root: bytes
+    """The root document checked before the claim (zeros for the chunk lists)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +307,7 @@ def _coordinate(
     except TesseraError as exc:
         return [_Instruction(exc, None)] * world_size, None
     instructions = [_Instruction(None, rank_plans[r]) for r in range(world_size)]
-    return instructions, _Pending(manifest, plan.ranks, len(root))
+    return instructions, _Pending(manifest, plan.ranks, root)
 
 
 def _global_plan(
@@ -343,10 +343,11 @@ def _commit(
         crcs = [c for _, c in statuses]
         manifest = with_chunk_lists(pending.manifest, chunk_lists(pending.ranks, crcs))
         root = manifest.root_bytes()
-        where = f"the root zarr.json for {storage.location}"
-        if len(root) != pending.root_size:
-            raise CollectiveError(f"{where} has {len(root)} bytes, not the {pending.root_size} checked")
-        check_root_document(root, where)
+        if not only_hex_digits_differ(pending.checked_root, root):
+            raise CollectiveError(
+                f"the root zarr.json for {storage.location} differs from the one checked before the "
+                "claim in more than its chunk lists and digest; the checkpoint was not committed"
+            )
         storage.publish_root(root, manifest.save_id)
     except TesseraError as exc:
         return _Outcome(exc, None)

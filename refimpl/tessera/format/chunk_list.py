@@ -15,7 +15,14 @@ import numpy as np
 from ..errors import InconsistentCheckpointError, SchemaViolationError
 from .layout import ArrayLayout, ChunkIndex
 
-__all__ = ["CRC_HEX_DIGITS", "check_chunk_list", "encode_chunk_list", "flat_chunk_index", "listed_crc"]
+__all__ = [
+    "CRC_HEX_DIGITS",
+    "check_chunk_list",
+    "encode_chunk_list",
+    "flat_chunk_index",
+    "grid_strides",
+    "listed_crc",
+]
 
 CRC_HEX_DIGITS = 8
 """Hex digits per chunk in ``chunk_crc32c``."""
@@ -42,12 +49,19 @@ def check_chunk_list(text: str, layout: ArrayLayout, where: str) -> None:
         )
 
 
+def grid_strides(layout: ArrayLayout) -> tuple[int, ...]:
+    """Chunks between neighbours along each dimension of the grid, in C order (``()`` for 0-d)."""
+    strides: list[int] = []
+    step = 1
+    for n in reversed(layout.grid_shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 def flat_chunk_index(layout: ArrayLayout, index: ChunkIndex) -> int:
     """The position of chunk ``index`` in C (row-major) order of the chunk grid."""
-    flat = 0
-    for i, n in zip(index, layout.grid_shape, strict=True):
-        flat = flat * n + i
-    return flat
+    return sum(i * s for i, s in zip(index, grid_strides(layout), strict=True))
 
 
 def listed_crc(text: str, layout: ArrayLayout, index: ChunkIndex) -> int:
