@@ -19,11 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import crc32c
 import numpy as np
 import pytest
 import tessera
 import torch
+from tessera.format.digest import reseal_root
 from tessera.format.dtypes import dtype_of_torch
 from tessera.sharding import ShardedTensor
 
@@ -37,6 +37,7 @@ from conformance.checks.expected import (
     Key,
 )
 from conformance.checks.written import check_written
+from conformance.generator.damage import write_chunk
 from conformance.protocol.arrays import storage_dtype
 
 from .ranks import run_ranks
@@ -129,8 +130,9 @@ def _rules(root: Path, expected: ExpectedCheckpoint | None = None) -> dict[str, 
 
 
 def _edit_json(path: Path, edit: Callable[[Any], Any]) -> None:
+    """Edit a document; a root document is sealed again (R3.20), so that only the edit is wrong."""
     doc = json.loads(path.read_bytes())
-    path.write_text(json.dumps(edit(doc) or doc))
+    path.write_bytes(reseal_root(json.dumps(edit(doc) or doc).encode()))
 
 
 def _manifest(root: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
@@ -138,10 +140,11 @@ def _manifest(root: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
 
 
 def _rewrite_chunk(path: Path, edit: Callable[[bytearray], None]) -> None:
-    """Change a chunk's bytes ``Z`` and store a matching CRC, so that only the change is wrong."""
+    """Change a chunk's bytes ``Z`` and store a matching CRC, listed in the chunk list (R3.19), so
+    that only the change is wrong."""
     body = bytearray(path.read_bytes()[:-4])
     edit(body)
-    path.write_bytes(bytes(body) + struct.pack("<I", crc32c.crc32c(bytes(body))))
+    write_chunk(path, bytes(body))
 
 
 # -- sound checkpoints ---------------------------------------------------------------------------
@@ -215,7 +218,23 @@ def _values(root: Path) -> None:
     _rewrite_chunk(root / "model/w/c/0/0", lambda body: body.__setitem__(slice(0, 4), struct.pack("<f", 9.0)))
 
 
+def _swap_chunks(root: Path) -> None:
+    """Two valid chunks of one array exchanged: each intact, neither where the chunk list says."""
+    a, b = root / "model/w/c/0/0", root / "model/w/c/0/1"
+    data_a, data_b = a.read_bytes(), b.read_bytes()
+    a.write_bytes(data_b)
+    b.write_bytes(data_a)
+
+
+def _stale_digest(root: Path) -> None:
+    """The root rewritten (members spaced out) without its digest recomputed."""
+    path = root / "zarr.json"
+    path.write_text(json.dumps(json.loads(path.read_bytes()), indent=1))
+
+
 MUTATIONS: dict[str, tuple[Callable[[Path], None], str, str]] = {
+    "chunks swapped": (_swap_chunks, "R3.19", "model/w/c/0/0 stores CRC-32C"),
+    "stale manifest digest": (_stale_digest, "R3.20", "manifest_digest is sha256:"),
     "flipped chunk byte": (_flip, "R6.4", "model/w/c/0/0"),
     "deleted chunk": (lambda r: (r / "model/w/c/1/2").unlink(), "R5.7", "c/1/2"),
     "extra file": (lambda r: (r / "model/notes.txt").write_text("hi"), "R2.5", "model/notes.txt"),
