@@ -31,6 +31,7 @@ def _state() -> dict[str, Any]:
     torch.manual_seed(0)
     return {
         "w": torch.randn(4, 6),  # chunks [2, 3]: four of 24 bytes each
+        "v": torch.arange(12, dtype=torch.int32),  # chunks [4]: each read in place into its destination
         "opt": {"step": torch.tensor(3.0), "m": torch.randn(5).to(torch.bfloat16)},
         "empty": torch.zeros(0, 3),
         "blob": b"\x01\x02\x03",
@@ -41,12 +42,12 @@ def _state() -> dict[str, Any]:
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
     root = tmp_path / "ckpt"
-    tessera.save(_state(), root, chunk_shapes={"w": [2, 3]}, metadata={"step": 100})
+    tessera.save(_state(), root, chunk_shapes={"w": [2, 3], "v": [4]}, metadata={"step": 100})
     return root
 
 
-def _swap(root: Path, a: str, b: str) -> None:
-    first, second = root / "w" / "c" / a, root / "w" / "c" / b
+def _swap(root: Path, a: str, b: str, array: str = "w") -> None:
+    first, second = root / array / "c" / a, root / array / "c" / b
     data_a, data_b = first.read_bytes(), second.read_bytes()
     first.write_bytes(data_b)
     second.write_bytes(data_a)
@@ -61,8 +62,8 @@ def test_writer_lists_the_stored_crc_of_every_chunk_R3_19(tmp_path: Path) -> Non
     (the 0-d array's one chunk, and "" for an array of no chunks, included)."""
     for compression in (None, "zstd"):
         root = tmp_path / f"ck-{compression}"
-        tessera.save(_state(), root, chunk_shapes={"w": [2, 3]}, compression=compression)
-        assert assert_chunk_lists_are_stored_crcs(root) == 4 + 1 + 1 + 1
+        tessera.save(_state(), root, chunk_shapes={"w": [2, 3], "v": [4]}, compression=compression)
+        assert assert_chunk_lists_are_stored_crcs(root) == 4 + 3 + 1 + 1 + 1
         entries = {e["path"]: e for e in read_json(root / "zarr.json")["attributes"]["tessera"]["entries"]}
         assert entries["empty"]["chunk_crc32c"] == ""
         assert "chunk_crc32c" not in entries["lr"]
@@ -89,12 +90,21 @@ def test_swapped_chunks_are_refused_R6_6(ckpt: Path) -> None:
     with pytest.raises(tessera.ChecksumMismatchError):
         ck.read("w", (slice(0, 2), slice(2, 4)))  # a region that reads both swapped chunks
     with pytest.raises(tessera.ChecksumMismatchError):
-        ck.read("w", (slice(0, 1), slice(3, 6)))  # one of them, through the in-place path
+        ck.read("w", (slice(0, 1), slice(3, 6)))  # one of them
     # A region that never reads them still works (R14.2), and so does every other key (R14.1).
     assert torch.equal(ck.read("w", (slice(2, 4),)), _state()["w"][2:4])
     assert_tree_bit_equal(ck.values(["opt/m", "blob", "lr"]), [_state()["opt"]["m"], b"\x01\x02\x03", 0.5])
     report = tessera.verify(ckpt)
     assert [p.code for p in report.problems] == ["checksum_mismatch"] * 2
+
+
+def test_swapped_chunks_read_in_place_are_refused_R6_6(ckpt: Path) -> None:
+    """Whole chunks of a 1-d array stream straight into the destination; the listed CRC is
+    compared there too."""
+    _swap(ckpt, "0", "2", array="v")
+    with pytest.raises(tessera.ChecksumMismatchError, match=r"v chunk c/0 .*other data"):
+        tessera.open(ckpt).read("v")
+    assert torch.equal(tessera.open(ckpt).read("v", (slice(4, 8),)), torch.arange(4, 8, dtype=torch.int32))
 
 
 def test_chunk_copied_over_another_is_refused_R6_6(ckpt: Path) -> None:
