@@ -374,7 +374,8 @@ class RunDirectory:
         if kind is None:
             raise CheckpointNotFoundError(f"{path} does not exist; nothing to discard")
         if kind != "dir":
-            raise InvalidKeyError(f"{path} is not a real directory of the run; remove it by hand")
+            what = "a symbolic link" if kind == "link" else "not a directory"
+            raise InvalidKeyError(f"{path} is {what}, not a checkpoint of the run; remove it by hand")
         lock = StepLock(self.root, name)
         if not lock.acquire(create=True):
             raise CheckpointExistsError(f"{path} is being saved or deleted by another process; not discarded")
