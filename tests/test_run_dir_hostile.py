@@ -245,7 +245,12 @@ def test_retention_removes_dead_leftovers_below_latest_only_R10_10(
     newer = _leftover(run, 9, lock_file=True)  # above latest: may be the newest save, in flight
     holder = lock_holder(run.root / ".step-00000003.lock")
     run.save(_state(5), step=5)
-    assert [(c.step, c.committed) for c in run.checkpoints()] == [(2, False), (3, False), (5, True), (9, False)]
+    assert [(c.step, c.committed) for c in run.checkpoints()] == [
+        (2, False),
+        (3, False),
+        (5, True),
+        (9, False),
+    ]
     assert not dead.exists() and not (run.root / ".step-00000004.lock").exists()
     assert foreign.exists() and live.exists() and newer.exists()
     holder.kill()

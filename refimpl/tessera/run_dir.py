@@ -77,6 +77,9 @@ class RunDirectory:
 
     @staticmethod
     def name_of(step: int) -> str:
+        """``step-00000100``: the checkpoint name of step ``step`` (R10.1), a non-negative integer."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise InvalidKeyError(f"a step is a non-negative integer, not {step!r}")
         return f"step-{step:08d}"
 
     @overload
@@ -199,14 +202,14 @@ class RunDirectory:
         problems = []
         try:
             self._point_latest(path.name)
-        except (TesseraError, OSError) as exc:
+        except Exception as exc:  # the checkpoint is committed: from here on nothing raises
             problems.append(
                 f"could not move {LATEST} to it ({_reason(exc)}); "
                 f"{LATEST} still names the previous checkpoint"
             )
         try:
             self.apply_retention()
-        except (TesseraError, OSError) as exc:
+        except Exception as exc:
             problems.append(f"retention failed ({_reason(exc)}); it runs again after the next save")
         if not problems:
             return None
@@ -396,9 +399,12 @@ class RunDirectory:
         step = _step_of(name)
         with run_files.latest_lock(self.root):
             current = self._read_pointer_quietly()
+            run_files.remove_stale_pointer_files(self.root)
             if current is not None and step is not None:
                 current_step = _step_of(current)
-                if current_step is not None and current_step >= step and is_committed(self.root / current):
+                target = self.root / current
+                valid = entry_kind(target) == "dir" and is_committed(target)
+                if current_step is not None and current_step >= step and valid:
                     return current == name
             run_files.replace_pointer(self.root, name)
         return True
@@ -420,4 +426,6 @@ def _holds_anything(path: Path) -> bool:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
-    return str(exc)
+    if isinstance(exc, TesseraError):
+        return str(exc)
+    return type(exc).__name__  # not ours: its text might quote anything

@@ -40,6 +40,7 @@ __all__ = [
     "latest_lock",
     "lock_name",
     "read_small",
+    "remove_stale_pointer_files",
     "remove_step",
     "remove_unpublished",
     "replace_pointer",
@@ -170,6 +171,21 @@ def replace_pointer(root: Path, name: str) -> None:
             os.unlink(temporary)
         raise
     _fsync_dir(root)
+
+
+def remove_stale_pointer_files(root: Path) -> None:
+    """Remove ``.latest.*.tmp`` files of processes that died while moving ``latest``.
+
+    Call only while holding :func:`latest_lock`: temporary pointer files are written
+    under that lock, so any one seen then belongs to a process that is gone.
+    """
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(".latest.") and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.unlink(root / name)
 
 
 def _flock(fd: int, what: str, wait: float) -> bool:
