@@ -8,7 +8,7 @@ reads with a small bound, and acts on directory entries through file
 descriptors, so that nothing outside the run directory is ever read,
 followed or deleted. Concurrency rests on two advisory locks (``flock``):
 the run directory itself while ``latest`` moves, and one ``.<step>.lock``
-file per step while a process saves or deletes that step (R10.7-R10.9).
+file per step while a process saves or deletes that step (R10.8, R10.9).
 
 This module has a private bounded reader (:func:`read_small`); the reader's
 safe-open helper in ``storage/local.py`` does the same for checkpoint files,
