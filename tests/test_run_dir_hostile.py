@@ -119,6 +119,11 @@ def test_overlong_run_directory_name_is_an_io_error(tmp_path: Path) -> None:
         run.save(_state(1), step=1)
 
 
+def test_a_nul_in_the_run_directory_path_is_bad_key(tmp_path: Path) -> None:
+    with pytest.raises(tessera.InvalidKeyError):
+        RunDirectory(f"{tmp_path}/run\0x")
+
+
 # -- symlinked steps ------------------------------------------------------------------------------
 
 
@@ -196,10 +201,14 @@ def test_saving_over_a_leftover_says_how_to_clear_it(run: RunDirectory) -> None:
     path = _leftover(run, 2, lock_file=False)
     with pytest.raises(tessera.CheckpointExistsError, match=r"RunDirectory.discard\(2\)"):
         run.save(_state(2), step=2)
+    # The refused save did not mark the plain save's directory as a run-directory leftover.
+    assert not (run.root / ".step-00000002.lock").exists()
+    run.save(_state(3), step=3)
+    assert path.exists(), "retention deleted an unmarked uncommitted directory"
     run.discard(2)
     assert not path.exists()
     run.save(_state(2), step=2)
-    assert run.latest() == path
+    assert run.latest() == run.root / "step-00000003"
     with pytest.raises(tessera.CheckpointExistsError, match="is committed"):
         run.discard(2)
     with pytest.raises(tessera.CheckpointNotFoundError):

@@ -71,6 +71,8 @@ class RunDirectory:
         if keep_last is not None and keep_last < 1:
             raise ValueError("keep_last must be at least 1")
         self.root = Path(root)
+        if "\0" in str(self.root):
+            raise InvalidKeyError(f"a run directory path cannot hold a NUL character: {str(self.root)!r}")
         self.keep_last = keep_last
         self.keep_every = keep_every
         self._last_async: AsyncSave | None = None
@@ -161,7 +163,7 @@ class RunDirectory:
             if collective.rank == 0:
                 problem = self._after_commit(path)
         finally:
-            lock.release()
+            lock.release(touched=True)
         problem = collective.broadcast(problem, "moving the latest pointer")
         if problem is not None:
             warnings.warn(problem, TesseraWarning, stacklevel=2)
@@ -178,13 +180,13 @@ class RunDirectory:
                 )
             kind = entry_kind(path)
             if kind == "link" or kind == "other":
-                lock.release()
+                lock.release(touched=False)
                 raise InvalidKeyError(
                     f"{path} is {'a symbolic link' if kind == 'link' else 'not a directory'}; "
                     "a run directory saves only into real directories of its own: remove it"
                 )
             if kind == "dir" and not is_committed(path) and _holds_anything(path):
-                lock.release()
+                lock.release(touched=False)
                 raise CheckpointExistsError(
                     f"{path} holds an uncommitted checkpoint (a save that failed or was killed); "
                     f"if no save of step {path.name} is running, remove it with "
@@ -193,7 +195,7 @@ class RunDirectory:
         except TesseraError as exc:
             return exc
         except OSError as exc:
-            lock.release()
+            lock.release(touched=False)
             return StorageError(f"cannot prepare {path}: {exc.strerror or exc}")
         return None
 
@@ -344,18 +346,20 @@ class RunDirectory:
             return False  # no lock file: not saved through a run directory, maybe live (R10.10)
         if not lock.acquire(create=committed):
             return False
+        touched = False
         try:
             path = self.root / name
             if entry_kind(path) != "dir" or is_committed(path) != committed:
                 return False
             if committed and self._read_pointer_quietly() == name:
                 return False
+            touched = True
             run_files.remove_step(self.root, name)
             return True
         except OSError as exc:
             raise StorageError(f"cannot delete {self.root / name}: {exc.strerror or exc}") from None
         finally:
-            lock.release()
+            lock.release(touched=touched)
 
     def _read_pointer_quietly(self) -> str | None:
         try:
@@ -382,17 +386,19 @@ class RunDirectory:
         lock = StepLock(self.root, name)
         if not lock.acquire(create=True):
             raise CheckpointExistsError(f"{path} is being saved or deleted by another process; not discarded")
+        touched = False
         try:
             if is_committed(path):
                 raise CheckpointExistsError(
                     f"{path} is committed; discard removes only uncommitted checkpoints "
                     "(committed ones go by retention)"
                 )
+            touched = True
             run_files.remove_step(self.root, name)
         except OSError as exc:
             raise StorageError(f"cannot delete {path}: {exc.strerror or exc}") from None
         finally:
-            lock.release()
+            lock.release(touched=touched)
 
     def _point_latest(self, name: str) -> bool:
         """Move ``latest`` to ``name`` unless it names a higher step already (R10.8); whether it moved."""

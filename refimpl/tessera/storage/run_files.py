@@ -244,6 +244,7 @@ class StepLock:
     def __init__(self, root: Path, step_name: str) -> None:
         self.path = root / lock_name(step_name)
         self._fd: int | None = None
+        self._created = False
 
     def exists(self) -> bool:
         """Whether a lock file is present (a save or deletion ran here through a run directory)."""
@@ -252,12 +253,21 @@ class StepLock:
     def acquire(self, *, create: bool) -> bool:
         """Take the lock without waiting; ``False`` if another process holds it (or, without
         ``create``, if there is no lock file)."""
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        base = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         for _ in range(100):
+            created = False
             try:
-                fd = os.open(self.path, flags, 0o644)
+                fd = os.open(self.path, base)
             except FileNotFoundError:
-                return False
+                if not create:
+                    return False
+                try:
+                    fd = os.open(self.path, base | os.O_CREAT | os.O_EXCL, 0o644)
+                    created = True
+                except FileExistsError:
+                    continue  # another process created it meanwhile: open that one
+                except OSError as exc:
+                    raise _io_error(f"cannot create lock file {self.path}", exc) from None
             except OSError as exc:
                 raise _io_error(f"cannot open lock file {self.path}", exc) from None
             try:
@@ -271,29 +281,32 @@ class StepLock:
                 os.close(fd)
                 raise
             if same:
-                self._fd = fd
+                self._fd, self._created = fd, created
                 return True
             os.close(fd)  # removed or replaced after we opened it: its lock guards nothing
             if not create:
                 return False
         raise StorageError(f"lock file {self.path} keeps being replaced; check for a misbehaving process")
 
-    def release(self) -> None:
-        """Unlock; remove the lock file first unless an uncommitted step directory remains.
+    def release(self, *, touched: bool) -> None:
+        """Unlock; remove the lock file first, unless it marks an uncommitted leftover.
 
-        Removing before unlocking means no one can lock a file about to vanish unseen. A
-        lock file left beside an uncommitted directory marks it as a leftover of a save or
-        deletion made through a run directory, which retention may remove once no one
-        holds the lock (R10.10).
+        ``touched``: whether this holder changed the step's directory (saved or deleted
+        into it). The lock file stays beside an uncommitted directory that this holder
+        touched, or that was already marked (the file existed): it marks a leftover of a
+        save or deletion made through a run directory, which retention may remove once no
+        one holds the lock (R10.10). An unmarked directory this holder did not touch (a
+        plain save's, maybe live) stays unmarked. Removing before unlocking means no one
+        can lock a file about to vanish unseen.
         """
         if self._fd is None:
             return
         step = self.path.parent / self.path.name[1 : -len(".lock")]
         try:
-            clean = entry_kind(step) != "dir" or is_committed(step)
+            leftover = entry_kind(step) == "dir" and not is_committed(step)
         except StorageError:
-            clean = False
-        if clean:
+            leftover = True
+        if not leftover or (self._created and not touched):
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
         os.close(self._fd)
