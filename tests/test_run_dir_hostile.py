@@ -280,7 +280,9 @@ def test_a_step_being_saved_elsewhere_is_refused(
     assert run.latest() == run.root / "step-00000001"
 
 
-def test_retention_skips_a_checkpoint_already_deleted(run: RunDirectory) -> None:
+def test_retention_skips_a_checkpoint_already_deleted(
+    monkeypatch: pytest.MonkeyPatch, run: RunDirectory
+) -> None:
     """Another process deleted it between the listing and the deletion: not an error."""
     run.keep_last = None
     run.save(_state(2), step=2)
@@ -294,12 +296,8 @@ def test_retention_skips_a_checkpoint_already_deleted(run: RunDirectory) -> None
         real(root, name)
 
     run.keep_last = 1
-    original = run_files.remove_step
-    run_files.remove_step = racing  # type: ignore[assignment]
-    try:
-        assert run.apply_retention() == ["step-00000001", "step-00000002"]
-    finally:
-        run_files.remove_step = original  # type: ignore[assignment]
+    monkeypatch.setattr(run_files, "remove_step", racing)
+    assert run.apply_retention() == ["step-00000001", "step-00000002"]
     assert [c.step for c in run.checkpoints()] == [3]
 
 
