@@ -387,7 +387,7 @@ def _failing_write_file(fail_at: int) -> Callable[..., None]:
 
 
 @pytest.mark.parametrize("fail_at", [1, 3, 6])
-def test_failed_save_leaves_an_uncommitted_checkpoint_R9_7(
+def test_failed_save_removes_what_it_wrote_R9_7(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail_at: int
 ) -> None:
     root = tmp_path / "ckpt"
@@ -395,16 +395,35 @@ def test_failed_save_leaves_an_uncommitted_checkpoint_R9_7(
     with pytest.raises(tessera.StorageError, match="simulated") as info:
         tessera.save(_state(), root, chunk_bytes=24, threads=1)
     assert info.value.code == "io_error"
-    assert (root / ".tessera-claim.json").is_file()
-    assert not (root / "zarr.json").exists()
-    assert not list(root.glob("zarr.json.*"))
-    with pytest.raises(tessera.UncommittedCheckpointError):
-        tessera.load(root)
-    report = tessera.verify(root)
-    assert [p.code for p in report.problems] == ["uncommitted"]
+    assert not root.exists(), "the failed save left its partial checkpoint behind"
     monkeypatch.undo()
-    with pytest.raises(tessera.CheckpointExistsError):
-        tessera.save(_state(), root)  # the dead save's claim still holds the path (R9.7)
+    tessera.save(_state(), root)  # the path is free again
+    assert_tree_bit_equal(tessera.load(root), _state())
+
+
+def test_failed_save_removes_only_its_own_files_R9_7(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A claim that is not the failed save's own (replaced meanwhile) is never cleaned up."""
+    root = tmp_path / "ckpt"
+    real = LocalStorage.publish_root
+
+    def rival_then_fail(self: LocalStorage, data: bytes, save_id: str) -> None:
+        (root / ".tessera-claim.json").write_text('{"save_id": "someone-else"}')
+        raise tessera.StorageError("cannot publish (simulated)")
+
+    monkeypatch.setattr(LocalStorage, "publish_root", rival_then_fail)
+    with pytest.raises(tessera.StorageError, match="simulated"):
+        tessera.save(_state(), root, chunk_bytes=24)
+    assert (root / ".tessera-claim.json").read_text() == '{"save_id": "someone-else"}'
+    assert (root / "model").is_dir()
+    # A publication lost to a rival's committed root (already_exists) removes nothing either.
+    monkeypatch.setattr(LocalStorage, "publish_root", real)
+    other = tmp_path / "other"
+    tessera.save(_state(), other)
+    from tessera.storage.run_files import remove_unpublished
+
+    save_id = tessera.open(other).manifest.save_id
+    remove_unpublished(other, save_id)
+    assert_tree_bit_equal(tessera.load(other), _state())
 
 
 def test_failed_link_is_an_io_error_R9_10(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -484,11 +503,11 @@ def test_failed_save_keeps_the_previous_checkpoint_R10_3(
     assert run.latest() == tmp_path / "run" / "step-00000001"
     assert (tmp_path / "run" / "latest").read_text() == "step-00000001\n"
     assert_tree_bit_equal(tessera.load(run.latest()), first)
+    # The failed save removed what it wrote (R9.7); retention had nothing to do.
     infos = {c.name: (c.committed, c.latest) for c in run.checkpoints()}
-    assert infos == {"step-00000001": (True, True), "step-00000002": (False, False)}
-    # Retention ran for neither: the failed step is uncommitted, the old one is latest.
+    assert infos == {"step-00000001": (True, True)}
     assert run.apply_retention() == []
-    assert (tmp_path / "run" / "step-00000002").is_dir()
+    assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000001"]
 
 
 _KILL_SCRIPT = textwrap.dedent(

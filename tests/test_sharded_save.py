@@ -992,7 +992,8 @@ def _failing_rank(rank: int, world_size: int, root: Path, log: Path) -> list[Any
 def test_a_rank_that_fails_or_dies_leaves_nothing_committed_R16_13_R16_16(tmp_path: Path) -> None:
     """Step 1 commits, each chunk written by exactly one rank, balanced. Step 2: rank 1's writes fail
     (StorageError there, collective_failed elsewhere). Step 3: rank 1 dies after its first chunk; rank 0
-    raises collective_failed. Steps 2 and 3 stay uncommitted, latest still names step 1, which loads."""
+    raises collective_failed. Step 2 is removed by its coordinator (R9.7), step 3 stays uncommitted,
+    latest still names step 1, which loads."""
     (tmp_path / "log").mkdir()
     results = run_ranks(
         3, _failing_rank, tmp_path / "run", tmp_path / "log", allow_death=True, collective_timeout_s=10
@@ -1016,14 +1017,15 @@ def test_a_rank_that_fails_or_dies_leaves_nothing_committed_R16_13_R16_16(tmp_pa
     assert (tmp_path / "log" / "outcomes-of-1").read_text() == "StorageError", "its own error in step 2"
     assert results[0] == ["CollectiveError", "CollectiveError"]
     assert results[2] == ["CollectiveError", "CollectiveError"], results[2]
-    for step in (2, 3):
-        with pytest.raises(tessera.UncommittedCheckpointError):
-            tessera.open(run.root / run.name_of(step))
+    # Step 2 failed with every rank alive: once all had reported, the coordinator removed what
+    # the save wrote (R9.7). Step 3 lost a rank: nothing is removed, it stays uncommitted.
+    assert not (run.root / run.name_of(2)).exists()
+    with pytest.raises(tessera.UncommittedCheckpointError):
+        tessera.open(run.root / run.name_of(3))
     assert any((run.root / run.name_of(3)).rglob("c/*")), "rank 1 wrote a chunk before it died"
     assert run.latest() == step1
     assert [(c.step, c.committed, c.latest) for c in run.checkpoints()] == [
         (1, True, True),
-        (2, False, False),
         (3, False, False),
     ]
     got = tessera.load(step1)

@@ -27,6 +27,7 @@ __all__ = [
     "CollectiveError",
     "TensorMismatchError",
     "TesseraError",
+    "TesseraWarning",
     "UncommittedCheckpointError",
     "UnsafeEncodingError",
     "UnsupportedVersionError",
@@ -139,6 +140,11 @@ class StorageError(TesseraError):
 
 class GpuDirectUnavailableError(StorageError):
     """GPU-direct I/O was asked for where it cannot run (no KvikIO, no CUDA device)."""
+
+
+class TesseraWarning(UserWarning):
+    """Something went wrong that does not undo the operation: a save that committed but could
+    not move ``latest`` or apply retention, a run directory entry skipped (a symlinked step)."""
 
 
 ERROR_CLASSES: dict[str, type[TesseraError]] = {

@@ -16,8 +16,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import uuid
+import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch.distributed as dist
@@ -32,6 +34,7 @@ from .errors import (
     InvalidKeyError,
     SchemaViolationError,
     TesseraError,
+    TesseraWarning,
 )
 from .flatten import flatten, is_json
 from .format.keys import Key
@@ -46,6 +49,7 @@ from .planning.options import DEFAULT_CHUNK_BYTES, SaveOptions
 from .reader import check_root_document
 from .storage.base import Storage
 from .storage.local import LocalStorage
+from .storage.run_files import remove_unpublished
 
 if TYPE_CHECKING:
     from .async_save import AsyncSave
@@ -333,12 +337,9 @@ def _commit(
     failed = [(rank, e) for rank, (e, _) in enumerate(statuses) if e is not None]
     if failed:
         rank, error = failed[0]
-        return _Outcome(
-            CollectiveError(
-                f"rank {rank} failed to write its data ({error}); the checkpoint was not committed"
-            ),
-            None,
-        )
+        message = f"rank {rank} failed to write its data ({error}); the checkpoint was not committed"
+        _remove_unpublished(storage, manifest)
+        return _Outcome(CollectiveError(message), None)
     try:
         crcs = [c for _, c in statuses]
         manifest = with_chunk_lists(pending.manifest, chunk_lists(pending.ranks, crcs))
@@ -350,8 +351,26 @@ def _commit(
             )
         storage.publish_root(root, manifest.save_id)
     except TesseraError as exc:
+        _remove_unpublished(storage, manifest)
         return _Outcome(exc, None)
     return _Outcome(None, manifest)
+
+
+def _remove_unpublished(storage: Storage, manifest: Manifest) -> None:
+    """Rank 0, after a failure once every rank has stopped writing: remove this save's files (R9.7).
+
+    Only this save's own (its claim's ``save_id``), never a committed checkpoint; if that
+    fails the save's error still stands, and the leftover is reported as a warning.
+    """
+    try:
+        remove_unpublished(Path(storage.location), manifest.save_id)
+    except (TesseraError, OSError) as exc:
+        warnings.warn(
+            f"{storage.location}: the failed save's partial files could not be removed ({exc}); "
+            "delete the uncommitted directory",
+            TesseraWarning,
+            stacklevel=3,
+        )
 
 
 def claim_document(manifest: Manifest) -> dict[str, Any]:

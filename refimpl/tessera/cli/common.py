@@ -49,9 +49,9 @@ class Target:
 
 def is_run_directory(path: Path) -> bool:
     """A directory that is not itself a checkpoint and holds ``latest`` or ``step-*`` checkpoints."""
-    if not path.is_dir() or (path / ROOT_METADATA).exists():
+    if not path.is_dir() or os.path.lexists(path / ROOT_METADATA):
         return False
-    return (path / LATEST).is_file() or bool(RunDirectory(path).checkpoints())
+    return os.path.lexists(path / LATEST) or bool(RunDirectory(path).checkpoints())
 
 
 def resolve(path: str | os.PathLike[str]) -> Target:

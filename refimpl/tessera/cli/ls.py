@@ -19,9 +19,13 @@ from ..format.strict_json import loads
 from ..reader import open_checkpoint
 from ..run_dir import RunDirectory
 from ..storage.base import CLAIM_FILE
+from ..storage.run_files import read_small
 from .common import UsageError, disk_usage, human_bytes, is_run_directory, one_line, plural
 
 __all__ = ["add_parser", "list_run", "run"]
+
+_CLAIM_MAX_BYTES = 1 << 16
+"""A claim is a few hundred bytes; a larger one is not read (it may be anything)."""
 
 
 def add_parser(subparsers: Any) -> None:
@@ -43,7 +47,10 @@ def _created(path: Path, committed: bool) -> tuple[str | None, str | None]:
     try:
         if committed:
             return open_checkpoint(path).manifest.created, None
-        claim = loads((path / CLAIM_FILE).read_bytes(), str(path / CLAIM_FILE))
+        raw = read_small(path / CLAIM_FILE, _CLAIM_MAX_BYTES, "claim file")
+        if raw is None:
+            return None, None
+        claim = loads(raw, str(path / CLAIM_FILE))
         created = claim.get("created") if isinstance(claim, dict) else None
         return (created if isinstance(created, str) else None), None
     except TesseraError as exc:

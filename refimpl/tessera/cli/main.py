@@ -5,7 +5,12 @@ arguments and sets ``run``, and ``run(args) -> int``, the exit status. This
 module owns the exit-status contract: 0 success, 1 ``verify`` found problems,
 2 an error. Every :class:`~tessera.TesseraError` ends the program with one line
 ``tessera: error[<code>]: <message>`` on stderr, never a traceback, so scripts
-can branch on the code; bad usage exits 2 through argparse.
+can branch on the code; bad usage exits 2 through argparse. Whatever the
+input (a hostile ``latest``, special files, unreadable paths), the output is
+that one line: an exception that is not a ``TesseraError`` is a bug, still
+reported in one line (``error[internal]``) that names only its type, since
+its text could quote a file's content. Warnings (a run directory entry
+skipped, a symlinked step) print as ``tessera: warning: <message>``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .. import __version__
@@ -58,7 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, or bad usage (argparse printed why)
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     try:
-        status: int = args.run(args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = _show_warning
+            status: int = args.run(args)
         sys.stdout.flush()
         return status
     except TesseraError as exc:
@@ -77,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: still one line, and never the text (it may quote a file)
+        return _error("internal", f"{type(exc).__name__} in tessera {args.command}; please report this bug")
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    print(f"tessera: warning: {one_line(str(message))}", file=sys.stderr)
 
 
 if __name__ == "__main__":
