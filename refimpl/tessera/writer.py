@@ -338,7 +338,7 @@ def _commit(
     if failed:
         rank, error = failed[0]
         message = f"rank {rank} failed to write its data ({error}); the checkpoint was not committed"
-        _remove_unpublished(storage, manifest)
+        _remove_unpublished(storage, pending.manifest)
         return _Outcome(CollectiveError(message), None)
     try:
         crcs = [c for _, c in statuses]
@@ -351,7 +351,7 @@ def _commit(
             )
         storage.publish_root(root, manifest.save_id)
     except TesseraError as exc:
-        _remove_unpublished(storage, manifest)
+        _remove_unpublished(storage, pending.manifest)
         return _Outcome(exc, None)
     return _Outcome(None, manifest)
 
