@@ -54,7 +54,7 @@ from .errors import (
     UnsafeEncodingError,
 )
 from .format.dtypes import DType
-from .format.keys import Key, key_to_path
+from .format.keys import Key, PathTree, key_to_path
 from .format.layout import CRC32C_SIZE, ArrayLayout, ChunkIndex, chunk_key
 from .format.limits import DEFAULT_LIMITS, ReaderLimits
 from .format.manifest import Entry, Manifest, ObjectEntry, TensorEntry, ValueEntry, check_version
@@ -387,7 +387,7 @@ class Checkpoint:
         self._limits = limits
         self._threads = threads
         self._by_path = {e.path: e for e in manifest.entries}
-        self._subtrees: dict[str, list[Entry]] | None = None
+        self._subtrees: PathTree | None = None
         self._checked_arrays: set[str] = set()
         self._accepted_documents: set[tuple[object, ...]] = set()
         self._lock = threading.Lock()
@@ -832,13 +832,15 @@ class Checkpoint:
     def subtree(self, prefix: str | Key) -> list[Entry]:
         """The entries stored at ``prefix`` or below it, in state-dict order."""
         if self._subtrees is None:  # built once: a load asks for one subtree per template key
-            subtrees: dict[str, list[Entry]] = {}
-            for path, entry in self._by_path.items():
-                parts = path.split("/")
-                for depth in range(1, len(parts) + 1):
-                    subtrees.setdefault("/".join(parts[:depth]), []).append(entry)
-            self._subtrees = subtrees
-        return list(self._subtrees.get(self._path(prefix), ()))
+            tree = PathTree()
+            for index, path in enumerate(self._by_path):
+                tree.add(path, index)
+            self._subtrees = tree
+        node = self._subtrees.find(self._path(prefix))
+        if node is None:
+            return []
+        entries = self.manifest.entries
+        return [entries[i] for i in node.items]
 
     def __repr__(self) -> str:
         return (

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from .errors import InconsistentCheckpointError, TesseraError
-from .format.keys import parent_paths
-from .format.layout import chunk_key
+from .format.keys import PathTree
 from .format.limits import DEFAULT_LIMITS, ReaderLimits
 from .format.manifest import ObjectEntry, TensorEntry
 from .format.schemas import validate
@@ -75,24 +74,72 @@ def verify(
         return report
     guarded(partial(_check_claim, checkpoint, limits))
     arrays = [e for e in checkpoint.manifest.entries if isinstance(e, (TensorEntry, ObjectEntry))]
-    for group in sorted({group for a in arrays for group in parent_paths(a.path)}):
+    tree = PathTree()
+    for position, array in enumerate(arrays):
+        tree.add(array.path, position)
+    for group in tree.groups():
         guarded(partial(_check_group, checkpoint, group, limits))
     report.arrays = len(arrays)
     with Progress(sum(a.layout.nbytes for a in arrays), "verifying", progress) as bar:
-        tasks: list[Callable[[], None]] = []
+        checked = []
         for entry in arrays:
             try:
                 checkpoint.check_array_metadata(entry)
             except TesseraError as exc:
                 report.problems.append(Problem(exc.code, str(exc)))
                 continue
-            guarded(partial(_check_no_extra_chunks, checkpoint, entry))
-            for index in entry.layout.chunk_indices():
-                tasks.append(_chunk_task(checkpoint, entry, index, bar, guarded))
             report.chunks += entry.layout.chunk_count
             report.nbytes += entry.layout.nbytes
-        run_all(tasks, threads)
+            try:
+                stored, extra = _stored_chunks(checkpoint, entry)
+            except TesseraError as exc:
+                report.problems.append(Problem(exc.code, str(exc)))
+                continue
+            if extra is not None:
+                report.problems.append(extra)
+            report.problems.extend(_missing_chunks(checkpoint, entry, stored))
+            checked.append((entry, sorted(stored)))
+        run_all(
+            (
+                _chunk_task(checkpoint, entry, index, bar, guarded)
+                for entry, stored in checked
+                for index in stored
+            ),
+            threads,
+        )
     return report
+
+
+MISSING_NAMED = 16
+"""Missing chunks of one array named one by one; the rest are counted in one more problem."""
+
+
+def _missing_chunks(
+    checkpoint: Checkpoint, entry: TensorEntry | ObjectEntry, stored: set[tuple[int, ...]]
+) -> list[Problem]:
+    """The chunks of the grid not stored (R5.7): the first few each a ``missing_chunk``, the
+    rest counted, so that a hostile grid of 2^24 absent chunks costs neither minutes nor memory."""
+    absent = entry.layout.chunk_count - len(stored)
+    problems: list[Problem] = []
+    if absent == 0:
+        return problems
+    for index in entry.layout.chunk_indices():
+        if index not in stored:
+            try:
+                checkpoint.chunk_size(entry, index)  # raises the missing chunk's own error
+            except TesseraError as exc:
+                problems.append(Problem(exc.code, str(exc)))
+            if len(problems) == min(absent, MISSING_NAMED):
+                break
+    if absent > len(problems):
+        problems.append(
+            Problem(
+                "missing_chunk",
+                f"{entry.path}: {absent - len(problems)} more of its {entry.layout.chunk_count} chunks "
+                f"are missing ({checkpoint.storage.location})",
+            )
+        )
+    return problems
 
 
 def _chunk_task(
@@ -135,9 +182,11 @@ def _check_group(checkpoint: Checkpoint, group: str, limits: ReaderLimits) -> No
     )
 
 
-def _check_no_extra_chunks(checkpoint: Checkpoint, entry: TensorEntry | ObjectEntry) -> None:
-    """Files under the array's ``c/`` that the grid does not name mean a foreign or stale write."""
-    expected = {chunk_key(i) for i in entry.layout.chunk_indices()}
+def _stored_chunks(
+    checkpoint: Checkpoint, entry: TensorEntry | ObjectEntry
+) -> tuple[set[tuple[int, ...]], Problem | None]:
+    """The chunks of the array's grid that have a file under its ``c/``, and the problem of any
+    other file there (a foreign or stale write, R11.9)."""
     found: list[str] = []
     pending = ["c"]
     storage = checkpoint.storage
@@ -147,8 +196,21 @@ def _check_no_extra_chunks(checkpoint: Checkpoint, entry: TensorEntry | ObjectEn
         if not names and storage.size(f"{entry.path}/{prefix}") is not None:
             found.append(prefix)
         pending.extend(f"{prefix}/{n}" for n in names)
-    extra = sorted(set(found) - expected)
-    if extra:
-        raise InconsistentCheckpointError(
-            f"{entry.path}: chunk files outside its grid of {list(entry.layout.grid_shape)}: {extra[:5]}"
-        )
+    grid = entry.layout.grid_shape
+    stored = {index for index in map(partial(_grid_index, grid=grid), found) if index is not None}
+    extra = sorted(name for name in found if _grid_index(name, grid) is None)
+    if not extra:
+        return stored, None
+    message = f"{entry.path}: chunk files outside its grid of {list(grid)}: {extra[:5]}"
+    return stored, Problem(InconsistentCheckpointError.code, message)
+
+
+def _grid_index(name: str, grid: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The chunk index whose key (R5.2) is ``name``, if it names a chunk of ``grid``."""
+    _, *parts = name.split("/")
+    if len(parts) != len(grid) or not all(
+        p.isdigit() and p.isascii() and len(p) < 20 and (p == "0" or not p.startswith("0")) for p in parts
+    ):
+        return None
+    index = tuple(map(int, parts))
+    return index if all(i < n for i, n in zip(index, grid, strict=True)) else None

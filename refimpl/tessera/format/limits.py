@@ -36,6 +36,11 @@ class ReaderLimits:
     """Largest JSON document read (the root manifest of a 1,024-rank 70B model is far below)."""
     max_json_depth: int = 64
     """Deepest nesting of objects and arrays in any JSON document."""
+    max_json_containers: int = 2**22
+    """Most objects and arrays in any JSON document, counted before it is parsed: 32 MiB of
+    ``{}`` would otherwise cost 1.5 GiB of dicts. A manifest entry holds about ten."""
+    max_key_depth: int = 128
+    """Most components of a stored key (state dicts nest a dozen deep at most)."""
     max_rank: int = 32
     """Most dimensions an array may have."""
     max_chunk_bytes: int = 2**31

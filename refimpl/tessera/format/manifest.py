@@ -16,10 +16,11 @@ from typing import Any, Literal
 
 from ..errors import (
     InconsistentCheckpointError,
+    LimitExceededError,
     SchemaViolationError,
     UnsupportedVersionError,
 )
-from .keys import Key, key_to_path, parent_paths
+from .keys import Key, PathTree, key_to_path
 from .layout import ArrayLayout
 from .limits import DEFAULT_LIMITS, ReaderLimits
 
@@ -213,8 +214,12 @@ def _entry_to_json(entry: Entry) -> dict[str, Any]:
 
 
 def _entry_from_json(doc: dict[str, Any], index: int, limits: ReaderLimits) -> Entry:
+    where = f"manifest entry {index} ({doc['path'][:200]!r})"
+    if len(doc["key"]) > limits.max_key_depth:
+        raise LimitExceededError(
+            f"{where}: a key of {len(doc['key'])} components exceeds max_key_depth={limits.max_key_depth}"
+        )
     key = tuple(doc["key"])
-    where = f"manifest entry {index} ({doc['path']!r})"
     if key_to_path(key) != doc["path"]:
         raise InconsistentCheckpointError(
             f"{where}: path does not match key {list(key)} (expected {key_to_path(key)!r})"
@@ -227,17 +232,20 @@ def _entry_from_json(doc: dict[str, Any], index: int, limits: ReaderLimits) -> E
         if layout.dtype.name != "uint8" or len(layout.shape) != 1:
             raise SchemaViolationError(f"{where}: an object is a 1-d uint8 array")
         return ObjectEntry(key, layout, doc["encoding"])
-    if doc["encoding"] == "float" and doc["value"] not in NONFINITE_FLOATS:
+    value = doc["value"]
+    if doc["encoding"] == "float" and not (isinstance(value, str) and value in NONFINITE_FLOATS):
         raise SchemaViolationError(f"{where}: float value must be one of {list(NONFINITE_FLOATS)}")
     return ValueEntry(key, doc["value"], doc["encoding"])
 
 
 def _check_no_prefix_clash(entries: tuple[Entry, ...]) -> None:
-    """No key may be both a stored value and a container of other keys."""
-    paths = {e.path for e in entries}
-    for path in paths:
-        for prefix in parent_paths(path):
-            if prefix in paths:
-                raise InconsistentCheckpointError(
-                    f"key {prefix!r} is stored as a value and also contains {path!r}"
-                )
+    """No key may be both a stored value and a container of other keys (linear in the paths'
+    length, however deep the keys)."""
+    tree = PathTree()
+    nodes = [tree.add(e.path, i) for i, e in enumerate(entries)]
+    for entry, node in zip(entries, nodes, strict=True):
+        if node.children:
+            inner = entries[next(i for i in node.items if entries[i] is not entry)]
+            raise InconsistentCheckpointError(
+                f"key {entry.path!r} is stored as a value and also contains {inner.path!r}"
+            )
