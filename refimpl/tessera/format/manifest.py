@@ -160,14 +160,16 @@ class Manifest:
                     f"manifest entries {seen[entry.path]} and {i} both store key {entry.path!r}"
                 )
             seen[entry.path] = i
-        _check_no_prefix_clash(entries)
+        tree = _check_no_prefix_clash(entries)
+        lists = tuple(tuple(k) for k in doc["lists"])
+        _check_lists(tree, lists, limits)
         provenance = doc["provenance"]
         return cls(
             save_id=doc["save_id"],
             created=doc["created"],
             writer=WriterInfo(doc["writer"]["name"], doc["writer"]["version"]),
             entries=entries,
-            lists=tuple(tuple(k) for k in doc["lists"]),
+            lists=lists,
             metadata=doc["metadata"],
             world_size=provenance["world_size"],
             parallelism=provenance["parallelism"],
@@ -238,9 +240,9 @@ def _entry_from_json(doc: dict[str, Any], index: int, limits: ReaderLimits) -> E
     return ValueEntry(key, doc["value"], doc["encoding"])
 
 
-def _check_no_prefix_clash(entries: tuple[Entry, ...]) -> None:
+def _check_no_prefix_clash(entries: tuple[Entry, ...]) -> PathTree:
     """No key may be both a stored value and a container of other keys (linear in the paths'
-    length, however deep the keys)."""
+    length, however deep the keys); the tree of the entries' paths."""
     tree = PathTree()
     nodes = [tree.add(e.path, i) for i, e in enumerate(entries)]
     for entry, node in zip(entries, nodes, strict=True):
@@ -248,4 +250,21 @@ def _check_no_prefix_clash(entries: tuple[Entry, ...]) -> None:
             inner = entries[next(i for i in node.items if entries[i] is not entry)]
             raise InconsistentCheckpointError(
                 f"key {entry.path!r} is stored as a value and also contains {inner.path!r}"
+            )
+    return tree
+
+
+def _check_lists(tree: PathTree, lists: tuple[Key, ...], limits: ReaderLimits) -> None:
+    """A container recorded as a list holds only integer components (its indices), R3.8."""
+    for key in lists:
+        if len(key) > limits.max_key_depth:
+            raise LimitExceededError(f"a list key of {len(key)} components exceeds max_key_depth")
+        path = key_to_path(key)
+        node = tree.find(path)
+        if node is None:
+            continue  # an empty list: nothing stored below it
+        names = [n for n in node.children if not n.startswith("~")]
+        if names:
+            raise InconsistentCheckpointError(
+                f"lists names {path!r} a list, but it holds the string key {names[0][:80]!r}"
             )
