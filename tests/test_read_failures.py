@@ -144,3 +144,36 @@ def test_run_all_raises_an_error_of_the_task_iterable() -> None:
 
     with pytest.raises(tessera.LimitExceededError):
         run_all(tasks(), threads=2)
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    tessera.save({"w": torch.arange(8.0), "g": {"b": torch.ones(3)}}, tmp_path / "ck")
+    return tmp_path / "ck"
+
+
+def test_checkpoint_deleted_while_read_says_so(small: Path) -> None:
+    """A checkpoint deleted under an open handle (retention, another process): ``not_found``
+    naming the deletion, not ``missing_chunk`` (issue 15, spec §13)."""
+    ck = tessera.open(small)
+    shutil.rmtree(small)
+    with pytest.raises(tessera.CheckpointDeletedError, match="deleted while being read") as info:
+        ck.read("w")
+    assert info.value.code == "not_found"
+    assert isinstance(info.value, tessera.CheckpointNotFoundError)
+
+
+def test_array_document_gone_with_the_root_is_a_deletion(small: Path) -> None:
+    """Deletion order does not matter: the array's zarr.json gone with the root, chunks left."""
+    ck = tessera.open(small)
+    (small / "zarr.json").unlink()
+    (small / "g" / "b" / "zarr.json").unlink()
+    with pytest.raises(tessera.CheckpointDeletedError):
+        ck.read("g/b")
+
+
+def test_chunk_missing_with_the_root_present_is_still_a_missing_chunk(small: Path) -> None:
+    ck = tessera.open(small)
+    (small / "w" / "c" / "0").unlink()
+    with pytest.raises(tessera.MissingChunkError):
+        ck.read("w")

@@ -44,6 +44,7 @@ import torch
 
 from .chunk_codec import check_crc, decode_chunk, prefix_elements
 from .errors import (
+    CheckpointDeletedError,
     CheckpointNotFoundError,
     InconsistentCheckpointError,
     KeyMismatchError,
@@ -623,6 +624,7 @@ class Checkpoint:
         try:
             data = self.storage.read_file(f"{path}/zarr.json", self._limits.max_json_bytes)
         except FileMissingError:
+            self._check_not_deleted(f"{path}/zarr.json")
             raise InconsistentCheckpointError(
                 f"{where} is missing though the manifest lists the array"
             ) from None
@@ -643,6 +645,15 @@ class Checkpoint:
         with self._lock:
             self._checked_arrays.add(path)
 
+    def _check_not_deleted(self, vanished: str) -> None:
+        """Raise :class:`CheckpointDeletedError` if the root ``zarr.json`` is gone too: a file
+        missing during a read is then the checkpoint deleted underneath, not damage."""
+        if self.storage.size(ROOT_METADATA) is None:
+            raise CheckpointDeletedError(
+                f"{self.storage.location} was deleted while being read ({vanished} and the root "
+                "zarr.json are gone); load another checkpoint"
+            )
+
     def chunk_where(self, entry: ArrayEntry, index: ChunkIndex) -> str:
         return f"{entry.path} chunk {chunk_key(index)} ({self.storage.location})"
 
@@ -658,6 +669,7 @@ class Checkpoint:
         layout = entry.layout
         where = self.chunk_where(entry, index)
         if size is None:
+            self._check_not_deleted(f"{entry.path}/{chunk_key(index)}")
             raise MissingChunkError(
                 f"{where} is missing; the checkpoint is damaged (never read as fill value)"
             )

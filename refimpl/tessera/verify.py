@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
+
 from .errors import InconsistentCheckpointError, TesseraError
 from .format.keys import PathTree
 from .format.limits import DEFAULT_LIMITS, ReaderLimits
@@ -22,7 +24,7 @@ from .format.strict_json import loads
 from .parallel import run_all
 from .progress import Progress
 from .reader import Checkpoint, read_manifest
-from .storage.base import CLAIM_FILE
+from .storage.base import CLAIM_FILE, FileMissingError
 from .storage.local import LocalStorage
 
 __all__ = ["Problem", "VerifyReport", "verify"]
@@ -150,10 +152,24 @@ def _chunk_task(
     guarded: Callable[[Callable[[], object]], None],
 ) -> Callable[[], None]:
     def task() -> None:
-        guarded(partial(checkpoint.read_chunk, entry, index))
+        guarded(partial(_check_chunk, checkpoint, entry, index))
         bar.advance(entry.layout.nbytes // max(entry.layout.chunk_count, 1))
 
     return task
+
+
+def _check_chunk(checkpoint: Checkpoint, entry: TensorEntry | ObjectEntry, index: tuple[int, ...]) -> None:
+    """A chunk as a load reads it (size, CRC, decoding), and for ``bool`` only bytes 0 and 1:
+    a writer writes no other, and a CRC computed over another still matches (R7.2)."""
+    decoded = checkpoint.read_chunk(entry, index)
+    if entry.layout.dtype.name == "bool":
+        raw = decoded.view(np.uint8)
+        if raw.max(initial=0) > 1:
+            where = checkpoint.chunk_where(entry, index)
+            raise InconsistentCheckpointError(
+                f"{where} holds the byte {int(raw.max())} in a bool array, where only 0 and 1 "
+                "are false and true (R7.2)"
+            )
 
 
 def _check_claim(checkpoint: Checkpoint, limits: ReaderLimits) -> None:
@@ -164,22 +180,42 @@ def _check_claim(checkpoint: Checkpoint, limits: ReaderLimits) -> None:
     where = f"{storage.location}/{CLAIM_FILE}"
     doc = loads(storage.read_file(CLAIM_FILE, limits.max_json_bytes), where, limits)
     validate(doc, "claim", where)
-    if doc["save_id"] != checkpoint.manifest.save_id:
+    manifest = checkpoint.manifest
+    if doc["save_id"] != manifest.save_id:
         raise InconsistentCheckpointError(
             f"{where} was claimed by save {doc['save_id']} but the root was committed by "
-            f"{checkpoint.manifest.save_id}: two writers mixed in one path"
+            f"{manifest.save_id}: two writers mixed in one path"
         )
+    writer = {"name": manifest.writer.name, "version": manifest.writer.version}
+    for member, committed in (("created", manifest.created), ("writer", writer)):
+        if doc[member] != committed:
+            raise InconsistentCheckpointError(
+                f"{where}: its {member} differs from the manifest's, though the save ids agree "
+                "(R9.12): one of the two documents was altered"
+            )
+
+
+GROUP_DOCUMENT = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+"""The content of every intermediate group document (R2.4), as JSON (member order and
+whitespace carry no meaning, R2.8)."""
 
 
 def _check_group(checkpoint: Checkpoint, group: str, limits: ReaderLimits) -> None:
+    """A group on the way to an array: present, schema-valid, and exactly R2.4's content (R2.7)."""
     where = f"{checkpoint.storage.location}/{group}/zarr.json"
-    if checkpoint.storage.size(f"{group}/zarr.json") is None:
-        raise InconsistentCheckpointError(f"{where} is missing: every group on the way to an array has one")
-    validate(
-        loads(checkpoint.storage.read_file(f"{group}/zarr.json", limits.max_json_bytes), where, limits),
-        "group",
-        where,
-    )
+    try:
+        data = checkpoint.storage.read_file(f"{group}/zarr.json", limits.max_json_bytes)
+    except FileMissingError:
+        raise InconsistentCheckpointError(
+            f"{where} is missing: every group on the way to an array has one"
+        ) from None
+    doc = loads(data, where, limits)
+    validate(doc, "group", where)
+    if doc != GROUP_DOCUMENT or any(type(doc[k]) is not type(v) for k, v in GROUP_DOCUMENT.items()):
+        raise InconsistentCheckpointError(
+            f"{where} is a valid group document but not the one a writer writes "
+            '({"zarr_format":3,"node_type":"group","attributes":{}}, R2.4)'
+        )
 
 
 def _stored_chunks(
