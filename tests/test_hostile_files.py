@@ -160,3 +160,10 @@ def test_over_long_name_is_bad_key(good: Path) -> None:
     _refused(lambda: tessera.load(good), "bad_key")
     report = _bounded(lambda: tessera.verify(good))
     assert "bad_key" in [p.code for p in report.problems]
+
+
+@pytest.mark.parametrize("root", ["with\x00nul", "x" * 5000], ids=["nul", "too-long"])
+def test_unusable_root_path_is_bad_key(tmp_path: Path, root: str) -> None:
+    """A root path no file system can name: ``bad_key``, never a bare ``ValueError``/``OSError``."""
+    error = _refused(lambda: tessera.load(tmp_path / root), "bad_key")
+    assert len(str(error)) < 400

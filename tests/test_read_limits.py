@@ -174,3 +174,11 @@ def test_list_holding_a_string_key_is_inconsistent_R3_8(tmp_path: Path) -> None:
     edit_manifest(tmp_path / "ck", lambda m: m.update(lists=[["m"]]))
     error = _refused(lambda: tessera.load(tmp_path / "ck"), "inconsistent")
     assert "'m'" in str(error)
+
+
+def test_allocation_the_machine_cannot_make_is_limit_exceeded(small: Path) -> None:
+    """With ``max_load_bytes`` raised past what the machine has, the allocator's failure is
+    still a ``limit_exceeded`` error naming the key, not a bare ``RuntimeError`` (issue 15, point 4)."""
+    _declare(small, "w", [2**47], [2**28])  # 512 TiB: beyond any address space
+    error = _refused(lambda: tessera.load(small, limits=ReaderLimits(max_load_bytes=2**50)), "limit_exceeded")
+    assert "w: cannot allocate" in str(error)

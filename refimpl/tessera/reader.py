@@ -437,7 +437,7 @@ class Checkpoint:
         entry = self.array_entry(key)
         bounds, dropped = _bounds(region, entry.layout.shape, entry.path)
         self._check_allocation([(entry, math.prod(b - a for a, b in bounds) * entry.layout.dtype.itemsize)])
-        out = torch.empty([b - a for a, b in bounds], dtype=entry.layout.dtype.torch_dtype)
+        out = self._allocate(entry, [b - a for a, b in bounds])
         self.fill([_Request(entry, bounds, out, None)], [entry])
         for dim in reversed(dropped):
             out = out.squeeze(dim)
@@ -577,7 +577,7 @@ class Checkpoint:
             )
         self._check_allocation([(e, e.layout.nbytes) for e in entries if not isinstance(e, ValueEntry)])
         arrays = {
-            e.path: torch.empty(e.layout.shape, dtype=e.layout.dtype.torch_dtype)
+            e.path: self._allocate(e, list(e.layout.shape))
             for e in entries
             if not isinstance(e, ValueEntry)
         }
@@ -595,6 +595,19 @@ class Checkpoint:
                 f"max_load_bytes={self._limits.max_load_bytes} (the largest, {largest.path}, is "
                 f"{nbytes} bytes); load into a template, select keys, or raise the limit"
             )
+
+    def _allocate(self, entry: ArrayEntry, shape: list[int]) -> torch.Tensor:
+        """A new CPU tensor for ``entry``; memory that runs out (within ``max_load_bytes``, but
+        taken by others) is ``limit_exceeded``, not the allocator's bare error."""
+        try:
+            return torch.empty(shape, dtype=entry.layout.dtype.torch_dtype)
+        except (MemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "allocate" not in str(exc):
+                raise  # not an allocation failure: a bug to see, not to mask
+            raise LimitExceededError(
+                f"{entry.path}: cannot allocate {math.prod(shape) * entry.layout.dtype.itemsize} "
+                "bytes to load it into (out of memory); load into a template or select fewer keys"
+            ) from None
 
     @staticmethod
     def _decode(entry: Entry, array: torch.Tensor | None) -> Any:

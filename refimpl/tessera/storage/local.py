@@ -253,9 +253,12 @@ class LocalStorage(Storage):
                 return any(True for _ in entries)
         except (FileNotFoundError, NotADirectoryError):
             return False
+        except ValueError:  # a NUL byte in the path: no file system names it
+            raise InvalidKeyError(f"{self._root!r} cannot be a checkpoint path (a NUL byte)") from None
         except OSError as exc:
             if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
-                raise InvalidKeyError(f"{self._root} cannot be a checkpoint: {exc.strerror}") from None
+                where = str(self._root)[:200]
+                raise InvalidKeyError(f"{where} cannot be a checkpoint: {exc.strerror}") from None
             with _os_errors(f"cannot open {self._root}"):
                 raise exc
             raise
