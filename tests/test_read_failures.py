@@ -75,18 +75,26 @@ def _within_watchdog(call: Callable[[], None]) -> BaseException | None:
     return outcome[0]
 
 
-@pytest.mark.parametrize("template", [False, True], ids=["new-dict", "template"])
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize(
+    "template",
+    [None, "cpu", pytest.param("cuda", marks=CUDA)],
+    ids=["new-dict", "template", "cuda-template"],
+)
 @pytest.mark.parametrize(("kind", "code"), [("flip", "checksum_mismatch"), ("delete", "missing_chunk")])
 def test_damaged_load_fails_within_bound_every_trial(
-    damaged: dict[str, Path], kind: str, code: str, template: bool
+    damaged: dict[str, Path], kind: str, code: str, template: str | None
 ) -> None:
-    """Issue 15: 1,500 tensors, one damaged chunk: every trial raises the chunk's error in 5 s."""
+    """Issue 15: 1,500 tensors, one damaged chunk: every trial raises the chunk's error in 5 s
+    (into a new dict, into CPU tensors, and into GPU tensors through the staging copies)."""
     path = damaged[kind]
     names = list(_state())
     for _ in range(TRIALS):
 
         def load() -> None:
-            tessera.load(path, {n: torch.empty(4) for n in names} if template else None)
+            tessera.load(path, {n: torch.empty(4, device=template) for n in names} if template else None)
 
         error = _within_watchdog(load)
         assert isinstance(error, tessera.TesseraError), error
