@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 
 __all__ = ["default_read_threads", "default_threads", "run_all"]
 
@@ -88,6 +88,8 @@ def run_all(tasks: Iterable[Callable[[], None]], threads: int | None = None) -> 
     head = [t for t in (run.next_task(), run.next_task()) if t is not None]
     run.push_back(head)
     workers = max(1, threads or default_threads())
+    if isinstance(tasks, Sized):  # no more threads than tasks where their number is known
+        workers = min(workers, len(tasks))
     if len(head) < 2 or workers == 1:  # no second task, or one thread: no thread to start
         run.work()
     else:

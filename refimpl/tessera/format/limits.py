@@ -48,7 +48,7 @@ class ReaderLimits:
     max_chunks_per_array: int = 2**24
     max_array_bytes: int = 2**50
     """Largest tensor (1 PiB): refuses shapes whose element count overflows any real tensor."""
-    max_load_bytes: int = field(default_factory=lambda: physical_memory())
+    max_load_bytes: int = field(default_factory=physical_memory)
     """Most bytes a load into new tensors (``tessera.load`` without a template,
     ``Checkpoint.read``/``values``) allocates in all, checked before allocating: by default
     the machine's physical memory, so that a manifest's declared shapes are refused with
