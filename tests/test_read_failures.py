@@ -12,6 +12,7 @@ regression fails the test instead of hanging the suite.
 from __future__ import annotations
 
 import faulthandler
+import json
 import shutil
 import sys
 import threading
@@ -24,9 +25,10 @@ import torch
 from tessera.parallel import run_all
 
 TENSORS = 1500
-TRIALS = 20
-"""Trials of each of the four cases (flipped or deleted chunk, with or without a template):
-80 loads in all, 30-40 s on 2 shared cores (before the fix, 12 of 40 such loads hung)."""
+TRIALS = 17
+"""Trials of each of the six CPU cases (a flipped chunk, a deleted chunk or an altered array
+``zarr.json``; with or without a template): 102 loads in all, 30-40 s on 2 shared cores
+(before the fix, 12 of 40 such loads hung)."""
 WATCHDOG_S = 5.0
 
 
@@ -36,16 +38,22 @@ def _state() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def damaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same 1,500-tensor checkpoint twice: one chunk flipped, one chunk deleted (the
-    damaged array in the middle, where checks and chunk reads of other arrays interleave)."""
+    """The same 1,500-tensor checkpoint three times: one chunk flipped, one chunk deleted, one
+    array ``zarr.json`` altered (the damaged array in the middle, where checks and chunk reads
+    of other arrays interleave)."""
     base = tmp_path_factory.mktemp("many")
     tessera.save(_state(), base / "good")
     out = {}
-    for kind in ("flip", "delete"):
+    for kind in ("flip", "delete", "document"):
         path = base / kind
         shutil.copytree(base / "good", path)
-        chunk = path / f"layer{TENSORS // 2}.weight" / "c" / "0"
-        if kind == "flip":
+        array = path / f"layer{TENSORS // 2}.weight"
+        chunk = array / "c" / "0"
+        if kind == "document":
+            doc = json.loads((array / "zarr.json").read_text())
+            doc["fill_value"] = 1.0
+            (array / "zarr.json").write_text(json.dumps(doc))
+        elif kind == "flip":
             data = bytearray(chunk.read_bytes())
             data[1] ^= 0x10
             chunk.write_bytes(bytes(data))
@@ -83,7 +91,10 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
     [None, "cpu", pytest.param("cuda", marks=CUDA)],
     ids=["new-dict", "template", "cuda-template"],
 )
-@pytest.mark.parametrize(("kind", "code"), [("flip", "checksum_mismatch"), ("delete", "missing_chunk")])
+@pytest.mark.parametrize(
+    ("kind", "code"),
+    [("flip", "checksum_mismatch"), ("delete", "missing_chunk"), ("document", "inconsistent")],
+)
 def test_damaged_load_fails_within_bound_every_trial(
     damaged: dict[str, Path], kind: str, code: str, template: str | None
 ) -> None:
