@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import uuid
 from collections import Counter
 from pathlib import Path
 
+import crc32c
 import pytest
 import tessera
 import torch
@@ -186,3 +188,53 @@ def test_chunk_of_a_zero_size_array_is_extra_R5_6(good: Path) -> None:
     report = tessera.verify(good)
     assert [p.code for p in report.problems] == ["inconsistent"]
     assert "c/0/0" in report.problems[0].message
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        {"zarr_format": 3, "node_type": "group", "attributes": {"x": 1}},
+        {"zarr_format": 3, "node_type": "group"},
+        {"zarr_format": 3, "node_type": "group", "attributes": {}, "extra": True},
+    ],
+    ids=["attributes", "no-attributes", "extra-member"],
+)
+def test_group_document_of_other_content_is_inconsistent_R2_7(good: Path, doc: dict[str, object]) -> None:
+    """A schema-valid group document that is not exactly R2.4's content (issue 15)."""
+    (good / "g" / "zarr.json").write_text(json.dumps(doc))
+    report = tessera.verify(good)
+    assert [p.code for p in report.problems] == ["inconsistent"], report.problems
+    assert "g/zarr.json" in report.problems[0].message
+
+
+def test_group_document_member_order_and_whitespace_are_free_R2_8(good: Path) -> None:
+    (good / "g" / "zarr.json").write_text('{ "attributes": {},\n "node_type": "group", "zarr_format": 3 }')
+    assert tessera.verify(good).ok
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"created": "2001-01-01T00:00:00.000000Z"},
+        {"writer": {"name": "someone-else", "version": "9"}},
+    ],
+    ids=["created", "writer"],
+)
+def test_claim_differing_from_manifest_is_inconsistent_R9_12(good: Path, change: dict[str, object]) -> None:
+    """The claim's ``created`` and ``writer`` must be the manifest's, as its ``save_id`` is (issue 15)."""
+    edit_json(good / ".tessera-claim.json", lambda d: d.update(change))
+    report = tessera.verify(good)
+    assert [p.code for p in report.problems] == ["inconsistent"], report.problems
+    assert next(iter(change)) in report.problems[0].message
+
+
+def test_bool_byte_other_than_0_1_is_inconsistent_even_with_a_valid_crc_R7_2(ckpt: Path) -> None:
+    """A bool chunk holding the byte 2 under a correct CRC: ``inconsistent`` (issue 15)."""
+    tessera.save({"mask": torch.tensor([True, False, True])}, ckpt)
+    chunk = ckpt / "mask" / "c" / "0"
+    body = bytearray(chunk.read_bytes()[:-4])
+    body[1] = 2
+    chunk.write_bytes(bytes(body) + struct.pack("<I", crc32c.crc32c(bytes(body))))
+    report = tessera.verify(ckpt)
+    assert [p.code for p in report.problems] == ["inconsistent"], report.problems
+    assert "mask chunk c/0" in report.problems[0].message and "byte 2" in report.problems[0].message

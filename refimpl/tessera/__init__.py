@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from .async_save import AsyncSave, AsyncSaver
 from .errors import (
+    CheckpointDeletedError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
@@ -48,6 +49,7 @@ __all__ = [
     "AsyncSave",
     "AsyncSaver",
     "Checkpoint",
+    "CheckpointDeletedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "ChecksumMismatchError",

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 __all__ = [
     "ChecksumMismatchError",
+    "CheckpointDeletedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "InconsistentCheckpointError",
@@ -45,6 +46,12 @@ class CheckpointNotFoundError(TesseraError):
     """The path holds no checkpoint at all (no directory, or an empty one)."""
 
     code = "not_found"
+
+
+class CheckpointDeletedError(CheckpointNotFoundError):
+    """The checkpoint was deleted while being read (its root ``zarr.json`` is gone, and so is a
+    file the read needed): not damage, but a checkpoint that no longer exists (retention, or
+    another process, removed it)."""
 
 
 class UncommittedCheckpointError(TesseraError):

@@ -108,5 +108,8 @@ def _to_list(root: dict[Any, Any], key: Key) -> None:
     for component in key[:-1]:
         parent = parent.get(component) if isinstance(parent, dict) else None
     node = parent.get(key[-1]) if isinstance(parent, dict) else None
-    if isinstance(node, dict) and sorted(node) == list(range(len(node))):
+    # A hostile manifest may list a container whose keys mix strings and ints: no list then.
+    if not isinstance(node, dict) or not all(type(k) is int for k in node):
+        return
+    if sorted(node) == list(range(len(node))):
         parent[key[-1]] = [node[i] for i in range(len(node))]

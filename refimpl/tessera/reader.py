@@ -28,9 +28,11 @@ failed read, a destination holds nothing meaningful (R6.6).
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -42,6 +44,7 @@ import torch
 
 from .chunk_codec import check_crc, decode_chunk, prefix_elements
 from .errors import (
+    CheckpointDeletedError,
     CheckpointNotFoundError,
     InconsistentCheckpointError,
     KeyMismatchError,
@@ -53,7 +56,7 @@ from .errors import (
 )
 from .format.digest import check_manifest_digest
 from .format.dtypes import DType
-from .format.keys import Key, key_to_path
+from .format.keys import Key, PathTree, key_to_path
 from .format.layout import CRC32C_SIZE, ArrayLayout, ChunkIndex, chunk_key
 from .format.limits import DEFAULT_LIMITS, ReaderLimits
 from .format.manifest import (
@@ -223,23 +226,31 @@ class _DeviceCopies:
 
 
 class _Gate:
-    """An array's ``zarr.json`` check, which its chunk reads wait for."""
+    """An array's ``zarr.json`` check, run once, by whichever task of the pass comes to it
+    first: the check's own task (queued a few tasks ahead) or one of the array's chunk reads.
+    The others wait for the thread running it, so a wait here always ends. (Issue 15: chunk
+    reads waited for a check task that a failing pass had cancelled while still queued, and
+    the pass's shutdown then waited for them forever.)"""
 
-    def __init__(self) -> None:
-        self._done = threading.Event()
+    def __init__(self, check: Callable[[], None]) -> None:
+        self._check = check
+        self._lock = threading.Lock()
+        self._ran = False
         self._passed = False
 
-    def check(self, check: Callable[[], None]) -> None:
-        try:
-            check()
+    def check(self) -> None:
+        """Run the check unless it ran; its error is raised by the task that ran it only."""
+        with self._lock:
+            if self._ran:
+                return
+            self._ran = True
+            self._check()
             self._passed = True
-        finally:
-            self._done.set()
 
     def run(self, task: Callable[[], None]) -> None:
-        """Run a chunk read once the check passed; after a failed check, skip it (the check's
-        task raises the error)."""
-        self._done.wait()
+        """Run a chunk read once the check passed; after a failed check, skip it (the task that
+        ran the check raises the error)."""
+        self.check()
         if self._passed:
             task()
 
@@ -287,6 +298,20 @@ class _DeviceChecksums:
                 if chunk.padding:
                     crc = crc32c_combine(crc, chunk.padding_crc, chunk.padding)
                 check_crc(crc, chunk.stored, chunk.where, chunk.listed)
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """One checked request of a pass: the region of an array and the destination it fills."""
+
+    entry: ArrayEntry
+    bounds: Bounds
+    dst: torch.Tensor
+    """Viewed with the region's shape, as :attr:`ReadTarget.dst`."""
+    copies: _DeviceCopies | None
+
+    def target(self, index: ChunkIndex) -> ReadTarget:
+        return ReadTarget(self.entry, index, self.bounds, self.dst, self.copies)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +371,11 @@ def _largest_chunk_file(layout: ArrayLayout) -> int:
     return layout.chunk_nbytes + layout.chunk_nbytes // 128 + 1024 + CRC32C_SIZE
 
 
+def _overlaps(bounds: Bounds, region: Bounds) -> bool:
+    """Whether ``bounds`` and ``region`` share any element."""
+    return all(max(a, ra) < min(b, rb) for (a, b), (ra, rb) in zip(bounds, region, strict=True))
+
+
 def intersect(bounds: Bounds, region: Bounds) -> Bounds:
     """The part of ``bounds`` inside ``region`` (both ``[start, stop)`` per dimension)."""
     return tuple((max(a, ra), min(b, rb)) for (a, b), (ra, rb) in zip(bounds, region, strict=True))
@@ -372,7 +402,7 @@ class Checkpoint:
         self._limits = limits
         self._threads = threads
         self._by_path = {e.path: e for e in manifest.entries}
-        self._subtrees: dict[str, list[Entry]] | None = None
+        self._subtrees: PathTree | None = None
         self._checked_arrays: set[str] = set()
         self._accepted_documents: set[tuple[object, ...]] = set()
         self._lock = threading.Lock()
@@ -420,8 +450,9 @@ class Checkpoint:
         """A tensor (or NumPy array, if one was saved), whole or the ``region`` of it."""
         entry = self.array_entry(key)
         bounds, dropped = _bounds(region, entry.layout.shape, entry.path)
-        out = torch.empty([b - a for a, b in bounds], dtype=entry.layout.dtype.torch_dtype)
-        self.fill(self._targets(entry, bounds, out), [entry])
+        self._check_allocation([(entry, math.prod(b - a for a, b in bounds) * entry.layout.dtype.itemsize)])
+        out = self._allocate(entry, [b - a for a, b in bounds])
+        self.fill([_Request(entry, bounds, out, None)], [entry])
         for dim in reversed(dropped):
             out = out.squeeze(dim)
         if isinstance(entry, TensorEntry) and entry.origin == "numpy":
@@ -435,13 +466,22 @@ class Checkpoint:
     def read_many(self, requests: Sequence[tuple[str | Key, torch.Tensor, Region]]) -> None:
         """Fill each ``(key, out, region)`` request; the chunks of all of them are read in one
         parallel pass, so that many small tensors load as fast as one large one."""
-        targets = self.targets_of(requests)
-        self.fill(targets, [self.array_entry(key) for key, _, _ in requests])
+        checked = self._checked_requests(requests)
+        self.fill(checked, [r.entry for r in checked])
 
     def targets_of(self, requests: Sequence[tuple[str | Key, torch.Tensor, Region]]) -> list[ReadTarget]:
         """The chunks each request needs, after checking the request against the manifest (the
         arrays' own ``zarr.json`` are checked when their chunks are read)."""
-        targets: list[ReadTarget] = []
+        return [
+            request.target(index)
+            for request in self._checked_requests(requests)
+            for index in request.entry.layout.chunks_overlapping(request.bounds)
+        ]
+
+    def _checked_requests(self, requests: Sequence[tuple[str | Key, torch.Tensor, Region]]) -> list[_Request]:
+        """Each request checked against the manifest, its destination viewed with the region's
+        shape; devices about to receive reads are made ready for them."""
+        checked: list[_Request] = []
         devices: set[torch.device] = set()
         for key, out, region in requests:
             entry = self.array_entry(key)
@@ -465,27 +505,24 @@ class Checkpoint:
             if dst.device.type != "cpu" or dst.is_conj() or dst.is_neg():
                 copies = self._copies
                 devices.add(dst.device)
-            targets.extend(
-                ReadTarget(entry, index, bounds, dst, copies)
-                for index in entry.layout.chunks_overlapping(bounds)
-            )
+            checked.append(_Request(entry, bounds, dst, copies))
         for device in devices:
             if self.gpu_direct and device.type == "cuda":
                 # Device I/O writes device memory outside any stream: whatever the caller queued
                 # that still uses the destinations must be done first.
                 torch.cuda.current_stream(device).synchronize()
             self._copies.begin(device)
-        return targets
+        return checked
 
-    def fill(self, targets: list[ReadTarget], arrays: Iterable[ArrayEntry] = ()) -> None:
-        """Read every target's chunk (each chunk once) and fill the targets, checking the
+    def fill(self, requests: Sequence[_Request], arrays: Iterable[ArrayEntry] = ()) -> None:
+        """Read every chunk the requests need (each chunk once) and fill them, checking the
         ``zarr.json`` of their arrays and of ``arrays`` in the same parallel pass."""
         checksums = _DeviceChecksums()
-        self.run_reads(self._chunk_tasks(targets, checksums), arrays, checksums=checksums)
+        self.run_reads(self._chunk_tasks(requests, checksums), arrays, checksums=checksums)
 
     def run_reads(
         self,
-        tasks: Sequence[ChunkTask],
+        tasks: Iterable[ChunkTask],
         arrays: Iterable[ArrayEntry] = (),
         threads: int | None = None,
         checksums: _DeviceChecksums | None = None,
@@ -493,44 +530,47 @@ class Checkpoint:
         """Run chunk reads on the I/O threads, each array's first checking the array's own
         ``zarr.json`` against the manifest (spec R5.10) unless this handle did already.
 
-        The checks are tasks of the same pass, each queued as many tasks ahead of its array's
-        first chunk as there are threads, so that it has usually finished when the chunk is
-        due; a chunk waits for it all the same (no chunk is read before its array checked).
-        The zarr.json of ``arrays`` without chunks to read are checked too. Returns once every
-        copy to a device landed and every chunk that the tasks read straight into GPU memory
-        (and left to ``checksums``) passed its CRC; raises the first failure, destinations
-        possibly partly written.
+        ``tasks`` is consumed lazily, as threads free up, so that a pass over millions of
+        chunks holds only the tasks in flight and stops at the first failure. Each check is a
+        task of the same pass, queued as many tasks ahead of its array's first chunk as there
+        are threads, so that it has usually finished when the chunk is due; a chunk that comes
+        first runs it itself (no chunk is read before its array checked, and no task waits for
+        a task not yet started). The zarr.json of ``arrays`` without chunks to read are
+        checked too. Returns once every copy to a device landed and every chunk that the tasks
+        read straight into GPU memory (and left to ``checksums``) passed its CRC; raises the
+        first failure, destinations possibly partly written.
         """
         workers = threads or self._threads or default_read_threads()
-        gates: dict[str, _Gate] = {}
-        first: dict[str, int] = {}
-        gated: list[Callable[[], None]] = []
-        for position, (entry, task) in enumerate(tasks):
-            path = entry.path
-            if path not in self._checked_arrays:
-                if path not in gates:
-                    gates[path] = _Gate()
-                    first[path] = position
-                task = partial(gates[path].run, task)
-            gated.append(task)
-        checks: dict[int, list[Callable[[], None]]] = {}
-        for path, position in first.items():
-            array = self._by_path[path]
-            assert not isinstance(array, ValueEntry)
-            check = partial(gates[path].check, partial(self.check_array_metadata, array))
-            checks.setdefault(max(0, position - workers), []).append(check)
-        queued = [q for position, task in enumerate(gated) for q in [*checks.get(position, ()), task]]
-        for entry in arrays:
-            path = entry.path
-            if path not in gates and path not in self._checked_arrays:
-                gates[path] = _Gate()
-                queued.append(partial(self.check_array_metadata, entry))
         try:
-            run_all(queued, workers)
+            run_all(self._gated(tasks, arrays, workers), workers)
             if checksums is not None:
                 checksums.check()
         finally:
             self.wait_for_copies()
+
+    def _gated(
+        self, tasks: Iterable[ChunkTask], arrays: Iterable[ArrayEntry], ahead: int
+    ) -> Iterator[Callable[[], None]]:
+        """The pass's tasks in order: each chunk read behind its array's check, each check
+        ``ahead`` tasks before the array's first chunk read."""
+        gates: dict[str, _Gate] = {}
+        window: deque[Callable[[], None]] = deque()
+        for entry, task in tasks:
+            path = entry.path
+            if path not in self._checked_arrays:
+                gate = gates.get(path)
+                if gate is None:
+                    gate = gates[path] = _Gate(partial(self.check_array_metadata, entry))
+                    yield gate.check
+                task = partial(gate.run, task)
+            window.append(task)
+            if len(window) > ahead:
+                yield window.popleft()
+        yield from window
+        for entry in arrays:
+            if entry.path not in gates and entry.path not in self._checked_arrays:
+                gates[entry.path] = _Gate(partial(self.check_array_metadata, entry))
+                yield gates[entry.path].check
 
     def wait_for_copies(self) -> None:
         """Return once every asynchronous copy into a device destination has landed."""
@@ -549,13 +589,39 @@ class Checkpoint:
                 f"{pickled[0]} is pickled; unpickling can run arbitrary code. "
                 "Pass allow_pickle=True only for checkpoints you trust"
             )
+        self._check_allocation([(e, e.layout.nbytes) for e in entries if not isinstance(e, ValueEntry)])
         arrays = {
-            e.path: torch.empty(e.layout.shape, dtype=e.layout.dtype.torch_dtype)
+            e.path: self._allocate(e, list(e.layout.shape))
             for e in entries
             if not isinstance(e, ValueEntry)
         }
         self.read_many([(path, out, None) for path, out in arrays.items()])
         return [self._decode(e, arrays.get(e.path)) for e in entries]
+
+    def _check_allocation(self, arrays: Sequence[tuple[ArrayEntry, int]]) -> None:
+        """Refuse, before allocating, new tensors of more bytes in all than the reader limit
+        ``max_load_bytes`` (spec R11.6): a manifest's declared shapes alone must not exhaust memory."""
+        total = sum(nbytes for _, nbytes in arrays)
+        if total > self._limits.max_load_bytes:
+            largest, nbytes = max(arrays, key=lambda a: a[1])
+            raise LimitExceededError(
+                f"{self.storage.location}: loading would allocate {total} bytes, over the limit "
+                f"max_load_bytes={self._limits.max_load_bytes} (the largest, {largest.path}, is "
+                f"{nbytes} bytes); load into a template, select keys, or raise the limit"
+            )
+
+    def _allocate(self, entry: ArrayEntry, shape: list[int]) -> torch.Tensor:
+        """A new CPU tensor for ``entry``; memory that runs out (within ``max_load_bytes``, but
+        taken by others) is ``limit_exceeded``, not the allocator's bare error."""
+        try:
+            return torch.empty(shape, dtype=entry.layout.dtype.torch_dtype)
+        except (MemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "allocate" not in str(exc):
+                raise  # not an allocation failure: a bug to see, not to mask
+            raise LimitExceededError(
+                f"{entry.path}: cannot allocate {math.prod(shape) * entry.layout.dtype.itemsize} "
+                "bytes to load it into (out of memory); load into a template or select fewer keys"
+            ) from None
 
     @staticmethod
     def _decode(entry: Entry, array: torch.Tensor | None) -> Any:
@@ -585,6 +651,7 @@ class Checkpoint:
         try:
             data = self.storage.read_file(f"{path}/zarr.json", self._limits.max_json_bytes)
         except FileMissingError:
+            self._check_not_deleted(f"{path}/zarr.json")
             raise InconsistentCheckpointError(
                 f"{where} is missing though the manifest lists the array"
             ) from None
@@ -605,6 +672,15 @@ class Checkpoint:
         with self._lock:
             self._checked_arrays.add(path)
 
+    def _check_not_deleted(self, vanished: str) -> None:
+        """Raise :class:`CheckpointDeletedError` if the root ``zarr.json`` is gone too: a file
+        missing during a read is then the checkpoint deleted underneath, not damage."""
+        if self.storage.size(ROOT_METADATA) is None:
+            raise CheckpointDeletedError(
+                f"{self.storage.location} was deleted while being read ({vanished} and the root "
+                "zarr.json are gone); load another checkpoint"
+            )
+
     def chunk_where(self, entry: ArrayEntry, index: ChunkIndex) -> str:
         return f"{entry.path} chunk {chunk_key(index)} ({self.storage.location})"
 
@@ -620,6 +696,7 @@ class Checkpoint:
         layout = entry.layout
         where = self.chunk_where(entry, index)
         if size is None:
+            self._check_not_deleted(f"{entry.path}/{chunk_key(index)}")
             raise MissingChunkError(
                 f"{where} is missing; the checkpoint is damaged (never read as fill value)"
             )
@@ -647,23 +724,31 @@ class Checkpoint:
         listed = listed_chunk_crc(entry, index)
         return decode_chunk(raw, entry.layout, self.chunk_where(entry, index), listed)
 
-    def _targets(self, entry: ArrayEntry, bounds: Bounds, out: torch.Tensor) -> list[ReadTarget]:
-        """Every chunk overlapping ``bounds``, each with the CPU, C-contiguous ``out`` to fill."""
-        return [ReadTarget(entry, index, bounds, out) for index in entry.layout.chunks_overlapping(bounds)]
-
-    def _chunk_tasks(self, targets: list[ReadTarget], checksums: _DeviceChecksums) -> list[ChunkTask]:
-        """One task per chunk: a chunk that several requests overlap (the boxes of one flat
-        range, neighbouring shards) is read and checked once and copied into each."""
-        by_chunk: dict[tuple[str, ChunkIndex], list[ReadTarget]] = {}
-        for target in targets:
-            by_chunk.setdefault((target.entry.path, target.index), []).append(target)
-        return [
-            (
-                group[0].entry,
-                self._chunk_task(group[0], checksums) if len(group) == 1 else self._shared_chunk_task(group),
-            )
-            for group in by_chunk.values()
-        ]
+    def _chunk_tasks(self, requests: Sequence[_Request], checksums: _DeviceChecksums) -> Iterator[ChunkTask]:
+        """One task per chunk, made lazily: a chunk that several requests overlap (the boxes
+        of one flat range, neighbouring shards) is read and checked once and copied into each,
+        by the task of the first request that needs it."""
+        by_path: dict[str, list[_Request]] = {}
+        for request in requests:
+            by_path.setdefault(request.entry.path, []).append(request)
+        seen: dict[str, int] = {}
+        for request in requests:
+            entry = request.entry
+            same = by_path[entry.path]
+            if len(same) == 1:
+                for index in entry.layout.chunks_overlapping(request.bounds):
+                    yield entry, self._chunk_task(request.target(index), checksums)
+                continue
+            position = seen[entry.path] = seen.get(entry.path, -1) + 1
+            for index in entry.layout.chunks_overlapping(request.bounds):
+                region = entry.layout.chunk_region(index)
+                if any(_overlaps(other.bounds, region) for other in same[:position]):
+                    continue  # read by an earlier request's task
+                group = [other.target(index) for other in same[position:] if _overlaps(other.bounds, region)]
+                if len(group) == 1:
+                    yield entry, self._chunk_task(group[0], checksums)
+                else:
+                    yield entry, self._shared_chunk_task(group)
 
     def _chunk_task(self, target: ReadTarget, checksums: _DeviceChecksums) -> Callable[[], None]:
         """Read in place where the chunk's bytes are one contiguous run of the destination."""
@@ -793,13 +878,15 @@ class Checkpoint:
     def subtree(self, prefix: str | Key) -> list[Entry]:
         """The entries stored at ``prefix`` or below it, in state-dict order."""
         if self._subtrees is None:  # built once: a load asks for one subtree per template key
-            subtrees: dict[str, list[Entry]] = {}
-            for path, entry in self._by_path.items():
-                parts = path.split("/")
-                for depth in range(1, len(parts) + 1):
-                    subtrees.setdefault("/".join(parts[:depth]), []).append(entry)
-            self._subtrees = subtrees
-        return list(self._subtrees.get(self._path(prefix), ()))
+            tree = PathTree()
+            for index, path in enumerate(self._by_path):
+                tree.add(path, index)
+            self._subtrees = tree
+        node = self._subtrees.find(self._path(prefix))
+        if node is None:
+            return []
+        entries = self.manifest.entries
+        return [entries[i] for i in node.items]
 
     def __repr__(self) -> str:
         return (

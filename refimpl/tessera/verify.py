@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
+import numpy as np
+
 from .errors import InconsistentCheckpointError, TesseraError
-from .format.keys import parent_paths
-from .format.layout import chunk_key
+from .format.keys import PathTree
 from .format.limits import DEFAULT_LIMITS, ReaderLimits
 from .format.manifest import ObjectEntry, TensorEntry
 from .format.schemas import validate
@@ -23,7 +24,7 @@ from .format.strict_json import loads
 from .parallel import run_all
 from .progress import Progress
 from .reader import Checkpoint, read_manifest
-from .storage.base import CLAIM_FILE
+from .storage.base import CLAIM_FILE, FileMissingError
 from .storage.local import LocalStorage
 
 __all__ = ["Problem", "VerifyReport", "verify"]
@@ -75,24 +76,72 @@ def verify(
         return report
     guarded(partial(_check_claim, checkpoint, limits))
     arrays = [e for e in checkpoint.manifest.entries if isinstance(e, (TensorEntry, ObjectEntry))]
-    for group in sorted({group for a in arrays for group in parent_paths(a.path)}):
+    tree = PathTree()
+    for position, array in enumerate(arrays):
+        tree.add(array.path, position)
+    for group in tree.groups():
         guarded(partial(_check_group, checkpoint, group, limits))
     report.arrays = len(arrays)
     with Progress(sum(a.layout.nbytes for a in arrays), "verifying", progress) as bar:
-        tasks: list[Callable[[], None]] = []
+        checked = []
         for entry in arrays:
             try:
                 checkpoint.check_array_metadata(entry)
             except TesseraError as exc:
                 report.problems.append(Problem(exc.code, str(exc)))
                 continue
-            guarded(partial(_check_no_extra_chunks, checkpoint, entry))
-            for index in entry.layout.chunk_indices():
-                tasks.append(_chunk_task(checkpoint, entry, index, bar, guarded))
             report.chunks += entry.layout.chunk_count
             report.nbytes += entry.layout.nbytes
-        run_all(tasks, threads)
+            try:
+                stored, extra = _stored_chunks(checkpoint, entry)
+            except TesseraError as exc:
+                report.problems.append(Problem(exc.code, str(exc)))
+                continue
+            if extra is not None:
+                report.problems.append(extra)
+            report.problems.extend(_missing_chunks(checkpoint, entry, stored))
+            checked.append((entry, sorted(stored)))
+        run_all(
+            (
+                _chunk_task(checkpoint, entry, index, bar, guarded)
+                for entry, stored in checked
+                for index in stored
+            ),
+            threads,
+        )
     return report
+
+
+MISSING_NAMED = 16
+"""Missing chunks of one array named one by one; the rest are counted in one more problem."""
+
+
+def _missing_chunks(
+    checkpoint: Checkpoint, entry: TensorEntry | ObjectEntry, stored: set[tuple[int, ...]]
+) -> list[Problem]:
+    """The chunks of the grid not stored (R5.7): the first few each a ``missing_chunk``, the
+    rest counted, so that a hostile grid of 2^24 absent chunks costs neither minutes nor memory."""
+    absent = entry.layout.chunk_count - len(stored)
+    problems: list[Problem] = []
+    if absent == 0:
+        return problems
+    for index in entry.layout.chunk_indices():
+        if index not in stored:
+            try:
+                checkpoint.chunk_size(entry, index)  # raises the missing chunk's own error
+            except TesseraError as exc:
+                problems.append(Problem(exc.code, str(exc)))
+            if len(problems) == min(absent, MISSING_NAMED):
+                break
+    if absent > len(problems):
+        problems.append(
+            Problem(
+                "missing_chunk",
+                f"{entry.path}: {absent - len(problems)} more of its {entry.layout.chunk_count} chunks "
+                f"are missing ({checkpoint.storage.location})",
+            )
+        )
+    return problems
 
 
 def _chunk_task(
@@ -103,10 +152,24 @@ def _chunk_task(
     guarded: Callable[[Callable[[], object]], None],
 ) -> Callable[[], None]:
     def task() -> None:
-        guarded(partial(checkpoint.read_chunk, entry, index))
+        guarded(partial(_check_chunk, checkpoint, entry, index))
         bar.advance(entry.layout.nbytes // max(entry.layout.chunk_count, 1))
 
     return task
+
+
+def _check_chunk(checkpoint: Checkpoint, entry: TensorEntry | ObjectEntry, index: tuple[int, ...]) -> None:
+    """A chunk as a load reads it (size, CRC, decoding), and for ``bool`` only bytes 0 and 1:
+    a writer writes no other, and a CRC computed over another still matches (R7.2)."""
+    decoded = checkpoint.read_chunk(entry, index)
+    if entry.layout.dtype.name == "bool":
+        raw = decoded.view(np.uint8)
+        if raw.max(initial=0) > 1:
+            where = checkpoint.chunk_where(entry, index)
+            raise InconsistentCheckpointError(
+                f"{where} holds the byte {int(raw.max())} in a bool array, where only 0 and 1 "
+                "are false and true (R7.2)"
+            )
 
 
 def _check_claim(checkpoint: Checkpoint, limits: ReaderLimits) -> None:
@@ -117,27 +180,49 @@ def _check_claim(checkpoint: Checkpoint, limits: ReaderLimits) -> None:
     where = f"{storage.location}/{CLAIM_FILE}"
     doc = loads(storage.read_file(CLAIM_FILE, limits.max_json_bytes), where, limits)
     validate(doc, "claim", where)
-    if doc["save_id"] != checkpoint.manifest.save_id:
+    manifest = checkpoint.manifest
+    if doc["save_id"] != manifest.save_id:
         raise InconsistentCheckpointError(
             f"{where} was claimed by save {doc['save_id']} but the root was committed by "
-            f"{checkpoint.manifest.save_id}: two writers mixed in one path"
+            f"{manifest.save_id}: two writers mixed in one path"
         )
+    writer = {"name": manifest.writer.name, "version": manifest.writer.version}
+    for member, committed in (("created", manifest.created), ("writer", writer)):
+        if doc[member] != committed:
+            raise InconsistentCheckpointError(
+                f"{where}: its {member} differs from the manifest's, though the save ids agree "
+                "(R9.12): one of the two documents was altered"
+            )
+
+
+GROUP_DOCUMENT = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+"""The content of every intermediate group document (R2.4), as JSON (member order and
+whitespace carry no meaning, R2.8)."""
 
 
 def _check_group(checkpoint: Checkpoint, group: str, limits: ReaderLimits) -> None:
+    """A group on the way to an array: present, schema-valid, and exactly R2.4's content (R2.7)."""
     where = f"{checkpoint.storage.location}/{group}/zarr.json"
-    if checkpoint.storage.size(f"{group}/zarr.json") is None:
-        raise InconsistentCheckpointError(f"{where} is missing: every group on the way to an array has one")
-    validate(
-        loads(checkpoint.storage.read_file(f"{group}/zarr.json", limits.max_json_bytes), where, limits),
-        "group",
-        where,
-    )
+    try:
+        data = checkpoint.storage.read_file(f"{group}/zarr.json", limits.max_json_bytes)
+    except FileMissingError:
+        raise InconsistentCheckpointError(
+            f"{where} is missing: every group on the way to an array has one"
+        ) from None
+    doc = loads(data, where, limits)
+    validate(doc, "group", where)
+    if doc != GROUP_DOCUMENT or any(type(doc[k]) is not type(v) for k, v in GROUP_DOCUMENT.items()):
+        raise InconsistentCheckpointError(
+            f"{where} is a valid group document but not the one a writer writes "
+            '({"zarr_format":3,"node_type":"group","attributes":{}}, R2.4)'
+        )
 
 
-def _check_no_extra_chunks(checkpoint: Checkpoint, entry: TensorEntry | ObjectEntry) -> None:
-    """Files under the array's ``c/`` that the grid does not name mean a foreign or stale write."""
-    expected = {chunk_key(i) for i in entry.layout.chunk_indices()}
+def _stored_chunks(
+    checkpoint: Checkpoint, entry: TensorEntry | ObjectEntry
+) -> tuple[set[tuple[int, ...]], Problem | None]:
+    """The chunks of the array's grid that have a file under its ``c/``, and the problem of any
+    other file there (a foreign or stale write, R11.9)."""
     found: list[str] = []
     pending = ["c"]
     storage = checkpoint.storage
@@ -147,8 +232,21 @@ def _check_no_extra_chunks(checkpoint: Checkpoint, entry: TensorEntry | ObjectEn
         if not names and storage.size(f"{entry.path}/{prefix}") is not None:
             found.append(prefix)
         pending.extend(f"{prefix}/{n}" for n in names)
-    extra = sorted(set(found) - expected)
-    if extra:
-        raise InconsistentCheckpointError(
-            f"{entry.path}: chunk files outside its grid of {list(entry.layout.grid_shape)}: {extra[:5]}"
-        )
+    grid = entry.layout.grid_shape
+    stored = {index for index in map(partial(_grid_index, grid=grid), found) if index is not None}
+    extra = sorted(name for name in found if _grid_index(name, grid) is None)
+    if not extra:
+        return stored, None
+    message = f"{entry.path}: chunk files outside its grid of {list(grid)}: {extra[:5]}"
+    return stored, Problem(InconsistentCheckpointError.code, message)
+
+
+def _grid_index(name: str, grid: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The chunk index whose key (R5.2) is ``name``, if it names a chunk of ``grid``."""
+    _, *parts = name.split("/")
+    if len(parts) != len(grid) or not all(
+        p.isdigit() and p.isascii() and len(p) < 20 and (p == "0" or not p.startswith("0")) for p in parts
+    ):
+        return None
+    index = tuple(map(int, parts))
+    return index if all(i < n for i, n in zip(index, grid, strict=True)) else None

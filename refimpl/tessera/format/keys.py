@@ -21,7 +21,7 @@ manifest cannot alias two keys or smuggle ``..`` through an escape.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ..errors import InvalidKeyError
 
@@ -33,6 +33,7 @@ __all__ = [
     "path_to_key",
     "format_key",
     "parent_paths",
+    "PathTree",
 ]
 
 KeyComponent = str | int
@@ -122,6 +123,53 @@ def parent_paths(path: str) -> list[str]:
     """The paths of the groups on the way to ``path``, outermost first (``a``, ``a/b`` for ``a/b/c``)."""
     parts = path.split("/")
     return ["/".join(parts[:depth]) for depth in range(1, len(parts))]
+
+
+class PathTree:
+    """Paths as a tree of their segments, built in time linear in the paths' length.
+
+    A key of 100,000 segments has 100,000 ancestors whose paths total gigabytes: anything
+    that needs every ancestor of hostile keys (the prefix-clash check, the groups a verifier
+    visits, a reader's subtrees) walks this tree instead of building each ancestor's path
+    (issue 15)."""
+
+    __slots__ = ("children", "items")
+
+    def __init__(self) -> None:
+        self.children: dict[str, PathTree] = {}
+        self.items: list[int] = []
+        """Indices of the paths added at or below this node, in the order they were added."""
+
+    def add(self, path: str, index: int) -> PathTree:
+        """Add ``path`` (as item ``index``) and return its node."""
+        node = self
+        node.items.append(index)
+        for segment in path.split("/"):
+            child = node.children.get(segment)
+            if child is None:
+                child = node.children[segment] = PathTree()
+            child.items.append(index)
+            node = child
+        return node
+
+    def find(self, path: str) -> PathTree | None:
+        """The node of ``path``, if any path added passes through it."""
+        node: PathTree | None = self
+        for segment in path.split("/"):
+            node = node.children.get(segment) if node is not None else None
+        return node
+
+    def groups(self) -> Iterator[str]:
+        """The path of every node that has children (the groups on the way to the paths added),
+        each once, parents first; each path is built only when it is reached."""
+        stack: list[tuple[str, PathTree]] = [
+            (name, child) for name, child in sorted(self.children.items(), reverse=True)
+        ]
+        while stack:
+            path, node = stack.pop()
+            if node.children:
+                yield path
+                stack.extend((f"{path}/{n}", c) for n, c in sorted(node.children.items(), reverse=True))
 
 
 def format_key(key: Sequence[KeyComponent]) -> str:

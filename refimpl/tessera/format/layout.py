@@ -8,7 +8,6 @@ trusting either one alone.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from collections.abc import Iterator
@@ -24,6 +23,21 @@ __all__ = ["ArrayLayout", "ChunkIndex", "chunk_key"]
 ChunkIndex = tuple[int, ...]
 
 CRC32C_SIZE = 4
+
+
+def _product(ranges: list[range]) -> Iterator[ChunkIndex]:
+    """``itertools.product`` of ``ranges`` without its copy of every range into a tuple first
+    (issue 15: a declared grid of 2^24 chunks in one dimension cost gigabytes before the first
+    index). The last dimension varies fastest; memory is one range object per dimension."""
+    if any(len(r) == 0 for r in ranges):
+        return
+    if len(ranges) <= 1:
+        yield from ((i,) for i in ranges[0]) if ranges else iter([()])
+        return
+    *outer, last = ranges
+    for prefix in _product(outer):
+        for i in last:
+            yield (*prefix, i)
 
 
 def chunk_key(index: ChunkIndex) -> str:
@@ -70,16 +84,17 @@ class ArrayLayout:
         return chain
 
     def chunk_indices(self) -> Iterator[ChunkIndex]:
-        """Every chunk of the grid, in C order."""
-        return itertools.product(*(range(n) for n in self.grid_shape))
+        """Every chunk of the grid, in C order, made one at a time."""
+        return _product([range(n) for n in self.grid_shape])
 
     def chunks_overlapping(self, bounds: tuple[tuple[int, int], ...]) -> Iterator[ChunkIndex]:
-        """The chunks holding any element of the region ``bounds`` (``[start, stop)`` per dimension)."""
-        return itertools.product(
-            *(
-                range(a // c, math.ceil(b / c)) if b > a else range(0)
+        """The chunks holding any element of the region ``bounds`` (``[start, stop)`` per dimension),
+        in C order, made one at a time."""
+        return _product(
+            [
+                range(a // c, -(-b // c)) if b > a else range(0)
                 for (a, b), c in zip(bounds, self.chunk_shape, strict=True)
-            )
+            ]
         )
 
     def chunk_region(self, index: ChunkIndex) -> tuple[tuple[int, int], ...]:

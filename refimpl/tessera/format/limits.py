@@ -8,7 +8,8 @@ corrupt checkpoint costs neither memory nor a long stall.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import LimitExceededError
@@ -16,7 +17,15 @@ from ..errors import LimitExceededError
 if TYPE_CHECKING:
     from .layout import ArrayLayout
 
-__all__ = ["ReaderLimits", "DEFAULT_LIMITS"]
+__all__ = ["DEFAULT_LIMITS", "ReaderLimits", "physical_memory"]
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory of this machine (``sysconf``), or 2^50 where it cannot tell."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 2**50
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +36,11 @@ class ReaderLimits:
     """Largest JSON document read (the root manifest of a 1,024-rank 70B model is far below)."""
     max_json_depth: int = 64
     """Deepest nesting of objects and arrays in any JSON document."""
+    max_json_containers: int = 2**22
+    """Most objects and arrays in any JSON document, counted before it is parsed: 32 MiB of
+    ``{}`` would otherwise cost 1.5 GiB of dicts. A manifest entry holds about ten."""
+    max_key_depth: int = 128
+    """Most components of a stored key (state dicts nest a dozen deep at most)."""
     max_rank: int = 32
     """Most dimensions an array may have."""
     max_chunk_bytes: int = 2**31
@@ -34,6 +48,12 @@ class ReaderLimits:
     max_chunks_per_array: int = 2**24
     max_array_bytes: int = 2**50
     """Largest tensor (1 PiB): refuses shapes whose element count overflows any real tensor."""
+    max_load_bytes: int = field(default_factory=physical_memory)
+    """Most bytes a load into new tensors (``tessera.load`` without a template,
+    ``Checkpoint.read``/``values``) allocates in all, checked before allocating: by default
+    the machine's physical memory, so that a manifest's declared shapes are refused with
+    ``limit_exceeded`` instead of failing in the allocator. Raise it to load more (with
+    swap), or load into a template, which allocates nothing."""
 
     def check_array(self, layout: ArrayLayout, where: str) -> None:
         if len(layout.shape) > self.max_rank:

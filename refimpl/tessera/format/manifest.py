@@ -16,12 +16,13 @@ from typing import Any, Literal
 
 from ..errors import (
     InconsistentCheckpointError,
+    LimitExceededError,
     SchemaViolationError,
     UnsupportedVersionError,
 )
 from .chunk_list import check_chunk_list, listed_crc
 from .digest import DIGEST_MEMBER, PLACEHOLDER, seal_root
-from .keys import Key, key_to_path, parent_paths
+from .keys import Key, PathTree, key_to_path
 from .layout import ArrayLayout, ChunkIndex
 from .limits import DEFAULT_LIMITS, ReaderLimits
 from .strict_json import dumps
@@ -188,14 +189,16 @@ class Manifest:
                     f"manifest entries {seen[entry.path]} and {i} both store key {entry.path!r}"
                 )
             seen[entry.path] = i
-        _check_no_prefix_clash(entries)
+        tree = _check_no_prefix_clash(entries)
+        lists = tuple(tuple(k) for k in doc["lists"])
+        _check_lists(tree, lists, limits)
         provenance = doc["provenance"]
         return cls(
             save_id=doc["save_id"],
             created=doc["created"],
             writer=WriterInfo(doc["writer"]["name"], doc["writer"]["version"]),
             entries=entries,
-            lists=tuple(tuple(k) for k in doc["lists"]),
+            lists=lists,
             metadata=doc["metadata"],
             world_size=provenance["world_size"],
             parallelism=provenance["parallelism"],
@@ -245,8 +248,12 @@ def _entry_to_json(entry: Entry) -> dict[str, Any]:
 
 
 def _entry_from_json(doc: dict[str, Any], index: int, limits: ReaderLimits) -> Entry:
+    where = f"manifest entry {index} ({doc['path'][:200]!r})"
+    if len(doc["key"]) > limits.max_key_depth:
+        raise LimitExceededError(
+            f"{where}: a key of {len(doc['key'])} components exceeds max_key_depth={limits.max_key_depth}"
+        )
     key = tuple(doc["key"])
-    where = f"manifest entry {index} ({doc['path']!r})"
     if key_to_path(key) != doc["path"]:
         raise InconsistentCheckpointError(
             f"{where}: path does not match key {list(key)} (expected {key_to_path(key)!r})"
@@ -262,17 +269,37 @@ def _entry_from_json(doc: dict[str, Any], index: int, limits: ReaderLimits) -> E
         if layout.dtype.name != "uint8" or len(layout.shape) != 1:
             raise SchemaViolationError(f"{where}: an object is a 1-d uint8 array")
         return ObjectEntry(key, layout, doc["encoding"], chunks)
-    if doc["encoding"] == "float" and doc["value"] not in NONFINITE_FLOATS:
+    value = doc["value"]
+    if doc["encoding"] == "float" and not (isinstance(value, str) and value in NONFINITE_FLOATS):
         raise SchemaViolationError(f"{where}: float value must be one of {list(NONFINITE_FLOATS)}")
     return ValueEntry(key, doc["value"], doc["encoding"])
 
 
-def _check_no_prefix_clash(entries: tuple[Entry, ...]) -> None:
-    """No key may be both a stored value and a container of other keys."""
-    paths = {e.path for e in entries}
-    for path in paths:
-        for prefix in parent_paths(path):
-            if prefix in paths:
-                raise InconsistentCheckpointError(
-                    f"key {prefix!r} is stored as a value and also contains {path!r}"
-                )
+def _check_no_prefix_clash(entries: tuple[Entry, ...]) -> PathTree:
+    """No key may be both a stored value and a container of other keys (linear in the paths'
+    length, however deep the keys); the tree of the entries' paths."""
+    tree = PathTree()
+    nodes = [tree.add(e.path, i) for i, e in enumerate(entries)]
+    for entry, node in zip(entries, nodes, strict=True):
+        if node.children:
+            inner = entries[next(i for i in node.items if entries[i] is not entry)]
+            raise InconsistentCheckpointError(
+                f"key {entry.path!r} is stored as a value and also contains {inner.path!r}"
+            )
+    return tree
+
+
+def _check_lists(tree: PathTree, lists: tuple[Key, ...], limits: ReaderLimits) -> None:
+    """A container recorded as a list holds only integer components (its indices), R3.8."""
+    for key in lists:
+        if len(key) > limits.max_key_depth:
+            raise LimitExceededError(f"a list key of {len(key)} components exceeds max_key_depth")
+        path = key_to_path(key)
+        node = tree.find(path)
+        if node is None:
+            continue  # an empty list: nothing stored below it
+        names = [n for n in node.children if not n.startswith("~")]
+        if names:
+            raise InconsistentCheckpointError(
+                f"lists names {path!r} a list, but it holds the string key {names[0][:80]!r}"
+            )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from ..errors import LimitExceededError, SchemaViolationError
@@ -60,12 +61,32 @@ def _check_tree(doc: Any, where: str, limits: ReaderLimits) -> None:
             stack.extend((child, depth + 1) for child in children)
 
 
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _check_containers(data: bytes, where: str, limits: ReaderLimits) -> None:
+    """Refuse, before parsing, a document of more objects and arrays than ``max_json_containers``.
+
+    Each ``{`` or ``[`` outside a string opens one. Counting every such byte is a fast upper
+    bound; only a document over the limit by it is counted exactly, strings blanked first.
+    """
+    if data.count(b"{") + data.count(b"[") <= limits.max_json_containers:
+        return
+    bare = _STRING.sub(b'""', data)
+    containers = bare.count(b"{") + bare.count(b"[")
+    if containers > limits.max_json_containers:
+        raise LimitExceededError(
+            f"{where}: {containers} JSON objects and arrays exceed the limit of {limits.max_json_containers}"
+        )
+
+
 def loads(data: bytes, where: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Any:
     """Parse one JSON document read from ``where`` (named in every error)."""
     if len(data) > limits.max_json_bytes:
         raise LimitExceededError(
             f"{where}: {len(data)} bytes of JSON exceed the limit of {limits.max_json_bytes}"
         )
+    _check_containers(data, where, limits)
     try:
         doc = json.loads(
             data.decode("utf-8"),

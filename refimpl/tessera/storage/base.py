@@ -14,11 +14,16 @@ Call order of a save (one writer; the distributed writer keeps it per rank):
 4. ``publish_root(data, save_id)``: the root ``zarr.json``, first-wins; its
    presence is the commit (spec §9).
 
-Readers call only ``read_file``, ``read_into``, ``size`` and ``list``, and
-open each file once: ``read_file`` for a whole small document, ``read_into``
-to learn a chunk's size and then stream its bytes into the caller's buffers,
-block by block (into a CUDA tensor too, given a :class:`DeviceIO`). Every
-``path`` is relative to the checkpoint root, ``/``-separated, and checked by
+Readers call only ``read_file``, ``read_into``, ``size`` and ``list``. Each
+opens its file without blocking and reads only a regular file inside the
+checkpoint, whose size it learns from the open file before reading: a FIFO, a
+device node, a socket, a symbolic link, a path that resolves outside the root
+and a name too long for the medium are ``InvalidKeyError`` (spec R11.3), a
+directory where a file should be is no file. Readers open each file once:
+``read_file`` for a whole small document, ``read_into`` to learn a chunk's
+size and then stream its bytes into the caller's buffers, block by block
+(into a CUDA tensor too, given a :class:`DeviceIO`). Every ``path`` is
+relative to the checkpoint root, ``/``-separated, and checked by
 :func:`check_relative_path` before it reaches the medium.
 """
 

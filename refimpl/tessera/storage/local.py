@@ -13,8 +13,13 @@ a rival's commit.
 Given a :class:`~.base.DeviceIO`, it writes CUDA tensors' bytes into the files it
 opened, and reads file bytes into CUDA tensors, straight from and to device memory.
 
-Reads open every file with ``O_NOFOLLOW`` and check that its directory
-resolves inside the root, so neither ``..`` nor a symlink leads out.
+Reads open every file through one helper, :meth:`LocalStorage._open_file`:
+``O_NOFOLLOW`` and a check that its directory resolves inside the root, so
+neither ``..`` nor a symlink leads out; ``O_NONBLOCK``, so that a FIFO or a
+device node where a file should be cannot block the open; then ``fstat`` on
+the descriptor, so that only a regular file is ever read, and its size is
+known (and checked against the reader's bound) before its first byte is
+(spec R11.3).
 """
 
 from __future__ import annotations
@@ -66,6 +71,10 @@ def _os_errors(what: str) -> Iterator[None]:
         else:
             hint = exc.strerror or str(exc)
         raise StorageError(f"{what}: {hint}") from exc
+
+
+def _too_long(path: str) -> InvalidKeyError:
+    return InvalidKeyError(f"{path[:80]!r}...: a name too long for the file system; refused (spec R11.3)")
 
 
 def _wait_for(pending: list[tuple[PendingRead, int]]) -> tuple[BaseException | None, bool]:
@@ -237,16 +246,37 @@ class LocalStorage(Storage):
     # -- reading ---------------------------------------------------------------------------
 
     def exists(self) -> bool:
-        return self._root.is_dir() and any(self._root.iterdir())
+        """Whether the root is a directory (or a link to one) holding anything; ``stat`` and
+        ``listdir`` only, so a FIFO or device at the root cannot block it."""
+        try:
+            with os.scandir(self._root) as entries:
+                return any(True for _ in entries)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except ValueError:  # a NUL byte in the path: no file system names it
+            raise InvalidKeyError(f"{self._root!r} cannot be a checkpoint path (a NUL byte)") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+                where = str(self._root)[:200]
+                raise InvalidKeyError(f"{where} cannot be a checkpoint: {exc.strerror}") from None
+            with _os_errors(f"cannot open {self._root}"):
+                raise exc
+            raise
 
     def _open(self, path: str) -> int:
+        """A descriptor of ``path``, opened without following a final symbolic link and
+        without blocking (a FIFO opens at once; what it is, the caller checks with fstat)."""
         target = os.path.join(self._root, check_relative_path(path))
-        self._check_inside(os.path.dirname(target), path)
         try:
-            return os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
+            self._check_inside(os.path.dirname(target), path)
+            return os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 raise InvalidKeyError(f"{target} is a symbolic link; refused") from None
+            if exc.errno == errno.ENAMETOOLONG:
+                raise _too_long(path) from None
+            if exc.errno == errno.ENXIO:  # a socket: no file to open
+                raise InvalidKeyError(f"{target} is not a regular file (a socket); refused") from None
             raise
 
     def _check_inside(self, directory: str, path: str) -> None:
@@ -283,10 +313,16 @@ class LocalStorage(Storage):
         except BaseException:
             os.close(fd)
             raise
-        if not stat.S_ISREG(status.st_mode):
+        if stat.S_ISDIR(status.st_mode):
             # A directory where a file should be (an emptied chunk folder) is no file at all.
             os.close(fd)
             return None
+        if not stat.S_ISREG(status.st_mode):
+            os.close(fd)
+            kind = "a FIFO" if stat.S_ISFIFO(status.st_mode) else "a device or other special file"
+            raise InvalidKeyError(
+                f"{self._root / path} is {kind}, not a regular file; refused unread (spec R11.3)"
+            )
         return fd, status.st_size
 
     def size(self, path: str) -> int | None:
@@ -373,10 +409,13 @@ class LocalStorage(Storage):
     def list(self, path: str) -> list[str]:
         directory = self._root / check_relative_path(path) if path else self._root
         try:
+            self._check_inside(str(directory), path)
             return sorted(os.listdir(directory))
         except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise _too_long(path) from None
             with _os_errors(f"cannot list {directory}"):
                 raise exc
             raise
