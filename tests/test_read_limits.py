@@ -53,12 +53,20 @@ def _refused(call: Callable[[], Any], code: str) -> tessera.TesseraError:
 
 def _declare(root: Path, path: str, shape: list[int], chunk_shape: list[int]) -> None:
     """Make the array at ``path`` declare ``shape`` and ``chunk_shape`` in the manifest and in
-    its own ``zarr.json`` (consistently), and delete its chunks."""
+    its own ``zarr.json`` (consistently), and delete its chunks.
+
+    The manifest becomes a 1.0 one (no chunk lists, no digest): a 1.1 chunk list holds 8 hex
+    digits per chunk (R3.19), so a small 1.1 manifest cannot declare millions of chunks (that
+    is refused when the manifest is parsed, see ``test_small_1_1_manifest_cannot_declare_...``);
+    a 1.0 manifest can, and it is what must reach the read path's own bounds."""
     layout = tessera.open(root).array_entry(path).layout
     declared = dataclasses.replace(layout, shape=tuple(shape), chunk_shape=tuple(chunk_shape))
 
     def edit(manifest: dict[str, Any]) -> None:
+        manifest["format_version"] = "1.0"
+        manifest.pop("manifest_digest")
         for entry in manifest["entries"]:
+            entry.pop("chunk_crc32c", None)
             if entry["path"] == path:
                 entry.update(shape=shape, chunk_shape=chunk_shape, chunk_count=declared.chunk_count)
 
@@ -72,6 +80,20 @@ def _declare(root: Path, path: str, shape: list[int], chunk_shape: list[int]) ->
 def small(tmp_path: Path) -> Path:
     tessera.save({"w": torch.zeros(4), "n": 1}, tmp_path / "ck")
     return tmp_path / "ck"
+
+
+def test_small_1_1_manifest_cannot_declare_2_24_chunks_R3_19(small: Path) -> None:
+    """In a 1.1 manifest, declaring 2^24 chunks without listing their CRCs is refused while the
+    manifest is parsed (``inconsistent``), before any chunk is looked at."""
+
+    def edit(manifest: dict[str, Any]) -> None:
+        for entry in manifest["entries"]:
+            if entry["path"] == "w":
+                entry.update(shape=[2**24], chunk_shape=[1], chunk_count=2**24)
+
+    edit_manifest(small, edit)
+    error = _refused(lambda: tessera.open(small), "inconsistent")
+    assert "chunk_crc32c" in str(error)
 
 
 def test_grid_of_2_24_chunks_fails_fast_R11_6(small: Path) -> None:

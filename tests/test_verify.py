@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import uuid
 from collections import Counter
 from pathlib import Path
 
-import crc32c
 import pytest
 import tessera
 import torch
 
-from .conftest import edit_json, edit_manifest, flip_byte
+from .conftest import edit_json, edit_manifest, flip_byte, write_chunk_file
 
 
 @pytest.fixture
@@ -229,12 +227,13 @@ def test_claim_differing_from_manifest_is_inconsistent_R9_12(good: Path, change:
 
 
 def test_bool_byte_other_than_0_1_is_inconsistent_even_with_a_valid_crc_R7_2(ckpt: Path) -> None:
-    """A bool chunk holding the byte 2 under a correct CRC: ``inconsistent`` (issue 15)."""
+    """A bool chunk holding the byte 2 under a correct CRC, listed in the manifest's chunk list:
+    ``inconsistent`` (issue 15)."""
     tessera.save({"mask": torch.tensor([True, False, True])}, ckpt)
     chunk = ckpt / "mask" / "c" / "0"
     body = bytearray(chunk.read_bytes()[:-4])
     body[1] = 2
-    chunk.write_bytes(bytes(body) + struct.pack("<I", crc32c.crc32c(bytes(body))))
+    write_chunk_file(chunk, bytes(body))
     report = tessera.verify(ckpt)
     assert [p.code for p in report.problems] == ["inconsistent"], report.problems
     assert "mask chunk c/0" in report.problems[0].message and "byte 2" in report.problems[0].message
