@@ -20,7 +20,7 @@ from typing import Any
 import crc32c
 
 from .generate import CORPUS
-from .sealing import read_root, upgrade, write_root
+from .sealing import downgrade, read_root, upgrade, write_root
 from .states import make_checkpoint
 
 __all__ = ["build", "CASES"]
@@ -69,13 +69,16 @@ def then(*builders: Builder) -> Builder:
     return build
 
 
-def edit_manifest(change: Callable[[dict[str, Any]], object]) -> Builder:
-    """Change the manifest as JSON and reseal it: the digest is right, the content hostile."""
+def edit_manifest(change: Callable[[dict[str, Any]], object], version: str = "1.1") -> Builder:
+    """Change the manifest as JSON and reseal it: the digest is right, the content hostile.
+
+    With ``version="1.0"`` the manifest loses its chunk lists and digest, as a 1.0 writer wrote it
+    (still read, R3.21): so a declared grid of 2^24 chunks needs no 128 MiB chunk list."""
 
     def build(case: Path) -> None:
         doc = read_root(case / "ckpt")
         change(doc["attributes"]["tessera"])
-        write_root(case / "ckpt", doc)
+        write_root(case / "ckpt", downgrade(doc) if version == "1.0" else doc)
 
     return build
 
@@ -86,6 +89,26 @@ def entry(path: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
 
 def set_entry(where: str, /, **fields: Any) -> Builder:
     return edit_manifest(lambda m: entry(where)(m).update(fields))
+
+
+def declare(where: str, shape: list[int], chunk_shape: list[int]) -> Builder:
+    """A 1.0 manifest and the array's own zarr.json declaring ``shape`` in ``chunk_shape`` chunks,
+    the array's chunk files gone: only limits, or the first missing chunk, can stop a reader."""
+    count = 1
+    for s, c in zip(shape, chunk_shape, strict=True):
+        count *= -(-s // c)
+
+    def change(doc: dict[str, Any]) -> None:
+        doc["shape"] = shape
+        doc["chunk_grid"]["configuration"]["chunk_shape"] = chunk_shape
+
+    return then(
+        edit_manifest(
+            lambda m: entry(where)(m).update(shape=shape, chunk_shape=chunk_shape, chunk_count=count), "1.0"
+        ),
+        edit_json(f"ckpt/{where}/zarr.json", change),
+        lambda case: shutil.rmtree(case / "ckpt" / where / "c"),
+    )
 
 
 def replace_in_root(old: bytes, new: bytes) -> Builder:
@@ -288,48 +311,27 @@ case(
 )
 
 
-# Hostile manifests: sealed with a valid digest, so the check they aim at is what refuses them.
-def array_doc(path: str, shape: list[int], chunk_shape: list[int]) -> Builder:
-    """The array's own zarr.json agreeing with a hostile manifest, so that only limits can refuse."""
-
-    def change(doc: dict[str, Any]) -> None:
-        doc["shape"] = shape
-        doc["chunk_grid"]["configuration"]["chunk_shape"] = chunk_shape
-
-    return edit_json(f"ckpt/{path}/zarr.json", change)
-
-
+# Hostile manifests: sealed with a valid digest (or written as 1.0, which has none), so that the
+# check they aim at is what refuses them.
 case(
     "memory-2-24-chunks",
     "memory",
-    "one array declares 2^24 one-element chunks (a 1 KB manifest)",
-    then(
-        ckpt(),
-        set_entry("w", shape=[2**24], chunk_shape=[1], chunk_count=2**24),
-        array_doc("w", [2**24], [1]),
-    ),
-    ops("load", "open_read", code="limit_exceeded") + [verify_op("limit_exceeded")],
+    "one array declares 2^24 one-element chunks (a 1 KB manifest): the first missing chunk fails at once",
+    then(ckpt(), declare("w", [2**24], [1])),
+    ops("load", "open_read", code="missing_chunk") + [verify_op("missing_chunk")],
 )
 case(
     "memory-2-34-elements",
     "memory",
-    "one array declares 2^34 elements: refused before allocating",
-    then(
-        ckpt(),
-        set_entry("blob", shape=[2**34], chunk_shape=[2**24], chunk_count=2**10),
-        array_doc("blob", [2**34], [2**24]),
-    ),
+    "an int64 array declares 2^34 elements (128 GiB): refused before allocating (max_load_bytes)",
+    then(ckpt(), declare("lst/~0", [2**34], [2**20])),
     ops("load", "open_read", code="limit_exceeded"),
 )
 case(
     "memory-huge-shape",
     "memory",
     "a shape whose element count overflows 64 bits",
-    then(
-        ckpt(),
-        set_entry("w", shape=[2**62, 2**62], chunk_shape=[2**31, 2**31], chunk_count=2**62),
-        array_doc("w", [2**62, 2**62], [2**31, 2**31]),
-    ),
+    then(ckpt(), declare("w", [2**62, 2**62], [2**31, 2**31])),
     ops("load", "open_read", code="limit_exceeded") + [verify_op("limit_exceeded")],
 )
 case(

@@ -4,13 +4,15 @@ A hostile manifest in the corpus must reach the check it targets (a limit, a typ
 stopped earlier by the manifest digest; and "recomputing tampering" in the campaign must
 rewrite every checksum. Both need the two bindings format 1.1 adds:
 
-- every tensor/object entry's ``chunk_crc32c``: the CRC32C stored in each chunk's last 4 bytes,
-  as 8 lower-case hex digits, one string per chunk in row-major chunk order;
-- the manifest's ``manifest_digest``: ``"sha256:"`` + the hex SHA-256 of the root ``zarr.json``'s
-  exact bytes with those 64 hex digits replaced by 64 ``0`` characters.
+- every tensor/object entry's ``chunk_crc32c`` (R3.19): one string, for each chunk in row-major
+  order the CRC32C stored in its last 4 bytes as 8 lower-case hex digits;
+- the manifest's ``manifest_digest`` (R3.20): ``"sha256:"`` + the hex SHA-256 of the root
+  ``zarr.json``'s exact bytes with those 64 hex digits replaced by 64 ``0`` characters, placed
+  right after ``must_understand`` as the reference writer places it.
 
 A checkpoint a 1.0 writer saved is upgraded here (``upgrade``), so that the corpus can be made
-before and after the writer itself writes 1.1.
+before and after the writer itself writes 1.1; ``downgrade`` makes a 1.0 manifest, which a reader
+still reads without either binding (R3.21): the form a hostile manifest takes to reach the limits.
 """
 
 from __future__ import annotations
@@ -22,7 +24,16 @@ import struct
 from pathlib import Path
 from typing import Any
 
-__all__ = ["chunk_crc_hex", "seal", "upgrade", "write_root", "read_root", "DIGEST_FIELD", "CRC_FIELD"]
+__all__ = [
+    "chunk_crc_hex",
+    "seal",
+    "upgrade",
+    "downgrade",
+    "write_root",
+    "read_root",
+    "DIGEST_FIELD",
+    "CRC_FIELD",
+]
 
 DIGEST_FIELD = "manifest_digest"
 CRC_FIELD = "chunk_crc32c"
@@ -65,13 +76,13 @@ def _chunk_names(shape: list[int], chunk_shape: list[int]) -> list[str]:
     return names
 
 
-def entry_crcs(checkpoint: Path, entry: dict[str, Any]) -> list[str]:
+def entry_crcs(checkpoint: Path, entry: dict[str, Any]) -> str:
     """The ``chunk_crc32c`` an array entry should carry, from its chunk files as they are now."""
     crcs = []
     for name in _chunk_names(entry["shape"], entry["chunk_shape"]):
         path = checkpoint / entry["path"] / name
         crcs.append(chunk_crc_hex(path.read_bytes()) if path.is_file() else "00000000")
-    return crcs
+    return "".join(crcs)
 
 
 def upgrade(checkpoint: Path, doc: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -86,5 +97,22 @@ def upgrade(checkpoint: Path, doc: dict[str, Any] | None = None) -> dict[str, An
     for entry in manifest["entries"]:
         if entry["kind"] in ("tensor", "object"):
             entry[CRC_FIELD] = entry_crcs(checkpoint, entry)
-    manifest[DIGEST_FIELD] = _ZERO_DIGEST
+    manifest.pop(DIGEST_FIELD, None)
+    ordered: dict[str, Any] = {}
+    for name, value in manifest.items():
+        ordered[name] = value
+        if name == "must_understand":
+            ordered[DIGEST_FIELD] = _ZERO_DIGEST
+    doc["attributes"]["tessera"] = ordered
+    return doc
+
+
+def downgrade(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` (a root document) as format 1.0: no chunk lists, no digest."""
+    manifest = doc["attributes"]["tessera"]
+    manifest["format_version"] = "1.0"
+    manifest.pop(DIGEST_FIELD, None)
+    for entry in manifest["entries"] if isinstance(manifest.get("entries"), list) else []:
+        if isinstance(entry, dict):
+            entry.pop(CRC_FIELD, None)
     return doc
