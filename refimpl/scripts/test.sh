@@ -7,7 +7,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 
-"$PY" -m ruff check refimpl conformance tests bench
+"$PY" -m ruff check refimpl conformance tests bench fuzz
 "$PY" -m mypy
 
 status=0
