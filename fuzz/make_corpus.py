@@ -36,7 +36,8 @@ def ops(*names: str, code: str | None) -> list[Op]:
     return [{"op": name, "code": code} for name in names]
 
 
-def verify_op(code: str, path: str = "ckpt") -> Op:
+def verify_op(code: str | None, path: str = "ckpt") -> Op:
+    """A ``verify`` that must report a ``code`` problem, or (``None``) no problem at all."""
     return {"op": "verify", "code": code, "path": path}
 
 
@@ -191,12 +192,19 @@ for kind in SPECIALS:
     def setup(path: str, kind: str = kind) -> list[dict[str, str]]:
         return [{"path": path, "make": kind}]
 
+    # A special file is refused unread (R11.3); a directory where a file is expected is no file
+    # at all, so each place gives the code of its missing file (R9.13, R5.10, R2.7, R5.7), and a
+    # claim file, which a committed checkpoint need not keep, is simply absent.
+    def code(missing: str | None, kind: str = kind) -> str | None:
+        return missing if kind == "directory" else "bad_key"
+
     case(
         f"hang-root-{kind}",
         "hang",
         f"the root zarr.json is {what}: refused, never opened blocking",
         ckpt(),
-        ops(*READS, code="bad_key") + [verify_op("bad_key"), cli(["inspect", "{root}/ckpt"], 2, "bad_key")],
+        ops(*READS, code=code("uncommitted"))
+        + [verify_op(code("uncommitted")), cli(["inspect", "{root}/ckpt"], 2, code("uncommitted"))],
         setup=setup("ckpt/zarr.json"),
         state="small",
     )
@@ -205,7 +213,7 @@ for kind in SPECIALS:
         "hang",
         f"an array's zarr.json is {what}",
         ckpt(),
-        ops(*READS, code="bad_key") + [verify_op("bad_key")],
+        ops(*READS, code=code("inconsistent")) + [verify_op(code("inconsistent"))],
         setup=setup("ckpt/w/zarr.json"),
         state="small",
     )
@@ -214,7 +222,7 @@ for kind in SPECIALS:
         "hang",
         f"a group's zarr.json is {what}: verify reports it",
         ckpt(),
-        [verify_op("bad_key")],
+        [verify_op(code("inconsistent"))],
         setup=setup("ckpt/grp/zarr.json"),
     )
     case(
@@ -222,7 +230,7 @@ for kind in SPECIALS:
         "hang",
         f"a chunk file is {what}",
         ckpt(),
-        ops(*READS, code="bad_key") + [verify_op("bad_key")],
+        ops(*READS, code=code("missing_chunk")) + [verify_op(code("missing_chunk"))],
         setup=setup("ckpt/w/c/1/0"),
         state="small",
     )
@@ -231,7 +239,7 @@ for kind in SPECIALS:
         "hang",
         f"the claim file is {what}: verify reports it",
         ckpt(),
-        [verify_op("bad_key")],
+        [verify_op(code(None))],
         setup=setup("ckpt/.tessera-claim.json"),
     )
     case(

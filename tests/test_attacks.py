@@ -73,6 +73,8 @@ def _problem(op: dict[str, Any], answer: dict[str, Any], secret: str | None) -> 
     want = op.get("code")
     if op["op"] == "verify":
         codes = answer.get("problems", []) if outcome == "ok" else [got]
+        if want is None:
+            return None if not codes else f"verify: expected no problem, got {codes}: {answer['text'][:300]}"
         return (
             None
             if want in codes
