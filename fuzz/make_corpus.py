@@ -195,7 +195,7 @@ for kind in SPECIALS:
     # A special file is refused unread (R11.3); a directory where a file is expected is no file
     # at all, so each place gives the code of its missing file (R9.13, R5.10, R2.7, R5.7), and a
     # claim file, which a committed checkpoint need not keep, is simply absent.
-    def code(missing: str | None, kind: str = kind) -> str | None:
+    def refused_as(missing: str | None, kind: str = kind) -> str | None:
         return missing if kind == "directory" else "bad_key"
 
     case(
@@ -203,8 +203,11 @@ for kind in SPECIALS:
         "hang",
         f"the root zarr.json is {what}: refused, never opened blocking",
         ckpt(),
-        ops(*READS, code=code("uncommitted"))
-        + [verify_op(code("uncommitted")), cli(["inspect", "{root}/ckpt"], 2, code("uncommitted"))],
+        ops(*READS, code=refused_as("uncommitted"))
+        + [
+            verify_op(refused_as("uncommitted")),
+            cli(["inspect", "{root}/ckpt"], 2, refused_as("uncommitted")),
+        ],
         setup=setup("ckpt/zarr.json"),
         state="small",
     )
@@ -213,7 +216,7 @@ for kind in SPECIALS:
         "hang",
         f"an array's zarr.json is {what}",
         ckpt(),
-        ops(*READS, code=code("inconsistent")) + [verify_op(code("inconsistent"))],
+        ops(*READS, code=refused_as("inconsistent")) + [verify_op(refused_as("inconsistent"))],
         setup=setup("ckpt/w/zarr.json"),
         state="small",
     )
@@ -222,7 +225,7 @@ for kind in SPECIALS:
         "hang",
         f"a group's zarr.json is {what}: verify reports it",
         ckpt(),
-        [verify_op(code("inconsistent"))],
+        [verify_op(refused_as("inconsistent"))],
         setup=setup("ckpt/grp/zarr.json"),
     )
     case(
@@ -230,7 +233,7 @@ for kind in SPECIALS:
         "hang",
         f"a chunk file is {what}",
         ckpt(),
-        ops(*READS, code=code("missing_chunk")) + [verify_op(code("missing_chunk"))],
+        ops(*READS, code=refused_as("missing_chunk")) + [verify_op(refused_as("missing_chunk"))],
         setup=setup("ckpt/w/c/1/0"),
         state="small",
     )
@@ -239,7 +242,7 @@ for kind in SPECIALS:
         "hang",
         f"the claim file is {what}: verify reports it",
         ckpt(),
-        [verify_op(code(None))],
+        [verify_op(refused_as(None))],
         setup=setup("ckpt/.tessera-claim.json"),
     )
     case(
