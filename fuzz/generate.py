@@ -6,10 +6,7 @@ cannot hold (special files, symbolic links, sparse files) and what is too large 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +14,7 @@ import tessera
 import torch
 
 from .sealing import read_root, upgrade, write_root
+from .special_files import make_special
 from .states import METADATA, template_of
 
 __all__ = ["prepare_case", "template_for", "load_expect", "CORPUS", "many_tensors_state", "NEEDS_ROOT"]
@@ -40,37 +38,6 @@ def template_for(state: str) -> dict[str, Any]:
     if state.startswith("many:"):
         return {k: torch.zeros_like(v) for k, v in many_tensors_state(int(state[5:])).items()}
     return template_of(state)
-
-
-def _make_special(path: Path, spec: dict[str, Any]) -> None:
-    """Put a special file, link or sparse file at ``path``, replacing what is there."""
-    if path.is_symlink() or path.is_file() or path.is_socket() or path.is_fifo():
-        path.unlink()
-    elif path.is_dir():
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kind = spec["make"]
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "chardev":  # the same device as /dev/zero: endless bytes if read
-        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 5))
-    elif kind == "socket":
-        with socket.socket(socket.AF_UNIX) as sock:
-            old = Path.cwd()
-            os.chdir(path.parent)  # a socket's path is limited to about 100 bytes
-            try:
-                sock.bind(path.name)
-            finally:
-                os.chdir(old)
-    elif kind == "directory":
-        path.mkdir()
-    elif kind == "symlink":
-        path.symlink_to(spec["target"])
-    elif kind == "sparse":
-        with open(path, "wb") as f:
-            f.truncate(spec["size"])
-    else:
-        raise ValueError(f"unknown special file kind {kind!r}")
 
 
 def _generate(root: Path, spec: dict[str, Any], cache: Path) -> None:
@@ -129,5 +96,5 @@ def prepare_case(case: Path, scratch: Path, cache: Path) -> Path:
     for spec in expect.get("generate", []):
         _generate(root, spec, cache)
     for spec in expect.get("setup", []):
-        _make_special(root / spec["path"], spec)
+        make_special(root / spec["path"], spec)
     return root

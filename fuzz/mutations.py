@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import struct
 import traceback
 import warnings
@@ -33,6 +32,7 @@ import crc32c
 import tessera
 
 from .sealing import read_root, upgrade, write_root
+from .special_files import make_special
 from .states import first_difference, make_checkpoint, template_of
 
 __all__ = ["BASES", "MUTATIONS", "build_case", "make_bases", "run_campaign_case"]
@@ -220,28 +220,20 @@ def hostile_manifest(rng: random.Random, root: Path) -> str:
     return f"hostile manifest {choice} on {target['path']}"
 
 
+_SPECIALS: dict[str, dict[str, Any]] = {
+    "fifo": {"make": "fifo"},
+    "socket": {"make": "socket"},
+    "directory": {"make": "directory"},
+    "dev-zero": {"make": "symlink", "target": "/dev/zero"},
+    "outside": {"make": "symlink", "target": "/etc/hostname"},
+    "dangling": {"make": "symlink", "target": "missing-target"},
+}
+
+
 def special_file(rng: random.Random, root: Path) -> str:
     file = rng.choice(_files(root))
-    kind = rng.choice(["fifo", "socket", "directory", "dev-zero", "outside", "dangling"])
-    file.unlink()
-    if kind == "fifo":
-        os.mkfifo(file)
-    elif kind == "socket":
-        with socket.socket(socket.AF_UNIX) as sock:
-            old = Path.cwd()
-            os.chdir(file.parent)
-            try:
-                sock.bind(file.name)
-            finally:
-                os.chdir(old)
-    elif kind == "directory":
-        file.mkdir()
-    elif kind == "dev-zero":
-        file.symlink_to("/dev/zero")
-    elif kind == "outside":
-        file.symlink_to("/etc/hostname")
-    else:
-        file.symlink_to("missing-target")
+    kind = rng.choice(list(_SPECIALS))
+    make_special(file, _SPECIALS[kind])
     return f"{file.relative_to(root)} -> {kind}"
 
 

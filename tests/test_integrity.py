@@ -102,7 +102,8 @@ def test_swapped_chunks_read_in_place_are_refused_R6_6(ckpt: Path) -> None:
     """Whole chunks of a 1-d array stream straight into the destination; the listed CRC is
     compared there too."""
     _swap(ckpt, "0", "2", array="v")
-    with pytest.raises(tessera.ChecksumMismatchError, match=r"v chunk c/0 .*other data"):
+    # Either swapped chunk may be the first the read threads find.
+    with pytest.raises(tessera.ChecksumMismatchError, match=r"v chunk c/[02] .*other data"):
         tessera.open(ckpt).read("v")
     assert torch.equal(tessera.open(ckpt).read("v", (slice(4, 8),)), torch.arange(4, 8, dtype=torch.int32))
 
