@@ -19,7 +19,6 @@ import uuid
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch.distributed as dist
@@ -49,7 +48,6 @@ from .planning.options import DEFAULT_CHUNK_BYTES, SaveOptions
 from .reader import check_root_document
 from .storage.base import Storage
 from .storage.local import LocalStorage
-from .storage.run_files import remove_unpublished
 
 if TYPE_CHECKING:
     from .async_save import AsyncSave
@@ -363,7 +361,7 @@ def _remove_unpublished(storage: Storage, manifest: Manifest) -> None:
     fails the save's error still stands, and the leftover is reported as a warning.
     """
     try:
-        remove_unpublished(Path(storage.location), manifest.save_id)
+        storage.remove_unpublished(manifest.save_id)
     except (TesseraError, OSError) as exc:
         warnings.warn(
             f"{storage.location}: the failed save's partial files could not be removed ({exc}); "

@@ -14,6 +14,9 @@ Call order of a save (one writer; the distributed writer keeps it per rank):
 4. ``publish_root(data, save_id)``: the root ``zarr.json``, first-wins; its
    presence is the commit (spec §9).
 
+If the save fails after step 1, the coordinator calls
+``remove_unpublished(save_id)`` once every rank has stopped writing (R9.7).
+
 Readers call only ``read_file``, ``read_into``, ``size`` and ``list``. Each
 opens its file without blocking and reads only a regular file inside the
 checkpoint, whose size it learns from the open file before reading: a FIFO, a
@@ -128,6 +131,11 @@ class Storage(ABC):
     @abstractmethod
     def publish_root(self, data: bytes, save_id: str) -> None:
         """Publish the root ``zarr.json``: first-wins, durable; raise if a rival won."""
+
+    @abstractmethod
+    def remove_unpublished(self, save_id: str) -> None:
+        """Remove what the save ``save_id`` wrote, claim last, if it still holds the claim and
+        never committed; never anything of a committed checkpoint or of another save (R9.7)."""
 
     @abstractmethod
     def size(self, path: str) -> int | None:

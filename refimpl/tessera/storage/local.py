@@ -53,6 +53,7 @@ from .base import (
     Storage,
     check_relative_path,
 )
+from .run_files import remove_unpublished
 from .writeback import start_writeback
 
 __all__ = ["LocalStorage"]
@@ -242,6 +243,9 @@ class LocalStorage(Storage):
                 os.unlink(self._root / temporary)
         with _os_errors(f"cannot sync {self._root}"):
             _fsync_dir(self._root)
+
+    def remove_unpublished(self, save_id: str) -> None:
+        remove_unpublished(self._root, save_id)
 
     # -- reading ---------------------------------------------------------------------------
 
