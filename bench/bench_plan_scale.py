@@ -69,15 +69,15 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
-from tessera.chunk_crcs import chunk_lists, only_hex_digits_differ, with_chunk_lists
 from tessera.format.dtypes import dtype_by_name
 from tessera.format.keys import Key
 from tessera.format.manifest import Manifest, WriterInfo
+from tessera.format.root import check_root_document
+from tessera.planning.chunk_crcs import chunk_lists, only_hex_digits_differ, with_chunk_lists
 from tessera.planning.contents import manifest_contents
 from tessera.planning.global_plan import GlobalPlan, make_global_plan
 from tessera.planning.local_plan import Cell, Extent, LeafSpec
 from tessera.planning.options import SaveOptions
-from tessera.reader import check_root_document
 
 T = TypeVar("T")
 

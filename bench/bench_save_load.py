@@ -20,7 +20,7 @@ Tessera's GPU-direct engine does its I/O with, and no format: every tensor's byt
 written into ONE file straight from GPU memory with ``CuFile.pwrite`` at its offset (all
 issued, then all awaited), one ``fsync`` of the file and one of its directory; read back
 cold with ``CuFile.pread`` straight into the preallocated GPU tensors. It runs with the
-KvikIO settings (threads, O_DIRECT) that ``tessera.gpu.direct_io.configure_kvikio``
+KvikIO settings (threads, O_DIRECT) that ``tessera.engine.gpu.direct_io.configure_kvikio``
 gives Tessera, recorded with the results, so with ``--anchor kvikio`` the ratios show
 what Tessera's format costs on that path. ``tessera-direct`` (``--device cuda`` only) is
 ``tessera.save`` and an in-place ``tessera.load`` with ``gpu_direct=True``.
@@ -868,7 +868,7 @@ def environment(workdir: Path, ctx: Context, methods: list[Method]) -> dict[str,
 
 def kvikio_description() -> str:
     """KvikIO's version, mode, threads and O_DIRECT use, as tessera's GPU-direct engine runs it."""
-    from tessera.gpu import direct_io
+    from tessera.engine.gpu import direct_io
 
     return direct_io.describe()
 
@@ -1068,7 +1068,7 @@ def configure_kvikio(methods: list[Method]) -> None:
     """Give KvikIO tessera's settings (threads, O_DIRECT) before either GPU-direct method runs, so
     that the kvikio anchor and tessera-direct differ only in what they do, not in how KvikIO runs."""
     if any(m.gpu_direct for m in methods):
-        from tessera.gpu import direct_io
+        from tessera.engine.gpu import direct_io
 
         direct_io.configure_kvikio()
 

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 import tessera
-import tessera.async_save
+import tessera.api.save_async
 import torch
 import torch.distributed as dist
 from tessera import AsyncSave, AsyncSaver, CheckpointExistsError, RunDirectory, ShardedObject, ShardedTensor
-from tessera.sharding.dtensor import sharded_from_dtensor
+from tessera.state.dtensor import sharded_from_dtensor
 from tessera.storage.local import LocalStorage
 
 from .conftest import assert_bit_equal, assert_tree_bit_equal, random_tensor
@@ -64,13 +64,13 @@ def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
 def staged(monkeypatch: pytest.MonkeyPatch) -> list[dict[Any, Any]]:
     """Every snapshot that a background save hands the writer."""
     seen: list[dict[Any, Any]] = []
-    real = tessera.async_save.save
+    real = tessera.api.save_async.save
 
     def spy(state_dict: dict[Any, Any], path: Any, **options: Any) -> Any:
         seen.append(state_dict)
         return real(state_dict, path, **options)
 
-    monkeypatch.setattr(tessera.async_save, "save", spy)
+    monkeypatch.setattr(tessera.api.save_async, "save", spy)
     return seen
 
 

@@ -25,7 +25,7 @@ import tessera
 import torch
 from tessera.format.digest import reseal_root
 from tessera.format.dtypes import dtype_of_torch
-from tessera.sharding import ShardedTensor
+from tessera.state import ShardedTensor
 
 from conformance.checks import commit_order
 from conformance.checks.commit_order import WriteWatch

@@ -1,4 +1,4 @@
-"""DTensor values as boxes (tessera.sharding.dtensor), on real gloo ranks with the placements torch makes.
+"""DTensor values as boxes (tessera.state.dtensor), on real gloo ranks with the placements torch makes.
 
 On every rank each box must hold ``full[box]`` and be a view into the DTensor's own memory (a write to it
 shows in ``to_local()``); across the ranks the main copies (``replica_id == 0``) must cover every element
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from tessera.errors import ShardingError
-from tessera.sharding.dtensor import _shard_steps, is_dtensor, sharded_from_dtensor
+from tessera.state.dtensor import _shard_steps, is_dtensor, sharded_from_dtensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec

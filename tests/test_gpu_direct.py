@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tessera
 import torch
-from tessera.gpu.crc32c import SEGMENT, crc32c_combine, x8n_mod_p
+from tessera.engine.gpu.crc32c import SEGMENT, crc32c_combine, x8n_mod_p
 from tessera.planning.chunk_grid import DIRECT_IO_BLOCK, choose_chunk_shape
 
 from .conftest import ROOT, assert_bit_equal, flip_byte, forced_chunks, random_tensor, run_conformance
@@ -106,7 +106,7 @@ def test_the_gpu_direct_backend_says_why_it_cannot_start(tmp_path: Path) -> None
 @pytest.mark.parametrize("offset", [0, 1, 3, 8])
 @pytest.mark.parametrize("size", [1, 7, 8, 4095, 4096, 4097, 3 * SEGMENT * 1024 + 5, 2**24 + 12])
 def test_device_crc_matches_the_host_crc(size: int, offset: int) -> None:
-    from tessera.gpu.crc32c import device_crc32c
+    from tessera.engine.gpu.crc32c import device_crc32c
 
     data = torch.randint(0, 256, (size + offset,), dtype=torch.uint8, device="cuda")[offset:]
     host = data.cpu().numpy().tobytes()
@@ -122,8 +122,8 @@ def test_device_crcs_of_many_buffers_in_one_batch_match_the_host_crcs(
     """One batch mixes every case a load's chunks bring: empty, tiny, unaligned, a partial last
     segment, and buffers far larger than the segment, in any order; split into launches of a
     few segments (a buffer larger than one launch then goes alone), the results are the same."""
-    from tessera.gpu import crc32c as device
-    from tessera.gpu.crc32c import device_crc32c_many
+    from tessera.engine.gpu import crc32c as device
+    from tessera.engine.gpu.crc32c import device_crc32c_many
 
     if batch_segments is not None:
         monkeypatch.setattr(device, "BATCH_SEGMENTS", batch_segments)
@@ -235,7 +235,7 @@ def test_a_device_read_has_landed_when_read_into_returns(tmp_path: Path) -> None
     """A device read runs beside the host reads after it; the storage waits for it before the
     file closes and the call returns, also when ``fill`` raised; one past the end of the file
     is an error that names the file (KvikIO raises at the end of a file)."""
-    from tessera.gpu.direct_io import kvikio_files
+    from tessera.engine.gpu.direct_io import kvikio_files
     from tessera.storage.local import LocalStorage
 
     data = bytes(range(256)) * 64

@@ -1,6 +1,6 @@
 """Stock Zarr readers and writers (zarr-python, tensorstore) and Tessera agree bit for bit (R2.1).
 
-On the reading side only ``tessera.zarr_dtypes`` (which registers the ML float
+On the reading side only ``tessera.format.zarr_dtypes`` (which registers the ML float
 types with zarr-python) is Tessera code; tensorstore knows every type natively.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tessera
-import tessera.zarr_dtypes  # noqa: F401  (registers bfloat16 and float8 with zarr-python)
+import tessera.format.zarr_dtypes  # noqa: F401  (registers bfloat16 and float8 with zarr-python)
 import torch
 
 from .conftest import DTYPE_BY_NAME, DTYPE_NAMES, bits, chunk_files, random_tensor, read_json, write_json

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from tessera.errors import ShardingError
 from tessera.format.manifest import TensorEntry, ValueEntry
-from tessera.sharding import ShardedTensor, flat_buffer_shards
+from tessera.state import ShardedTensor, flat_buffer_shards
 
 from .conftest import assert_bit_equal, assert_tree_bit_equal
 from .ranks import run_ranks

@@ -21,13 +21,13 @@ import pytest
 import tessera
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tessera.chunk_codec import decode_chunk
+from tessera.format.chunk_codec import decode_chunk
 from tessera.format.dtypes import DTYPES
 from tessera.format.keys import key_to_path, path_to_key
 from tessera.format.layout import ArrayLayout
 from tessera.format.manifest import Manifest
+from tessera.format.root import check_root_document
 from tessera.format.strict_json import loads
-from tessera.reader import check_root_document
 
 from fuzz.states import make_checkpoint
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import tessera
 import torch
-from tessera.parallel import run_all
+from tessera.util.parallel import run_all
 
 TENSORS = 1500
 TRIALS = int(os.environ.get("TESSERA_DEADLOCK_TRIALS", "17"))

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 import tessera
-import tessera.reader
+import tessera.api.checkpoint
 import tessera.storage.local
 import torch
-from tessera.staging import StagingPool
+from tessera.engine.staging import StagingPool
 from tessera.storage.base import FileMissingError
 from tessera.storage.local import LocalStorage
 
@@ -183,7 +183,7 @@ def test_a_symlinked_chunk_directory_is_refused_after_its_siblings(tmp_path: Pat
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> int:
     """Blocks of 64 bytes, so that a small chunk is read and checksummed in many blocks."""
-    monkeypatch.setattr(tessera.reader, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(tessera.api.checkpoint, "BLOCK_BYTES", 64)
     return 64
 
 
@@ -210,7 +210,7 @@ def test_a_flipped_byte_in_a_later_block_of_a_large_chunk(tmp_path: Path) -> Non
     tessera.save({"t": t}, tmp_path / "ck", chunk_bytes=4 * n)
     chunk = tmp_path / "ck" / "t" / "c" / "0"
     assert chunk.stat().st_size == 4 * n + 4
-    assert 2 * tessera.reader.BLOCK_BYTES < 17 * 2**20 < 4 * n
+    assert 2 * tessera.api.checkpoint.BLOCK_BYTES < 17 * 2**20 < 4 * n
     flip_byte(chunk, 17 * 2**20 + 11)
     with pytest.raises(tessera.ChecksumMismatchError, match="t chunk c/0"):
         tessera.load(tmp_path / "ck", {"t": torch.empty(n)})
@@ -447,14 +447,14 @@ def test_the_staged_block_path_runs_on_the_cpu_too(tmp_path: Path, small_blocks:
         tessera.save({"t": t}, tmp_path / "ck")
     ck = tessera.open(tmp_path / "ck")
     entry = ck.array_entry("t")
-    copies = tessera.reader._DeviceCopies(StagingPool(pinned=False, max_buffers=2))
+    copies = tessera.api.checkpoint._DeviceCopies(StagingPool(pinned=False, max_buffers=2))
     out = torch.zeros(37, 16)
     for index in entry.layout.chunk_indices():
-        target = tessera.reader.ReadTarget(entry, index, ((0, 37), (0, 16)), out, copies)
+        target = tessera.api.checkpoint.ReadTarget(entry, index, ((0, 37), (0, 16)), out, copies)
         ck._read_in_place(entry, index, target.part(), copies)
     assert_bit_equal(out, t)
     flip_byte(tmp_path / "ck" / "t" / "c" / "2" / "0", 3 * small_blocks + 1)
-    target = tessera.reader.ReadTarget(entry, (2, 0), ((0, 37), (0, 16)), out, copies)
+    target = tessera.api.checkpoint.ReadTarget(entry, (2, 0), ((0, 37), (0, 16)), out, copies)
     with pytest.raises(tessera.ChecksumMismatchError, match="t chunk c/2/0"):
         ck._read_in_place(entry, (2, 0), target.part(), copies)
 
@@ -487,7 +487,7 @@ def gpu_saved(tmp_path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
 def test_load_into_cuda_tensors(
     gpu_saved: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, block: int
 ) -> None:
-    monkeypatch.setattr(tessera.reader, "BLOCK_BYTES", block)
+    monkeypatch.setattr(tessera.api.checkpoint, "BLOCK_BYTES", block)
     root, state = gpu_saved
     template = {k: _poisoned(v, "cuda") for k, v in state.items()}
     got = tessera.load(root, template)

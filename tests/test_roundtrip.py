@@ -406,14 +406,14 @@ def test_progress_bar(ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import io
     import sys
 
-    import tessera.progress
-    import tessera.writer
+    import tessera.api.save
+    import tessera.util.progress
 
-    verify_module = sys.modules["tessera.verify"]  # the package rebinds the name to the function
+    verify_module = sys.modules["tessera.api.verify"]  # the package rebinds the name to the function
 
     stream = io.StringIO()
-    bar = functools.partial(tessera.progress.Progress, stream=stream)
-    monkeypatch.setattr(tessera.chunk_writer, "Progress", bar)
+    bar = functools.partial(tessera.util.progress.Progress, stream=stream)
+    monkeypatch.setattr(tessera.engine.chunk_writer, "Progress", bar)
     monkeypatch.setattr(verify_module, "Progress", bar)
     tessera.save({"x": torch.ones(1000)}, ckpt, progress=True, chunk_bytes=400)
     assert "saving" in stream.getvalue() and "100.0%" in stream.getvalue()

@@ -22,12 +22,12 @@ import pytest
 import tessera
 import torch
 from tessera import PlanCache, ShardedObject, ShardedTensor
-from tessera.flatten import flatten
 from tessera.planning.contents import manifest_contents
 from tessera.planning.global_plan import GlobalPlan, make_global_plan
 from tessera.planning.local_plan import Extent, LeafSpec, LocalPlan, make_local_plan
 from tessera.planning.options import SaveOptions
-from tessera.sharding.boxes import Box
+from tessera.state.boxes import Box
+from tessera.state.flatten import flatten
 from tessera.storage.local import LocalStorage
 
 from .conftest import assert_bit_equal, assert_chunk_lists_are_stored_crcs, random_tensor, recording
@@ -842,8 +842,8 @@ REFUSALS: dict[str, tuple[list[dict[str, Any]], type[Exception], str]] = {
 def _coordinate(states: list[dict[str, Any]], path: Path, **options: Any) -> list[Any]:
     """The coordinator's first step (gather, check, plan, claim) on every rank's report, in this process:
     the instruction each rank would get."""
-    from tessera.writer import _coordinate as coordinate
-    from tessera.writer import _Report
+    from tessera.api.save import _coordinate as coordinate
+    from tessera.api.save import _Report
 
     opts = SaveOptions(chunk_bytes=CHUNK_BYTES, **options)
     reports = []

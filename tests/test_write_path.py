@@ -20,7 +20,7 @@ import pytest
 import tessera
 import tessera.storage.local
 import torch
-from tessera.chunk_codec import encode_chunk
+from tessera.format.chunk_codec import encode_chunk
 from tessera.format.dtypes import dtype_by_name
 from tessera.format.layout import ArrayLayout
 

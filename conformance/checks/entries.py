@@ -227,7 +227,7 @@ def _layout(entry: dict[str, Any], where: str, out: Findings) -> ArrayLayout | N
         return None
     layout = ArrayLayout(dtype, tuple(shape), tuple(chunk_shape), level)
     try:
-        DEFAULT_LIMITS.check_array(layout, where)
+        layout.check_limits(DEFAULT_LIMITS, where)
     except LimitExceededError as exc:
         out.add("R5.12", f"{exc} (the default limits of R11.6)")
         return None

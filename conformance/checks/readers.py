@@ -2,7 +2,7 @@
 
 The reference reader (``tessera.open``) reads every entry as a Tessera user
 would (R2.3). zarr-python and tensorstore read every array with no Tessera
-code but ``tessera.zarr_dtypes``, which registers the ML float types with
+code but ``tessera.format.zarr_dtypes``, which registers the ML float types with
 zarr-python (tensorstore knows them): a Tessera checkpoint is a Zarr v3
 hierarchy any Zarr reader opens (R2.1). Bits are compared as the protocol
 carries them (P19), so NaN payloads and negative zeros count. A reader that
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 import tessera
-import tessera.zarr_dtypes  # noqa: F401  (registers bfloat16 and the float8 types with zarr-python)
+import tessera.format.zarr_dtypes  # noqa: F401  (registers bfloat16 and the float8 types with zarr-python)
 import torch
 import zarr
 from tessera.errors import TesseraError

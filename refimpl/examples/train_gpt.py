@@ -18,7 +18,7 @@ What it shows, in order:
 4. ``tessera ls``, ``tessera inspect`` and ``tessera verify`` on the run, and
    ``verify`` on a deliberately damaged copy.
 5. zarr-python and tensorstore open one bf16 weight array of the checkpoint
-   with no Tessera code (zarr-python only needs ``import tessera.zarr_dtypes``
+   with no Tessera code (zarr-python only needs ``import tessera.format.zarr_dtypes``
    to learn the name ``bfloat16``).
 
 Run: ``python refimpl/examples/train_gpt.py [--out DIR]`` (about 10 s on 2 CPU cores).
@@ -316,7 +316,7 @@ def cli(*argv: str, head: int = 0, tail: int = 0) -> int:
 def stock_readers(checkpoint: Path, key: str, expected: torch.Tensor) -> bool:
     """Read one array with zarr-python and with tensorstore; compare bit for bit."""
     import tensorstore as ts
-    import tessera.zarr_dtypes  # noqa: F401  (registers bfloat16 & float8 with zarr-python)
+    import tessera.format.zarr_dtypes  # noqa: F401  (registers bfloat16 & float8 with zarr-python)
     import zarr
 
     want = expected.view(torch.int16).numpy().view(np.uint16)

@@ -8,7 +8,7 @@ What it shows, in order:
    flat buffer per rank, each rank holding a quarter of it. Every 10 steps all
    four ranks save one checkpoint together into a ``tessera.RunDirectory``.
    The optimizer state is saved in model space: each rank's flat range
-   becomes per-parameter shards (``tessera.sharding.flat_buffer_shards``), so
+   becomes per-parameter shards (``tessera.state.flat_buffer_shards``), so
    the checkpoint holds every parameter's state at the parameter's shape. The
    bf16 weights, replicated on every rank, are written once, spread over the
    ranks. Each rank's torch RNG state goes in as a ``ShardedObject``. Then the
@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from tessera.sharding import flat_buffer_shards
+from tessera.state import flat_buffer_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_gpt import GPT, Config, prepare, synthetic_corpus  # noqa: E402

@@ -8,9 +8,13 @@ so its presence is the commit. ``save``, ``load`` and ``open`` are the API;
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .async_save import AsyncSave, AsyncSaver
+from .api.checkpoint import Checkpoint
+from .api.checkpoint import open_checkpoint as open
+from .api.load import LoadResult, Strict, load
+from .api.run_dir import RunDirectory
+from .api.save import save
+from .api.save_async import AsyncSave, AsyncSaver
+from .api.verify import VerifyReport, verify
 from .errors import (
     CheckpointDeletedError,
     CheckpointExistsError,
@@ -35,14 +39,9 @@ from .errors import (
 )
 from .format.limits import ReaderLimits
 from .format.manifest import FORMAT_VERSION, Manifest
-from .loading import LoadResult, Strict, load
 from .planning import PlanCache
-from .reader import Checkpoint
-from .reader import open_checkpoint as open
-from .run_dir import RunDirectory
-from .sharding import ShardedObject, ShardedTensor
-from .verify import VerifyReport, verify
-from .writer import save
+from .state import ShardedObject, ShardedTensor
+from .version import __version__
 
 __all__ = [
     "FORMAT_VERSION",

@@ -31,6 +31,7 @@ __all__ = [
     "TesseraWarning",
     "UncommittedCheckpointError",
     "UnsafeEncodingError",
+    "UnsupportedLocationError",
     "UnsupportedVersionError",
     "ERROR_CLASSES",
 ]
@@ -143,6 +144,12 @@ class StorageError(TesseraError):
     """The storage failed (disk full, permission denied, I/O error) on a named file."""
 
     code = "io_error"
+
+
+class UnsupportedLocationError(StorageError):
+    """A location names a storage this installation has no implementation for (a URL scheme
+    nobody registered), or looks like a URL but is not one; refused before anything is written,
+    so that a URL never silently becomes a local directory."""
 
 
 class GpuDirectUnavailableError(StorageError):

@@ -18,8 +18,8 @@ from typing import Any, ClassVar
 import numpy as np
 import tessera
 import torch
+from tessera.engine.gpu.direct_io import kvikio_files
 from tessera.format.keys import Key
-from tessera.gpu.direct_io import kvikio_files
 
 from conformance.backends.reference.backend import ReferenceBackend, Request
 

@@ -28,11 +28,11 @@ import tessera
 import torch
 import torch.distributed as dist
 from tessera.errors import TensorMismatchError, TesseraError
-from tessera.flatten import unflatten
 from tessera.format.dtypes import DType, dtype_by_name
 from tessera.format.keys import Key, key_to_path
 from tessera.format.manifest import NONFINITE_FLOATS, ObjectEntry, ValueEntry
-from tessera.tensors import as_numpy, as_torch
+from tessera.state.flatten import unflatten
+from tessera.state.tensors import as_numpy, as_torch
 
 from conformance.protocol.arrays import load_bits, save_bits, storage_dtype
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..api.run_dir import LATEST, RunDirectory
 from ..errors import CheckpointNotFoundError
 from ..format.layout import ArrayLayout
-from ..run_dir import LATEST, RunDirectory
 from ..storage.base import ROOT_METADATA
 
 __all__ = [

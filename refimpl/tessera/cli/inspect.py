@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..api.checkpoint import Checkpoint, open_checkpoint
 from ..format.layout import chunk_key
 from ..format.limits import DEFAULT_LIMITS
 from ..format.manifest import Entry, ObjectEntry, TensorEntry, ValueEntry
 from ..format.strict_json import loads
-from ..reader import Checkpoint, open_checkpoint
 from ..storage.base import ROOT_METADATA
 from .common import (
     Target,

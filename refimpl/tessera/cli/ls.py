@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..api.checkpoint import open_checkpoint
+from ..api.run_dir import RunDirectory
 from ..errors import CheckpointNotFoundError, TesseraError
 from ..format.strict_json import loads
-from ..reader import open_checkpoint
-from ..run_dir import RunDirectory
 from ..storage.base import CLAIM_FILE
 from ..storage.run_files import read_small
 from .common import UsageError, disk_usage, human_bytes, is_run_directory, one_line, plural

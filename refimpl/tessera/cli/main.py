@@ -21,8 +21,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from .. import __version__
 from ..errors import StorageError, TesseraError
+from ..version import __version__
 from . import inspect, ls, verify
 from .common import UsageError, one_line
 

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..api.run_dir import RunDirectory
+from ..api.verify import VerifyReport, verify
 from ..errors import CheckpointNotFoundError
-from ..run_dir import RunDirectory
-from ..verify import VerifyReport, verify
 from .common import UsageError, human_bytes, is_run_directory, one_line, plural, resolve
 
 __all__ = ["add_parser", "report_document", "run", "summary_line"]

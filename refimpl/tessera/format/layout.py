@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InconsistentCheckpointError, SchemaViolationError
+from ..errors import InconsistentCheckpointError, LimitExceededError, SchemaViolationError
 from .dtypes import DType, dtype_by_name
 from .limits import ReaderLimits
 
@@ -130,6 +130,25 @@ class ArrayLayout:
             "chunk_count": self.chunk_count,
         }
 
+    def check_limits(self, limits: ReaderLimits, where: str) -> None:
+        """Refuse a layout beyond the reader limits (spec R11.6), before anything is allocated."""
+        layout = self
+        if len(layout.shape) > limits.max_rank:
+            raise LimitExceededError(f"{where}: rank {len(layout.shape)} exceeds {limits.max_rank}")
+        if layout.chunk_nbytes > limits.max_chunk_bytes:
+            raise LimitExceededError(
+                f"{where}: a chunk of {list(layout.chunk_shape)} is {layout.chunk_nbytes} bytes, "
+                f"over the limit of {limits.max_chunk_bytes}"
+            )
+        if math.prod(layout.grid_shape) > limits.max_chunks_per_array:
+            raise LimitExceededError(
+                f"{where}: {layout.chunk_count} chunks exceed the limit of {limits.max_chunks_per_array}"
+            )
+        if layout.nbytes > limits.max_array_bytes:
+            raise LimitExceededError(
+                f"{where}: {layout.nbytes} bytes exceed the limit of {limits.max_array_bytes}"
+            )
+
     @classmethod
     def from_manifest(cls, doc: dict[str, Any], where: str, limits: ReaderLimits) -> ArrayLayout:
         """Parse and check an entry's array fields (already schema-valid) against the limits."""
@@ -141,7 +160,7 @@ class ArrayLayout:
                 f"{where}: shape {list(shape)} and chunk_shape {list(chunk_shape)} differ in rank"
             )
         layout = cls(dtype, shape, chunk_shape, _parse_codecs(doc["codecs"], dtype, where))
-        limits.check_array(layout, where)
+        layout.check_limits(limits, where)
         if doc["chunk_count"] != layout.chunk_count:
             raise InconsistentCheckpointError(
                 f"{where}: manifest says {doc['chunk_count']} chunks, "

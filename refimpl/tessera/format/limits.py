@@ -7,15 +7,8 @@ corrupt checkpoint costs neither memory nor a long stall.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-from ..errors import LimitExceededError
-
-if TYPE_CHECKING:
-    from .layout import ArrayLayout
 
 __all__ = ["DEFAULT_LIMITS", "ReaderLimits", "physical_memory"]
 
@@ -54,23 +47,6 @@ class ReaderLimits:
     the machine's physical memory, so that a manifest's declared shapes are refused with
     ``limit_exceeded`` instead of failing in the allocator. Raise it to load more (with
     swap), or load into a template, which allocates nothing."""
-
-    def check_array(self, layout: ArrayLayout, where: str) -> None:
-        if len(layout.shape) > self.max_rank:
-            raise LimitExceededError(f"{where}: rank {len(layout.shape)} exceeds {self.max_rank}")
-        if layout.chunk_nbytes > self.max_chunk_bytes:
-            raise LimitExceededError(
-                f"{where}: a chunk of {list(layout.chunk_shape)} is {layout.chunk_nbytes} bytes, "
-                f"over the limit of {self.max_chunk_bytes}"
-            )
-        if math.prod(layout.grid_shape) > self.max_chunks_per_array:
-            raise LimitExceededError(
-                f"{where}: {layout.chunk_count} chunks exceed the limit of {self.max_chunks_per_array}"
-            )
-        if layout.nbytes > self.max_array_bytes:
-            raise LimitExceededError(
-                f"{where}: {layout.nbytes} bytes exceed the limit of {self.max_array_bytes}"
-            )
 
 
 DEFAULT_LIMITS = ReaderLimits()

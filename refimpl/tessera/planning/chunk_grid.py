@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 
-from ..sharding.boxes import Box
+from ..state.boxes import Box
 
 __all__ = [
     "DIRECT_IO_BLOCK",

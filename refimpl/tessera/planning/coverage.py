@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import ShardingError
-from ..sharding.boxes import Box, corners
+from ..state.boxes import Box, corners
 
 __all__ = ["MainClaim", "check_coverage"]
 

@@ -25,7 +25,7 @@ from ..format.dtypes import dtype_by_name
 from ..format.keys import Key, parent_paths
 from ..format.layout import ArrayLayout, ChunkIndex
 from ..format.manifest import ObjectEntry, TensorEntry
-from ..sharding.boxes import Box, corners
+from ..state.boxes import Box, corners
 from .chunk_grid import chunk_shape_for
 from .coverage import MainClaim, check_coverage
 from .local_plan import Cell, LeafSpec

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from ..errors import TensorMismatchError, UnsafeEncodingError
-from ..flatten import Flattened, is_json
 from ..format.dtypes import DType, dtype_of_numpy, dtype_of_torch
 from ..format.keys import Key, key_to_path
-from ..sharding.boxes import Box, held_boxes
-from ..sharding.dtensor import is_dtensor, sharded_from_dtensor
-from ..sharding.sharded import Piece, ShardedObject, ShardedTensor
-from ..tensors import as_numpy
+from ..state.boxes import Box, held_boxes
+from ..state.dtensor import is_dtensor, sharded_from_dtensor
+from ..state.flatten import Flattened, is_json
+from ..state.sharded import Piece, ShardedObject, ShardedTensor
+from ..state.tensors import as_numpy
 from .options import SaveOptions
 
 __all__ = ["Cell", "Extent", "LeafSpec", "LocalPlan", "make_local_plan", "piece_data"]

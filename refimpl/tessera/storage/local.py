@@ -41,7 +41,7 @@ from ..errors import (
     LimitExceededError,
     StorageError,
 )
-from ..parallel import run_all
+from ..util.parallel import run_all
 from .base import (
     CLAIM_FILE,
     ROOT_METADATA,

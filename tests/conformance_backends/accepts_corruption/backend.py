@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import ClassVar
 from unittest import mock
 
-import tessera.chunk_codec
-import tessera.reader
+import tessera.api.checkpoint
+import tessera.format.chunk_codec
 
 from conformance.backends.reference.backend import Answer, ReferenceBackend, Request, serve
 
@@ -23,9 +23,9 @@ class AcceptsCorruption(ReferenceBackend):
 
     def read(self, request: Request) -> Answer:
         with (
-            mock.patch.object(tessera.chunk_codec, "check_crc", _unchecked),
-            mock.patch.object(tessera.reader, "check_crc", _unchecked),
-            mock.patch.object(tessera.reader, "check_manifest_digest", _unchecked_digest),
+            mock.patch.object(tessera.format.chunk_codec, "check_crc", _unchecked),
+            mock.patch.object(tessera.api.checkpoint, "check_crc", _unchecked),
+            mock.patch.object(tessera.api.checkpoint, "check_manifest_digest", _unchecked_digest),
         ):
             return super().read(request)
 

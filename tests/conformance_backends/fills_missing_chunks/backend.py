@@ -13,9 +13,9 @@ from unittest import mock
 
 import numpy as np
 from tessera import Checkpoint
+from tessera.api.checkpoint import ReadTarget
 from tessera.format.layout import ChunkIndex, chunk_key
 from tessera.format.manifest import ObjectEntry, TensorEntry
-from tessera.reader import ReadTarget
 
 from conformance.backends.reference.backend import Answer, ReferenceBackend, Request, serve
 

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InvalidKeyError, ShardingError
+from ..errors import InvalidKeyError, ShardingError
+from ..format.keys import Key
+from .dtensor import is_dtensor, sharded_from_dtensor
 from .flatten import is_json
-from .format.keys import Key
-from .sharding.dtensor import is_dtensor, sharded_from_dtensor
-from .sharding.sharded import ShardedObject, ShardedTensor
+from .sharded import ShardedObject, ShardedTensor
 
 __all__ = ["HostBuffers"]
 
@@ -62,7 +62,7 @@ class HostBuffers:
 
 
 class _Staging:
-    """One staging pass: walks the state dict as :func:`tessera.flatten.flatten` does."""
+    """One staging pass: walks the state dict as :func:`tessera.state.flatten.flatten` does."""
 
     def __init__(self, previous: dict[tuple[Key, bool], Array]) -> None:
         self.previous = previous

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, overload
 
-from .async_save import AsyncSave, default_saver, snapshot_options
-from .collective import collective_for
-from .errors import (
+from ..distributed.collective import collective_for
+from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     InvalidKeyError,
@@ -38,10 +37,11 @@ from .errors import (
     TesseraWarning,
     UncommittedCheckpointError,
 )
-from .format.manifest import Manifest
-from .storage import run_files
-from .storage.run_files import StepLock, entry_kind, is_committed
-from .writer import save
+from ..format.manifest import Manifest
+from ..storage import run_files
+from ..storage.run_files import StepLock, entry_kind, is_committed
+from .save import save
+from .save_async import AsyncSave, default_saver, snapshot_options
 
 __all__ = ["CheckpointInfo", "RunDirectory", "LATEST"]
 

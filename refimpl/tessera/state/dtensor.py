@@ -1,6 +1,6 @@
 """PyTorch ``DTensor`` values as :class:`ShardedTensor` boxes, so a model's ``state_dict()`` saves as it is.
 
-The planner works on boxes of global tensors (:mod:`tessera.sharding.boxes`): it checks that the main
+The planner works on boxes of global tensors (:mod:`tessera.state.boxes`): it checks that the main
 copies cover every tensor exactly once, spreads the writing over the replicas and cuts boxes into chunks.
 A DTensor describes its part by placements over a device mesh instead; this module turns this rank's part
 into boxes. ``Shard`` and ``Replicate`` give one box, or none where an uneven split leaves the rank empty;

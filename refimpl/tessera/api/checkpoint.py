@@ -29,7 +29,6 @@ failed read, a destination holds nothing meaningful (R6.6).
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import threading
 from collections import deque
@@ -42,8 +41,11 @@ import crc32c
 import numpy as np
 import torch
 
-from .chunk_codec import check_crc, decode_chunk, prefix_elements
-from .errors import (
+from ..engine.gpu.crc32c import crc32c_combine, device_crc32c, device_crc32c_many
+from ..engine.gpu.direct_io import direct_read_threads, gpu_direct_storage
+from ..engine.gpu.streams import thread_stream
+from ..engine.staging import StagingPool, shared_pool
+from ..errors import (
     CheckpointDeletedError,
     CheckpointNotFoundError,
     InconsistentCheckpointError,
@@ -54,30 +56,26 @@ from .errors import (
     UncommittedCheckpointError,
     UnsafeEncodingError,
 )
-from .format.digest import check_manifest_digest
-from .format.dtypes import DType
-from .format.keys import Key, PathTree, key_to_path
-from .format.layout import CRC32C_SIZE, ArrayLayout, ChunkIndex, chunk_key
-from .format.limits import DEFAULT_LIMITS, ReaderLimits
-from .format.manifest import (
+from ..format.chunk_codec import check_crc, decode_chunk, prefix_elements
+from ..format.dtypes import DType
+from ..format.keys import Key, PathTree, key_to_path
+from ..format.layout import CRC32C_SIZE, ArrayLayout, ChunkIndex, chunk_key
+from ..format.limits import DEFAULT_LIMITS, ReaderLimits
+from ..format.manifest import (
     Entry,
     Manifest,
     ObjectEntry,
     TensorEntry,
     ValueEntry,
-    check_version,
     listed_chunk_crc,
 )
-from .format.schemas import validate
-from .format.strict_json import loads
-from .gpu.crc32c import crc32c_combine, device_crc32c, device_crc32c_many
-from .gpu.direct_io import direct_read_threads, kvikio_files
-from .gpu.streams import thread_stream
-from .parallel import default_read_threads, run_all
-from .staging import StagingPool, shared_pool
-from .storage.base import CLAIM_FILE, ROOT_METADATA, FileMissingError, ReadNext, Storage
-from .storage.local import LocalStorage
-from .tensors import as_numpy
+from ..format.root import check_root_document
+from ..format.schemas import validate
+from ..format.strict_json import loads
+from ..state.tensors import as_numpy
+from ..storage.base import CLAIM_FILE, ROOT_METADATA, FileMissingError, ReadNext, Storage
+from ..storage.resolve import Location, storage_for
+from ..util.parallel import default_read_threads, run_all
 
 __all__ = [
     "Bounds",
@@ -104,7 +102,7 @@ small enough to still sit in the CPU cache when the checksum runs over it."""
 
 
 def open_checkpoint(
-    path: str | os.PathLike[str],
+    path: Location,
     *,
     limits: ReaderLimits = DEFAULT_LIMITS,
     threads: int | None = None,
@@ -116,7 +114,7 @@ def open_checkpoint(
     memory through cuFile (KvikIO) and are checksummed on the GPU; raises
     :class:`~tessera.GpuDirectUnavailableError` without KvikIO or CUDA.
     """
-    storage = LocalStorage(path, kvikio_files() if gpu_direct else None)
+    storage = gpu_direct_storage(path) if gpu_direct else storage_for(path)
     if gpu_direct and threads is None:
         threads = direct_read_threads()
     return Checkpoint(storage, read_manifest(storage, limits), limits=limits, threads=threads)
@@ -139,18 +137,6 @@ def read_manifest(storage: Storage, limits: ReaderLimits = DEFAULT_LIMITS) -> Ma
             )
         ) from None
     return check_root_document(data, f"{storage.location}/{ROOT_METADATA}", limits)
-
-
-def check_root_document(data: bytes, where: str, limits: ReaderLimits = DEFAULT_LIMITS) -> Manifest:
-    """Parse a root ``zarr.json``: strict JSON, then version, then the manifest digest, then schema,
-    then entries (spec R11.1, §13)."""
-    doc = loads(data, where, limits)
-    attributes = doc.get("attributes") if isinstance(doc, dict) else None
-    manifest = attributes.get("tessera") if isinstance(attributes, dict) else None
-    check_version(manifest)
-    check_manifest_digest(data, manifest, where)
-    validate(doc, "root", where)
-    return Manifest.from_root(doc, limits)
 
 
 def _bounds(region: Region, shape: tuple[int, ...], key: str) -> tuple[Bounds, tuple[int, ...]]:

@@ -6,7 +6,7 @@ how a distributed optimizer holds its state (Megatron's ``flattened_range``).
 ``replica_id`` tells copies apart: the copies with ``replica_id == 0`` must
 cover the global tensor exactly once; the others let the planner spread the
 writing over every rank that holds the same bytes. PyTorch ``DTensor`` values
-are turned into ``ShardedTensor`` s by :mod:`tessera.sharding.dtensor`, so a
+are turned into ``ShardedTensor`` s by :mod:`tessera.state.dtensor`, so a
 model's own ``state_dict()`` can be saved as it is.
 
 A ``ShardedObject`` is one cell of a grid of per-rank values (RNG states,

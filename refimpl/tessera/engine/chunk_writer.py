@@ -7,7 +7,7 @@ around it (plan, claim, commit). What makes it fast:
   tensors (many chunks each) and many small ones keep the disk equally busy;
 - a chunk whose elements lie contiguously in a CPU tensor is written straight
   from the tensor's memory; its checksum is computed block by block as it is
-  written (:func:`~tessera.chunk_codec.encode_chunk`);
+  written (:func:`~tessera.format.chunk_codec.encode_chunk`);
 - a chunk of a GPU tensor is copied into a pinned host buffer from a small
   pool, in the writing thread, so device-to-host copies overlap the writes and
   never need a host copy of the whole state;
@@ -35,20 +35,20 @@ import crc32c
 import numpy as np
 import torch
 
-from .chunk_codec import edge_padding, encode_chunk, prefix_elements
-from .collective import Collective
-from .format.dtypes import DType, dtype_by_name
-from .format.layout import ArrayLayout, chunk_key
-from .format.strict_json import dumps
+from ..distributed.collective import Collective
+from ..format.chunk_codec import edge_padding, encode_chunk, prefix_elements
+from ..format.dtypes import DType, dtype_by_name
+from ..format.layout import ArrayLayout, chunk_key
+from ..format.strict_json import dumps
+from ..planning.global_plan import ArrayTask, ChunkWrite, RankPlan, Source
+from ..planning.local_plan import LocalPlan, piece_data
+from ..state.tensors import as_numpy, as_torch
+from ..storage.base import Storage
+from ..util.parallel import run_all
+from ..util.progress import Progress
 from .gpu.crc32c import device_crc32c, device_crc32c_many
 from .gpu.streams import thread_stream
-from .parallel import run_all
-from .planning.global_plan import ArrayTask, ChunkWrite, RankPlan, Source
-from .planning.local_plan import LocalPlan, piece_data
-from .progress import Progress
 from .staging import StagingPool, shared_pool
-from .storage.base import Storage
-from .tensors import as_numpy, as_torch
 
 __all__ = ["write_rank"]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,18 +22,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .collective import collective_for
-from .errors import KeyMismatchError, TensorMismatchError
-from .flatten import flatten, unflatten
-from .format.dtypes import dtype_of_numpy
-from .format.keys import Key, format_key, key_to_path
-from .format.limits import DEFAULT_LIMITS, ReaderLimits
-from .format.manifest import Entry, ObjectEntry, TensorEntry
-from .reader import Checkpoint, Region, open_checkpoint
-from .sharding.dtensor import is_dtensor, sharded_from_dtensor
-from .sharding.sharded import ShardedObject, ShardedTensor
-from .shared_reads import read_together
-from .tensors import as_torch
+from ..distributed.collective import collective_for
+from ..distributed.shared_reads import read_together
+from ..errors import KeyMismatchError, TensorMismatchError
+from ..format.dtypes import dtype_of_numpy
+from ..format.keys import Key, format_key, key_to_path
+from ..format.limits import DEFAULT_LIMITS, ReaderLimits
+from ..format.manifest import Entry, ObjectEntry, TensorEntry
+from ..state.dtensor import is_dtensor, sharded_from_dtensor
+from ..state.flatten import flatten, unflatten
+from ..state.sharded import ShardedObject, ShardedTensor
+from ..state.tensors import as_torch
+from ..storage.resolve import Location
+from .checkpoint import Checkpoint, Region, open_checkpoint
 
 __all__ = ["LoadResult", "Strict", "load"]
 
@@ -74,7 +74,7 @@ class LoadResult:
 
 
 def load(
-    path: str | os.PathLike[str] | Checkpoint,
+    path: Location | Checkpoint,
     state_dict: MutableMapping[Any, Any] | None = None,
     *,
     keys: Iterable[str] | None = None,

@@ -7,7 +7,6 @@ tells the whole state of a damaged checkpoint.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,17 +14,17 @@ from functools import partial
 
 import numpy as np
 
-from .errors import InconsistentCheckpointError, TesseraError
-from .format.keys import PathTree
-from .format.limits import DEFAULT_LIMITS, ReaderLimits
-from .format.manifest import ObjectEntry, TensorEntry
-from .format.schemas import validate
-from .format.strict_json import loads
-from .parallel import run_all
-from .progress import Progress
-from .reader import Checkpoint, read_manifest
-from .storage.base import CLAIM_FILE, FileMissingError
-from .storage.local import LocalStorage
+from ..errors import InconsistentCheckpointError, TesseraError
+from ..format.keys import PathTree
+from ..format.limits import DEFAULT_LIMITS, ReaderLimits
+from ..format.manifest import ObjectEntry, TensorEntry
+from ..format.schemas import validate
+from ..format.strict_json import loads
+from ..storage.base import CLAIM_FILE, FileMissingError
+from ..storage.resolve import Location, storage_for
+from ..util.parallel import run_all
+from ..util.progress import Progress
+from .checkpoint import Checkpoint, read_manifest
 
 __all__ = ["Problem", "VerifyReport", "verify"]
 
@@ -51,14 +50,14 @@ class VerifyReport:
 
 
 def verify(
-    path: str | os.PathLike[str],
+    path: Location,
     *,
     progress: bool = False,
     threads: int | None = None,
     limits: ReaderLimits = DEFAULT_LIMITS,
 ) -> VerifyReport:
     """Check a checkpoint completely; never raises for a damaged checkpoint, reports instead."""
-    storage = LocalStorage(path)
+    storage = storage_for(path)
     report = VerifyReport(storage.location)
     lock = threading.Lock()
 

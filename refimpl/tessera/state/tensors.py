@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .format.dtypes import DType
+from ..format.dtypes import DType
 
 __all__ = ["as_numpy", "as_torch"]
 

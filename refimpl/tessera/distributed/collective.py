@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import CollectiveError
+from ..errors import CollectiveError
 
 __all__ = ["Collective", "ProcessGroupCollective", "SingleProcess", "collective_for"]
 

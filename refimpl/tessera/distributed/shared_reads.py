@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..api.checkpoint import Bounds, Checkpoint, ChunkTask, ReadTarget, Region, intersect, within
+from ..errors import CollectiveError, TesseraError
+from ..format.keys import Key
+from ..format.layout import ChunkIndex
 from .collective import Collective
-from .errors import CollectiveError, TesseraError
-from .format.keys import Key
-from .format.layout import ChunkIndex
-from .reader import Bounds, Checkpoint, ChunkTask, ReadTarget, Region, intersect, within
 
 __all__ = ["read_together"]
 

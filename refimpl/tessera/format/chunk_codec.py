@@ -18,8 +18,8 @@ import crc32c
 import numpy as np
 from numcodecs import Zstd
 
-from .errors import ChecksumMismatchError, InconsistentCheckpointError
-from .format.layout import CRC32C_SIZE, ArrayLayout, ChunkIndex
+from ..errors import ChecksumMismatchError, InconsistentCheckpointError
+from .layout import CRC32C_SIZE, ArrayLayout, ChunkIndex
 
 __all__ = ["encode_chunk", "decode_chunk", "edge_padding", "prefix_elements", "check_crc"]
 

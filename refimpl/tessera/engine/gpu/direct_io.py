@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
-from ..errors import GpuDirectUnavailableError
-from ..parallel import default_read_threads, default_threads
-from ..storage.base import PendingRead
+from ...errors import GpuDirectUnavailableError
+from ...storage.base import PendingRead
+from ...storage.local import LocalStorage
+from ...storage.resolve import Location, storage_for
+from ...util.parallel import default_read_threads, default_threads
 
 __all__ = ["KvikioFiles", "configure_kvikio", "describe", "direct_read_threads", "kvikio_files"]
 
@@ -160,3 +162,17 @@ def _as_os_error(operation: str) -> Iterator[None]:
 def kvikio_files() -> KvikioFiles:
     """The process's one engine (KvikIO's pool and settings are process-wide anyway)."""
     return KvikioFiles()
+
+
+def gpu_direct_storage(location: Location) -> LocalStorage:
+    """A local directory whose chunks of GPU tensors move between the GPU and their files through
+    cuFile (KvikIO), checksummed on the GPU: pass it to ``save`` or ``open`` in place of a path.
+
+    Raises :class:`~tessera.GpuDirectUnavailableError` without KvikIO or CUDA, and for a location
+    that is not a local directory."""
+    storage = storage_for(location)
+    if not isinstance(storage, LocalStorage):
+        raise GpuDirectUnavailableError(
+            f"GPU-direct I/O reads and writes local files; {storage.location} is not a local directory"
+        )
+    return LocalStorage(storage.location, kvikio_files())

@@ -14,7 +14,6 @@ One process is the same code with a world of one.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import uuid
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -23,11 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import torch.distributed as dist
 
-from . import __version__
-from .chunk_crcs import chunk_lists, only_hex_digits_differ, with_chunk_lists
-from .chunk_writer import write_rank
-from .collective import collective_for
-from .errors import (
+from ..distributed.collective import collective_for
+from ..engine.chunk_writer import write_rank
+from ..engine.gpu.direct_io import gpu_direct_storage
+from ..errors import (
     CollectiveError,
     GpuDirectUnavailableError,
     InvalidKeyError,
@@ -35,22 +33,23 @@ from .errors import (
     TesseraError,
     TesseraWarning,
 )
-from .flatten import flatten, is_json
-from .format.keys import Key
-from .format.manifest import FORMAT_NAME, Manifest, WriterInfo
-from .format.strict_json import dumps
-from .gpu.direct_io import kvikio_files
-from .planning.cache import PlanCache
-from .planning.contents import manifest_contents
-from .planning.global_plan import GlobalPlan, RankPlan, make_global_plan
-from .planning.local_plan import LeafSpec, LocalPlan, make_local_plan
-from .planning.options import DEFAULT_CHUNK_BYTES, SaveOptions
-from .reader import check_root_document
-from .storage.base import Storage
-from .storage.local import LocalStorage
+from ..format.keys import Key
+from ..format.manifest import FORMAT_NAME, Manifest, WriterInfo
+from ..format.root import check_root_document
+from ..format.strict_json import dumps
+from ..planning.cache import PlanCache
+from ..planning.chunk_crcs import chunk_lists, only_hex_digits_differ, with_chunk_lists
+from ..planning.contents import manifest_contents
+from ..planning.global_plan import GlobalPlan, RankPlan, make_global_plan
+from ..planning.local_plan import LeafSpec, LocalPlan, make_local_plan
+from ..planning.options import DEFAULT_CHUNK_BYTES, SaveOptions
+from ..state.flatten import flatten, is_json
+from ..storage.base import Storage
+from ..storage.resolve import Location, storage_for
+from ..version import __version__
 
 if TYPE_CHECKING:
-    from .async_save import AsyncSave
+    from .save_async import AsyncSave
 
 __all__ = ["WRITER", "claim_document", "save"]
 
@@ -60,7 +59,7 @@ T = TypeVar("T")
 
 def save(
     state_dict: Mapping[Any, Any],
-    path: str | os.PathLike[str],
+    path: Location,
     *,
     metadata: Mapping[str, Any] | None = None,
     pickle_keys: Collection[str] = (),
@@ -110,7 +109,7 @@ def save(
             "applies to synchronous saves"
         )
     if asynchronous:
-        from .async_save import default_saver  # it imports this module
+        from .save_async import default_saver  # it imports this module
 
         return default_saver(process_group).save(
             state_dict,
@@ -133,7 +132,7 @@ def save(
         pickle_keys=pickle_keys,
         chunk_shapes={path: tuple(shape) for path, shape in (chunk_shapes or {}).items()},
     )
-    device_io, error = _attempt(lambda: kvikio_files() if gpu_direct else None)
+    storage, error = _attempt(lambda: gpu_direct_storage(path) if gpu_direct else storage_for(path))
     local = None
     if error is None:
         local, error = _attempt(lambda: _local_plan(state_dict, options, compression, metadata, parallelism))
@@ -143,7 +142,6 @@ def save(
     resend = collective.broadcast(_must_resend(reports, plan_cache), "agreeing on the plan cache")
     if resend:
         reports = collective.gather(_Report.of(error, digest, local, True), "gathering the local plans")
-    storage = LocalStorage(path, device_io)
     instructions = None
     pending: _Pending | None = None
     if collective.rank == 0:
@@ -154,7 +152,7 @@ def save(
     instruction: _Instruction = collective.scatter(instructions, "handing out the global plan")
     if instruction.error is not None:
         raise instruction.error
-    assert local is not None and digest is not None
+    assert local is not None and digest is not None and storage is not None
     rank_plan = instruction.rank_plan
     if rank_plan is None:
         assert plan_cache is not None and plan_cache.rank_plan is not None
@@ -271,7 +269,7 @@ def _reusable(reports: list[_Report], cache: PlanCache | None) -> bool:
 def _coordinate(
     reports: list[_Report],
     options: SaveOptions,
-    storage: Storage,
+    storage: Storage | None,
     metadata: Mapping[str, Any] | None,
     parallelism: Mapping[str, Any] | None,
     cache: PlanCache | None,
@@ -280,7 +278,7 @@ def _coordinate(
     """Rank 0: the global plan, the manifest and the claim; or the error every rank raises."""
     errors = [r.error for r in reports if r.error is not None]
     try:
-        if errors:
+        if errors or storage is None:
             raise errors[0]
         plan, rank_plans = _global_plan(reports, options, cache)
         unused = frozenset.intersection(*(r.unused_pickle_keys for r in reports))

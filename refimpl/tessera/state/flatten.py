@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidKeyError
-from .format.keys import Key, KeyComponent, format_key
+from ..errors import InvalidKeyError
+from ..format.keys import Key, KeyComponent, format_key
 
 __all__ = ["Flattened", "flatten", "unflatten", "is_json"]
 

@@ -1,7 +1,7 @@
 """Asynchronous save: snapshot the state to host memory, return, write and commit in the background.
 
-The training loop waits only for the snapshot (:mod:`tessera.snapshot`); the ordinary writer,
-:func:`tessera.writer.save`, then plans, writes and commits it on a background thread, so an
+The training loop waits only for the snapshot (:mod:`tessera.state.snapshot`); the ordinary writer,
+:func:`tessera.api.save.save`, then plans, writes and commits it on a background thread, so an
 asynchronous checkpoint is the same checkpoint, committed by the same code. What makes that safe
 while training goes on:
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -31,11 +30,13 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .collective import collective_for
-from .errors import CollectiveError
-from .format.manifest import Manifest
-from .snapshot import HostBuffers
-from .writer import save
+from ..distributed.collective import collective_for
+from ..errors import CollectiveError
+from ..format.manifest import Manifest
+from ..state.snapshot import HostBuffers
+from ..storage.base import Storage
+from ..storage.resolve import Location
+from .save import save
 
 __all__ = ["AsyncSave", "AsyncSaver", "Job", "default_saver", "snapshot_options"]
 
@@ -132,7 +133,7 @@ class AsyncSaver:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def save(self, state_dict: Mapping[Any, Any], path: str | os.PathLike[str], **options: Any) -> AsyncSave:
+    def save(self, state_dict: Mapping[Any, Any], path: Location, **options: Any) -> AsyncSave:
         """Snapshot ``state_dict``, then save it to ``path`` in the background (see ``tessera.save``).
 
         Raises here an earlier save's failure that no one has seen yet (and starts nothing), and
@@ -142,7 +143,7 @@ class AsyncSaver:
         options = snapshot_options(options)
         return self.submit(state_dict, path, lambda staged, group: _write(staged, path, group, options))
 
-    def submit(self, state_dict: Mapping[Any, Any], path: str | os.PathLike[str], job: Job) -> AsyncSave:
+    def submit(self, state_dict: Mapping[Any, Any], path: Location, job: Job) -> AsyncSave:
         """Snapshot ``state_dict``, then run ``job(snapshot, process_group)`` in the background.
 
         ``save`` is this with the writer as ``job``; a job may do more once the checkpoint is
@@ -169,7 +170,8 @@ class AsyncSaver:
             self._free.append(buffers)
             raise
         future = self._thread.submit(_run, job, staged, group, call)
-        handle = AsyncSave(Path(path), future, time.perf_counter() - start, waited, nbytes)
+        where = Path(path.location if isinstance(path, Storage) else path)
+        handle = AsyncSave(where, future, time.perf_counter() - start, waited, nbytes)
         self._in_flight.append((handle, buffers))
         return handle
 
@@ -233,7 +235,7 @@ def _run(job: Job, staged: dict[Any, Any], group: dist.ProcessGroup | None, call
 
 
 def _write(
-    state_dict: dict[Any, Any], path: str | os.PathLike[str], group: dist.ProcessGroup | None, options: Any
+    state_dict: dict[Any, Any], path: Location, group: dist.ProcessGroup | None, options: Any
 ) -> Manifest:
     manifest = save(state_dict, path, process_group=group, **options)
     assert isinstance(manifest, Manifest), "a synchronous save returns the manifest"

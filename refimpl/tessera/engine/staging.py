@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .parallel import default_read_threads, default_threads
+from ..util.parallel import default_read_threads, default_threads
 
 __all__ = ["StagingPool", "shared_pool"]
 
