@@ -4,17 +4,17 @@ Each global tensor is a Zarr v3 array chunked by global offsets, with a CRC32C
 on every chunk; the root ``zarr.json`` holds the manifest and is written last,
 so its presence is the commit. ``save``, ``load`` and ``open`` are the API;
 ``spec/tessera-v1.md`` is the format.
+
+``import tessera`` imports neither torch nor NumPy: each public name below is
+imported on first use (PEP 562), so ``tessera --version`` and a program that
+only catches Tessera's errors start at once. The errors and ``__version__``
+are imported eagerly (they import nothing).
 """
 
 from __future__ import annotations
 
-from .api.checkpoint import Checkpoint
-from .api.checkpoint import open_checkpoint as open
-from .api.load import LoadResult, Strict, load
-from .api.run_dir import RunDirectory
-from .api.save import save
-from .api.save_async import AsyncSave, AsyncSaver
-from .api.verify import VerifyReport, verify
+from typing import TYPE_CHECKING
+
 from .errors import (
     CheckpointDeletedError,
     CheckpointExistsError,
@@ -35,13 +35,48 @@ from .errors import (
     TesseraWarning,
     UncommittedCheckpointError,
     UnsafeEncodingError,
+    UnsupportedLocationError,
     UnsupportedVersionError,
 )
-from .format.limits import ReaderLimits
-from .format.manifest import FORMAT_VERSION, Manifest
-from .planning import PlanCache
-from .state import ShardedObject, ShardedTensor
+from .util.lazy import lazy_exports
 from .version import __version__
+
+if TYPE_CHECKING:
+    from .api.checkpoint import Checkpoint
+    from .api.checkpoint import open_checkpoint as open
+    from .api.load import LoadResult, Strict, load
+    from .api.run_dir import RunDirectory
+    from .api.save import save
+    from .api.save_async import AsyncSave, AsyncSaver
+    from .api.verify import VerifyReport, verify
+    from .format.limits import ReaderLimits
+    from .format.manifest import FORMAT_VERSION, Manifest
+    from .planning import PlanCache
+    from .state import ShardedObject, ShardedTensor
+
+_LAZY = {
+    "AsyncSave": (".api.save_async", "AsyncSave"),
+    "AsyncSaver": (".api.save_async", "AsyncSaver"),
+    "Checkpoint": (".api.checkpoint", "Checkpoint"),
+    "FORMAT_VERSION": (".format.manifest", "FORMAT_VERSION"),
+    "LoadResult": (".api.load", "LoadResult"),
+    "Manifest": (".format.manifest", "Manifest"),
+    "PlanCache": (".planning", "PlanCache"),
+    "ReaderLimits": (".format.limits", "ReaderLimits"),
+    "RunDirectory": (".api.run_dir", "RunDirectory"),
+    "ShardedObject": (".state", "ShardedObject"),
+    "ShardedTensor": (".state", "ShardedTensor"),
+    "Strict": (".api.load", "Strict"),
+    "VerifyReport": (".api.verify", "VerifyReport"),
+    "load": (".api.load", "load"),
+    "open": (".api.checkpoint", "open_checkpoint"),
+    "save": (".api.save", "save"),
+    "verify": (".api.verify", "verify"),
+}
+"""Each public name imported on first use: the module that defines it, and its name there."""
+
+if not TYPE_CHECKING:  # type checkers see the imports above, and no catch-all attribute
+    __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -75,6 +110,7 @@ __all__ = [
     "TesseraWarning",
     "UncommittedCheckpointError",
     "UnsafeEncodingError",
+    "UnsupportedLocationError",
     "UnsupportedVersionError",
     "VerifyReport",
     "__version__",

@@ -356,6 +356,8 @@ class RunDirectory:
             touched = True
             run_files.remove_step(self.root, name)
             return True
+        except TesseraError:
+            raise  # already named (a StorageError is an OSError too)
         except OSError as exc:
             raise StorageError(f"cannot delete {self.root / name}: {exc.strerror or exc}") from None
         finally:
@@ -395,6 +397,8 @@ class RunDirectory:
                 )
             touched = True
             run_files.remove_step(self.root, name)
+        except TesseraError:
+            raise  # CheckpointExistsError is an OSError too: never turn it into a StorageError
         except OSError as exc:
             raise StorageError(f"cannot delete {path}: {exc.strerror or exc}") from None
         finally:

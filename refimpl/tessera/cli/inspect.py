@@ -21,52 +21,16 @@ from ..format.limits import DEFAULT_LIMITS
 from ..format.manifest import Entry, ObjectEntry, TensorEntry, ValueEntry
 from ..format.strict_json import loads
 from ..storage.base import ROOT_METADATA
-from .common import (
-    Target,
-    codecs_label,
-    compact_json,
-    disk_usage,
-    human_bytes,
-    plural,
-    resolve,
-    shorten,
-    unicode_ok,
-)
+from .common import Target, disk_usage, resolve
+from .text import codecs_label, compact_json, human_bytes, plural, shorten, unicode_ok
 
-__all__ = ["ArraySizes", "add_parser", "inspect_document", "render", "run", "stored_sizes"]
+__all__ = ["ArraySizes", "inspect_document", "render", "run", "stored_sizes"]
 
 PREVIEW_WIDTH = 60
 """Characters of a JSON value shown in the tree without ``--values``."""
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "inspect",
-        help="show what a checkpoint holds",
-        description=(
-            "Show a checkpoint's header (format, writer, save, metadata) and a tree of its "
-            "entries with kind, dtype, shape, chunks, size and codecs. PATH may be a run "
-            "directory: its latest checkpoint is inspected. Reads the manifest and stats "
-            "each chunk; never reads chunk data (use 'tessera verify' for that)."
-        ),
-    )
-    parser.add_argument("path", metavar="PATH", help="a checkpoint or a run directory")
-    parser.add_argument("--json", action="store_true", help="print the manifest and computed sizes as JSON")
-    parser.add_argument("--values", action="store_true", help="print JSON values and metadata in full")
-    parser.add_argument(
-        "--depth",
-        type=_depth,
-        metavar="N",
-        help="show N levels of the tree; deeper groups are summed up in one line",
-    )
-    parser.set_defaults(run=run)
 
-
-def _depth(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("depth must be at least 1")
-    return value
 
 
 @dataclass(frozen=True, slots=True)

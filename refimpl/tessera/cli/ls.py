@@ -20,26 +20,17 @@ from ..errors import CheckpointNotFoundError, TesseraError
 from ..format.strict_json import loads
 from ..storage.base import CLAIM_FILE
 from ..storage.run_files import read_small
-from .common import UsageError, disk_usage, human_bytes, is_run_directory, one_line, plural
+from .arguments import UsageError
+from .common import disk_usage, is_run_directory
+from .text import human_bytes, one_line, plural
 
-__all__ = ["add_parser", "list_run", "run"]
+__all__ = ["list_run", "run"]
 
 _CLAIM_MAX_BYTES = 1 << 16
 """A claim is a few hundred bytes; a larger one is not read (it may be anything)."""
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "ls",
-        help="list the checkpoints of a run directory",
-        description=(
-            "List the checkpoints of a run directory: name, step, committed or UNCOMMITTED, "
-            "size on disk, creation time; '*' marks the one 'latest' names."
-        ),
-    )
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (holds step-*/ and latest)")
-    parser.add_argument("--json", action="store_true", help="print the list as JSON")
-    parser.set_defaults(run=run)
+
 
 
 def _created(path: Path, committed: bool) -> tuple[str | None, str | None]:

@@ -1,9 +1,11 @@
 """The ``tessera`` command: parses the command line and dispatches to one module per subcommand.
 
-Every subcommand module has ``add_parser(subparsers)``, which registers its
-arguments and sets ``run``, and ``run(args) -> int``, the exit status. This
-module owns the exit-status contract: 0 success, 1 ``verify`` found problems,
-2 an error. Every :class:`~tessera.TesseraError` ends the program with one line
+``arguments`` holds the grammar of every subcommand; each subcommand's module,
+``tessera.cli.<name>``, has ``run(args) -> int``, the exit status, and is
+imported only when that subcommand runs, so that ``--help`` and ``--version``
+import neither torch nor NumPy. This module owns the exit-status contract: 0
+success, 1 ``verify`` found problems, 2 an error. Every
+:class:`~tessera.TesseraError` ends the program with one line
 ``tessera: error[<code>]: <message>`` on stderr, never a traceback, so scripts
 can branch on the code; bad usage exits 2 through argparse. Whatever the
 input (a hostile ``latest``, special files, unreadable paths), the output is
@@ -15,36 +17,21 @@ skipped, a symlinked step) print as ``tessera: warning: <message>``.
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import os
 import sys
 import warnings
 from collections.abc import Sequence
 
 from ..errors import StorageError, TesseraError
-from ..version import __version__
-from . import inspect, ls, verify
-from .common import UsageError, one_line
+from .arguments import UsageError, build_parser
+from .text import one_line
 
-__all__ = ["build_parser", "main"]
+__all__ = ["main"]
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tessera",
-        description="Inspect, verify and list Tessera checkpoints (Zarr v3 + manifest).",
-        epilog="Exit status: 0 ok, 1 verify found problems, 2 error. "
-        "Errors print 'tessera: error[<code>]: <message>'.",
-    )
-    parser.add_argument("--version", action="version", version=f"tessera {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (inspect, verify, ls):
-        module.add_parser(subparsers)
-    return parser
 
 
 def _error(code: str, message: str) -> int:
@@ -67,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = _show_warning
-            status: int = args.run(args)
+            command = importlib.import_module(f"{__package__}.{args.command}")
+            status: int = command.run(args)
         sys.stdout.flush()
         return status
     except TesseraError as exc:

@@ -18,32 +18,14 @@ from typing import Any
 from ..api.run_dir import RunDirectory
 from ..api.verify import VerifyReport, verify
 from ..errors import CheckpointNotFoundError
-from .common import UsageError, human_bytes, is_run_directory, one_line, plural, resolve
+from .arguments import UsageError
+from .common import is_run_directory, resolve
+from .text import human_bytes, one_line, plural
 
-__all__ = ["add_parser", "report_document", "run", "summary_line"]
+__all__ = ["report_document", "run", "summary_line"]
 
 
-def add_parser(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "verify",
-        help="check every chunk and document of a checkpoint",
-        description=(
-            "Check a checkpoint completely: the manifest and every zarr.json against their "
-            "schemas, every chunk present, of the right size and matching its CRC32C. Lists "
-            "every problem found as 'code: message'. PATH may be a run directory: its latest "
-            "checkpoint is verified, or every checkpoint with --all. Exit status: 0 sound, "
-            "1 problems found, 2 error (no checkpoint at PATH, bad usage)."
-        ),
-    )
-    parser.add_argument("path", metavar="PATH", help="a checkpoint or a run directory")
-    parser.add_argument(
-        "--all", action="store_true", help="verify every checkpoint of the run directory PATH"
-    )
-    parser.add_argument(
-        "-q", "--quiet", action="store_true", help="print problems only: no progress, no summary"
-    )
-    parser.add_argument("--json", action="store_true", help="print the reports as JSON")
-    parser.set_defaults(run=run)
+
 
 
 def _targets(path: str, every: bool) -> tuple[list[Path], Path | None]:

@@ -83,9 +83,10 @@ class DeviceIO(Protocol):
         file ends first. The caller keeps ``fd`` open, and calls it, before it returns."""
 
 
-class FileMissingError(StorageError):
+class FileMissingError(StorageError, FileNotFoundError):
     """A read found no file at the path (nothing there, or a directory): the caller says
-    what that means (a missing chunk, an incomplete checkpoint)."""
+    what that means (a missing chunk, an incomplete checkpoint). A ``FileNotFoundError``, the
+    class a storage built on the file system would meet anyway."""
 
 
 def check_relative_path(path: str) -> str:

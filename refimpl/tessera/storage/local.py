@@ -40,6 +40,7 @@ from ..errors import (
     InvalidKeyError,
     LimitExceededError,
     StorageError,
+    TesseraError,
 )
 from ..util.parallel import run_all
 from .base import (
@@ -61,9 +62,14 @@ __all__ = ["LocalStorage"]
 
 @contextmanager
 def _os_errors(what: str) -> Iterator[None]:
-    """Turn an ``OSError`` into a :class:`StorageError` that names the file and the cause."""
+    """Turn an ``OSError`` into a :class:`StorageError` that names the file and the cause.
+
+    Tessera's own errors pass unchanged: several are ``OSError`` s themselves (a missing file, a
+    storage failure already named)."""
     try:
         yield
+    except TesseraError:
+        raise
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             hint = "the disk is full"

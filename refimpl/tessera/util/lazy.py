@@ -1,0 +1,42 @@
+"""Public names a package resolves on first use (PEP 562), so importing it stays cheap.
+
+``import tessera`` must not import torch or NumPy (``tessera --version`` would take seconds),
+yet ``tessera.save`` must be there when asked for. A package lists each public name with the
+module that defines it and the name there, and takes ``__getattr__`` and ``__dir__`` from
+:func:`lazy_exports`; it also imports the same names under ``TYPE_CHECKING``, so that type
+checkers and IDEs see the real objects (and the architecture test sees the imports).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["lazy_exports"]
+
+
+def lazy_exports(
+    package: str, exports: Mapping[str, tuple[str, str]]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """``__getattr__`` and ``__dir__`` for ``package``, whose public name ``n`` is the attribute
+    ``exports[n][1]`` of the module ``exports[n][0]`` (relative to ``package``).
+
+    The first access imports that module and stores the value in the package's namespace, so
+    later accesses are plain attribute lookups; a name not listed is an ``AttributeError``.
+    """
+
+    def __getattr__(name: str) -> Any:
+        try:
+            module, attribute = exports[name]
+        except KeyError:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+        value = getattr(importlib.import_module(module, package), attribute)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(exports))
+
+    return __getattr__, __dir__
