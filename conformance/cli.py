@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from .cases.catalog import all_cases
 from .cases.model import PROFILES, Case, Status
+from .checks.readers import INTEROP_EXTRA, missing_stock_readers
 from .protocol.declaration import Declaration, DeclarationError
 from .report import CaseResult
 from .runner import run_cases
@@ -35,6 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeclarationError as exc:
         print(f"conformance: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output went away (`conformance list | head`): no traceback; exit as
+        # a process killed by SIGPIPE would, with stdout pointed at /dev/null for the final flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,6 +121,17 @@ def _run(args: argparse.Namespace) -> int:
     cases = _selected(args)
     if not cases:
         print("conformance: no case matches the selection", file=sys.stderr)
+        return 2
+    writes = [c for c in cases if c.requires.unmet(declaration.claims, declaration.in_process) is None]
+    writes = [c for c in writes if "writer" in c.requires.roles]
+    missing = missing_stock_readers() if writes else None
+    if missing is not None:
+        print(
+            f"conformance: the {len(writes)} writer cases selected read what the backend writes with "
+            f"zarr-python and tensorstore, which this installation lacks ({missing}): "
+            f"pip install '{INTEROP_EXTRA}' (or select --profile reader-core)",
+            file=sys.stderr,
+        )
         return 2
     print(f"backend {declaration.name} {declaration.version} ({declaration.folder}); {len(cases)} cases")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tessera-conformance-"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 from numcodecs import Zstd
-from tessera.format.layout import ArrayLayout, ChunkIndex, chunk_key
+from tessera.format import ArrayLayout, ChunkIndex, chunk_key
 
 from .entries import StoredArray
 from .findings import Findings

@@ -18,11 +18,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from tessera.errors import LimitExceededError, TesseraError
-from tessera.format.layout import ArrayLayout
-from tessera.format.limits import DEFAULT_LIMITS
-from tessera.format.schemas import SchemaName, schema_problems
-from tessera.format.strict_json import loads
+from tessera import LimitExceededError, TesseraError
+from tessera.format import DEFAULT_LIMITS, ArrayLayout, SchemaName, loads, schema_problems
 
 from .findings import Findings, shown
 

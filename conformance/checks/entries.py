@@ -12,11 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tessera.errors import LimitExceededError, TesseraError
-from tessera.format.dtypes import DType, dtype_by_name
-from tessera.format.keys import key_to_path, parent_paths
-from tessera.format.layout import ArrayLayout
-from tessera.format.limits import DEFAULT_LIMITS
+from tessera import LimitExceededError, TesseraError
+from tessera.format import DEFAULT_LIMITS, ArrayLayout, DType, dtype_by_name, key_to_path, parent_paths
 
 from .documents import same_json
 from .expected import ExpectedCheckpoint, ExpectedEntry, ExpectedObject, ExpectedTensor

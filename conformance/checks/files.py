@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from tessera.format.layout import chunk_key
+from tessera.format import chunk_key
 
 from .documents import CLAIM, ROOT
 from .entries import StoredArray, StoredEntries

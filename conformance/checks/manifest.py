@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tessera.format.keys import key_to_path
+from tessera.format import key_to_path
 
 from .documents import ROOT, UNREADABLE, read_document, same_json, schema_findings
 from .entries import key_path

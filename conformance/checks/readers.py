@@ -7,10 +7,17 @@ zarr-python (tensorstore knows them): a Tessera checkpoint is a Zarr v3
 hierarchy any Zarr reader opens (R2.1). Bits are compared as the protocol
 carries them (P19), so NaN payloads and negative zeros count. A reader that
 raises is a finding naming the reader and its message, never a crash.
+
+The two stock libraries come with the package's ``interop`` extra, not with a
+plain install: they are imported when a written checkpoint is first checked,
+and ``conformance run`` asks :func:`missing_stock_readers` before it starts a
+case that needs them, so that a plain install lists cases and runs the reader
+profile, and says which extra to install for the others.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import re
 import warnings
@@ -19,14 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorstore as ts
 import tessera
-import tessera.format.zarr_dtypes  # noqa: F401  (registers bfloat16 and the float8 types with zarr-python)
 import torch
-import zarr
-from tessera.errors import TesseraError
-from tessera.format.keys import key_to_path
-from zarr.storage import LocalStore
+from tessera import TesseraError
+from tessera.format import key_to_path
 
 from ..protocol.arrays import as_bits, storage_dtype
 from .documents import same_json
@@ -34,7 +37,18 @@ from .entries import StoredArray
 from .expected import ExpectedCheckpoint, ExpectedObject, ExpectedTensor, ExpectedValue
 from .findings import Findings
 
-__all__ = ["bits_difference", "check_reference_reader", "check_stock_readers"]
+__all__ = [
+    "INTEROP_EXTRA",
+    "bits_difference",
+    "check_reference_reader",
+    "check_stock_readers",
+    "missing_stock_readers",
+]
+
+STOCK_READERS = ("zarr", "tensorstore")
+"""The stock Zarr libraries every written checkpoint is read back with (R2.1)."""
+INTEROP_EXTRA = "tessera-checkpoint[interop]"
+"""The extra of the package that installs them."""
 
 _RULE_IN_MESSAGE = re.compile(r"\bR\d+\.\d+\b")
 _RULE_OF_CODE = {
@@ -94,12 +108,35 @@ def _reference_difference(
     return None if same else f"as {got!r}; the case stored {want!r}"
 
 
+def missing_stock_readers() -> str | None:
+    """Why the stock readers cannot run here (the first import error), or ``None`` if they can."""
+    try:
+        for name in STOCK_READERS:
+            importlib.import_module(name)
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
 def check_stock_readers(root: Path, arrays: Iterable[StoredArray], skip: set[str], out: Findings) -> None:
     """R2.1: zarr-python and tensorstore read every tensor and object array whole, bit for bit."""
+    import tensorstore as ts
+    import tessera.format.zarr_dtypes  # noqa: F401  (registers bfloat16 and the float8 types with zarr-python)
+    import zarr
+    from zarr.storage import LocalStore
+
     store = LocalStore(root, read_only=True)
+
+    def zarr_read(path: str) -> np.ndarray:
+        return np.asarray(zarr.open_array(store=store, path=path, mode="r")[...])
+
+    def tensorstore_read(path: str) -> np.ndarray:
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(root / path)}}
+        return np.asarray(ts.open(spec, read=True).result().read().result())
+
     readers: list[tuple[str, Callable[[str], np.ndarray]]] = [
-        ("zarr-python", lambda path: _zarr_read(store, path)),
-        ("tensorstore", lambda path: _tensorstore_read(root / path)),
+        ("zarr-python", zarr_read),
+        ("tensorstore", tensorstore_read),
     ]
     for array in arrays:
         if array.expected is None or array.path in skip:
@@ -118,15 +155,6 @@ def check_stock_readers(root: Path, arrays: Iterable[StoredArray], skip: set[str
                 continue
             if problem:
                 out.add("R2.1", f"{name} reads {array.path} {problem}")
-
-
-def _zarr_read(store: LocalStore, path: str) -> np.ndarray:
-    return np.asarray(zarr.open_array(store=store, path=path, mode="r")[...])
-
-
-def _tensorstore_read(path: Path) -> np.ndarray:
-    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
-    return np.asarray(ts.open(spec, read=True).result().read().result())
 
 
 def _storage_view(value: Any, dtype: str) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tessera.format.keys import key_to_path, parent_paths
+from tessera.format import key_to_path, parent_paths
 
 from ..cases.model import Finding
 from .chunks import check_chunks

@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import crc32c
-from tessera.format.chunk_list import CRC_HEX_DIGITS
-from tessera.format.digest import reseal_root
-from tessera.format.strict_json import dumps
+from tessera.format import CRC_HEX_DIGITS, dumps, reseal_root
 
 __all__ = [
     "chunk_body",

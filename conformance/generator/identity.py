@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import tessera
-from tessera.format.digest import reseal_root
-from tessera.format.strict_json import dumps
+from tessera.format import dumps, reseal_root
 
 __all__ = ["CREATED", "fix", "save", "save_id"]
 

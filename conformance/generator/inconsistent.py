@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tessera.format.dtypes import dtype_by_name
-from tessera.format.layout import ArrayLayout
-from tessera.format.strict_json import dumps
+from tessera.format import ArrayLayout, dtype_by_name, dumps
 
 from .bases import GOOD_KEYS, save_base
 from .damage import edit_json, edit_manifest, write_chunk

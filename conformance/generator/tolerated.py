@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tessera.format.digest import reseal_root
+from tessera.format import reseal_root
 
 from .bases import save_base
 from .damage import edit_json, edit_manifest

@@ -19,7 +19,7 @@ import numpy as np
 import tessera
 import torch
 from tessera.engine.gpu.direct_io import kvikio_files
-from tessera.format.keys import Key
+from tessera.format import Key
 
 from conformance.backends.reference.backend import ReferenceBackend, Request
 

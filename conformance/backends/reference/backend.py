@@ -27,10 +27,8 @@ import numpy as np
 import tessera
 import torch
 import torch.distributed as dist
-from tessera.errors import TensorMismatchError, TesseraError
-from tessera.format.dtypes import DType, dtype_by_name
-from tessera.format.keys import Key, key_to_path
-from tessera.format.manifest import NONFINITE_FLOATS, ObjectEntry, ValueEntry
+from tessera import TensorMismatchError, TesseraError
+from tessera.format import NONFINITE_FLOATS, DType, Key, ObjectEntry, ValueEntry, dtype_by_name, key_to_path
 from tessera.state.flatten import unflatten
 from tessera.state.tensors import as_numpy, as_torch
 

@@ -30,6 +30,7 @@ from .strict_json import dumps
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "NONFINITE_FLOATS",
     "SUPPORTED_MAJOR",
     "UNDERSTOOD_FIELDS",
     "Entry",
