@@ -119,9 +119,11 @@ def test_overlong_run_directory_name_is_an_io_error(tmp_path: Path) -> None:
         run.save(_state(1), step=1)
 
 
-def test_a_nul_in_the_run_directory_path_is_bad_key(tmp_path: Path) -> None:
-    with pytest.raises(tessera.InvalidKeyError):
+def test_a_nul_in_the_run_directory_path_is_a_value_error(tmp_path: Path) -> None:
+    """An argument no file system accepts, refused as ``open()`` refuses it: not a format error."""
+    with pytest.raises(ValueError, match="NUL") as info:
         RunDirectory(f"{tmp_path}/run\0x")
+    assert not isinstance(info.value, tessera.TesseraError)
 
 
 # -- symlinked steps ------------------------------------------------------------------------------

@@ -157,8 +157,10 @@ def _bounds(region: Region, shape: tuple[int, ...], key: str) -> tuple[Bounds, t
         elif isinstance(item, slice) and item.step in (None, 1):
             start, stop, _ = item.indices(size)
             bounds.append((start, max(start, stop)))
+        elif isinstance(item, slice):  # an argument mistake, not a region outside the array (R14.2)
+            raise ValueError(f"{key}: region slices must have step 1, got {item!r}")
         else:
-            raise TensorMismatchError(f"{key}: region items must be ints or slices with step 1, got {item!r}")
+            raise TypeError(f"{key}: region items must be ints or slices with step 1, got {item!r}")
     return tuple(bounds), tuple(dropped)
 
 

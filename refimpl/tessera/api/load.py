@@ -94,7 +94,9 @@ def load(
     ``gpu_direct=True`` reads the chunks of GPU tensors in the template straight into device
     memory (see :func:`tessera.open`; an already open ``Checkpoint`` keeps its own choice).
     """
-    mode = Strict(strict)
+    mode = _strict_mode(strict)
+    if keys is not None:
+        keys = _paths(keys)
     if isinstance(path, Checkpoint):
         checkpoint = path
     else:
@@ -149,6 +151,29 @@ class _Match:
     entries: list[Entry]
     missing: frozenset[str]
     unexpected: frozenset[str]
+
+
+def _strict_mode(strict: Strict | str) -> Strict:
+    if isinstance(strict, Strict):
+        return strict
+    if not isinstance(strict, str):
+        raise TypeError(f"strict must be a tessera.Strict or its name, got {strict!r}")
+    try:
+        return Strict(strict)
+    except ValueError:
+        names = ", ".join(repr(m.value) for m in Strict)
+        raise ValueError(f"strict must be one of {names}, got {strict!r}") from None
+
+
+def _paths(keys: Iterable[str]) -> list[str]:
+    """``keys`` as a list of paths; a lone string would otherwise be read one character at a time."""
+    if isinstance(keys, str):
+        raise TypeError(f"keys must be a list of paths, not one string: keys=[{keys!r}]")
+    paths = list(keys)
+    wrong = [k for k in paths if not isinstance(k, str)]
+    if wrong:
+        raise TypeError(f"keys must be paths (strings, as tessera inspect prints them), got {wrong[0]!r}")
+    return paths
 
 
 def _match(checkpoint: Checkpoint, requested: Mapping[str, None], mode: Strict) -> _Match:

@@ -68,11 +68,16 @@ class RunDirectory:
         keep_last: int | None = None,
         keep_every: int | None = None,
     ) -> None:
-        if keep_last is not None and keep_last < 1:
-            raise ValueError("keep_last must be at least 1")
+        for name, value in (("keep_last", keep_last), ("keep_every", keep_every)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int or None, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         self.root = Path(root)
         if "\0" in str(self.root):
-            raise InvalidKeyError(f"a run directory path cannot hold a NUL character: {str(self.root)!r}")
+            raise ValueError(f"a run directory path cannot hold a NUL character: {str(self.root)!r}")
         self.keep_last = keep_last
         self.keep_every = keep_every
         self._last_async: AsyncSave | None = None
@@ -80,8 +85,10 @@ class RunDirectory:
     @staticmethod
     def name_of(step: int) -> str:
         """``step-00000100``: the checkpoint name of step ``step`` (R10.1), a non-negative integer."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise InvalidKeyError(f"a step is a non-negative integer, not {step!r}")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"a step is a non-negative int, not {step!r}")
+        if step < 0:
+            raise ValueError(f"a step is a non-negative int, not {step}")
         return f"step-{step:08d}"
 
     @overload

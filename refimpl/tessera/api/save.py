@@ -43,7 +43,7 @@ from ..planning.contents import manifest_contents
 from ..planning.global_plan import GlobalPlan, RankPlan, make_global_plan
 from ..planning.local_plan import LeafSpec, LocalPlan, make_local_plan
 from ..planning.options import DEFAULT_CHUNK_BYTES, SaveOptions
-from ..state.flatten import flatten, is_json
+from ..state.flatten import check_state_dict, flatten, is_json
 from ..storage.base import Storage
 from ..storage.resolve import Location, storage_for
 from ..version import __version__
@@ -103,6 +103,7 @@ def save(
     the GPU; the files are the same. Raises
     :class:`~tessera.GpuDirectUnavailableError` without KvikIO or CUDA.
     """
+    check_state_dict(state_dict)
     if asynchronous and gpu_direct:
         raise GpuDirectUnavailableError(
             "an asynchronous save writes from its snapshot in host memory; gpu_direct=True "

@@ -8,7 +8,7 @@ corrupt checkpoint costs neither memory nor a long stall.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 __all__ = ["DEFAULT_LIMITS", "ReaderLimits", "physical_memory"]
 
@@ -47,6 +47,16 @@ class ReaderLimits:
     the machine's physical memory, so that a manifest's declared shapes are refused with
     ``limit_exceeded`` instead of failing in the allocator. Raise it to load more (with
     swap), or load into a template, which allocates nothing."""
+
+    def __post_init__(self) -> None:
+        """A limit given wrongly would silently refuse every checkpoint, or none: refuse it here."""
+        for limit in fields(self):
+            value = getattr(self, limit.name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"ReaderLimits.{limit.name} must be an int, got {value!r}")
+            least = 0 if limit.name == "max_rank" else 1  # rank 0: scalars only
+            if value < least:
+                raise ValueError(f"ReaderLimits.{limit.name} must be at least {least}, got {value}")
 
 
 DEFAULT_LIMITS = ReaderLimits()

@@ -48,10 +48,18 @@ def is_json(value: Any) -> bool:
     return True
 
 
+def check_state_dict(state_dict: object) -> None:
+    """Refuse, as the caller's mistake (``TypeError``), a state dict that is not a mapping.
+
+    ``save`` calls it before its first collective step, so every rank raises it at once rather
+    than reporting it through the others as a failed save."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"a state dict must be a dict (a Mapping), got {type(state_dict).__name__}")
+
+
 def flatten(state_dict: Mapping[Any, Any]) -> Flattened:
     """Split a state dict into leaves; a top-level JSON subtree is still one leaf per top key."""
-    if not isinstance(state_dict, Mapping):
-        raise InvalidKeyError(f"a state dict must be a dict, got {type(state_dict).__name__}")
+    check_state_dict(state_dict)
     leaves: list[tuple[Key, Any]] = []
     lists: list[Key] = []
     _walk(state_dict, (), leaves, lists)

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InvalidKeyError, ShardingError
+from ..errors import ShardingError
 from ..format.keys import Key
 from .dtensor import is_dtensor, sharded_from_dtensor
-from .flatten import is_json
+from .flatten import check_state_dict, is_json
 from .sharded import ShardedObject, ShardedTensor
 
 __all__ = ["HostBuffers"]
@@ -51,8 +51,7 @@ class HostBuffers:
         NumPy arrays are copied into the buffers; other leaves are deep-copied. When it
         returns, every copy is complete, and the caller may modify its state.
         """
-        if not isinstance(state_dict, Mapping):
-            raise InvalidKeyError(f"a state dict must be a dict, got {type(state_dict).__name__}")
+        check_state_dict(state_dict)
         staging = _Staging(self._held)
         with torch.no_grad():
             staged = {k: staging.tree(v, (k,)) for k, v in state_dict.items()}
