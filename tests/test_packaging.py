@@ -99,6 +99,17 @@ def test_every_public_name_resolves() -> None:
     assert tessera.save is save
 
 
+def test_subpackages_import_on_first_use() -> None:
+    """As when ``import tessera`` imported everything: ``tessera.planning.PlanCache`` still works."""
+    result = _python("""
+        import tessera
+        assert tessera.planning.PlanCache is tessera.PlanCache
+        assert tessera.format.keys.key_to_path is tessera.format.key_to_path
+        assert tessera.state.ShardedTensor is tessera.ShardedTensor
+    """)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_zarr_data_types_import_nothing_else_of_tessera() -> None:
     """README: ``import tessera.format.zarr_dtypes`` registers the types, and imports no more of Tessera."""
     result = _python("""

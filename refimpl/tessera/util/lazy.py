@@ -10,6 +10,7 @@ checkers and IDEs see the real objects (and the architecture test sees the impor
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -24,15 +25,19 @@ def lazy_exports(
     ``exports[n][1]`` of the module ``exports[n][0]`` (relative to ``package``).
 
     The first access imports that module and stores the value in the package's namespace, so
-    later accesses are plain attribute lookups; a name not listed is an ``AttributeError``.
+    later accesses are plain attribute lookups. A subpackage or module of ``package`` is
+    imported on first access too (``tessera.engine`` after a bare ``import tessera``, as when
+    the package imported everything up front); any other name is an ``AttributeError``.
     """
 
     def __getattr__(name: str) -> Any:
-        try:
+        if name in exports:
             module, attribute = exports[name]
-        except KeyError:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
-        value = getattr(importlib.import_module(module, package), attribute)
+            value = getattr(importlib.import_module(module, package), attribute)
+        elif not name.startswith("__") and importlib.util.find_spec(f"{package}.{name}") is not None:
+            value = importlib.import_module(f"{package}.{name}")
+        else:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
         setattr(sys.modules[package], name, value)
         return value
 
