@@ -30,9 +30,6 @@ PREVIEW_WIDTH = 60
 """Characters of a JSON value shown in the tree without ``--values``."""
 
 
-
-
-
 @dataclass(frozen=True, slots=True)
 class ArraySizes:
     nbytes: int

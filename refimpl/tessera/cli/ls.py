@@ -30,9 +30,6 @@ _CLAIM_MAX_BYTES = 1 << 16
 """A claim is a few hundred bytes; a larger one is not read (it may be anything)."""
 
 
-
-
-
 def _created(path: Path, committed: bool) -> tuple[str | None, str | None]:
     """The save's creation time, from the manifest (or the claim, if uncommitted), and any error."""
     try:

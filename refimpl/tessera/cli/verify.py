@@ -25,9 +25,6 @@ from .text import human_bytes, one_line, plural
 __all__ = ["report_document", "run", "summary_line"]
 
 
-
-
-
 def _targets(path: str, every: bool) -> tuple[list[Path], Path | None]:
     """The checkpoints to verify, and the run directory they belong to, if any."""
     if not every:
