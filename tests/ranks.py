@@ -22,8 +22,11 @@ from typing import Any
 import torch.distributed as dist
 
 _CONTEXT = mp.get_context("forkserver")
+# ``import tessera`` imports its API lazily: preload the API modules themselves, so that each rank
+# starts with them imported (must match conformance/generator/multi_writer.py's list).
 _CONTEXT.set_forkserver_preload(
-    ["torch", "torch.distributed", "torch.distributed.tensor", "torch._dynamo", "tessera", "numpy"]
+    ["torch", "torch.distributed", "torch.distributed.tensor", "torch._dynamo", "numpy", "tessera"]
+    + ["tessera.api.load", "tessera.api.run_dir", "tessera.api.verify"]
 )
 
 

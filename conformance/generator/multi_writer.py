@@ -41,9 +41,14 @@ from .vector import VectorWriter
 __all__ = ["build"]
 
 _CONTEXT = mp.get_context("forkserver")
-_PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch._dynamo", "tessera", "numpy"]
-"""What the forkserver imports once. The forkserver is one per process and the first start fixes its
-list, so this is the list the test suite's ranks (tests/ranks.py) also ask for."""
+_PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch._dynamo", "numpy", "tessera"] + [
+    "tessera.api.load",
+    "tessera.api.run_dir",
+    "tessera.api.verify",
+]
+"""What the forkserver imports once (``import tessera`` imports its API lazily, so the API modules
+are named). The forkserver is one per process and the first start fixes its list, so this is the
+list the test suite's ranks (tests/ranks.py) also ask for."""
 _TIMEOUT_S = 120.0
 
 
