@@ -15,6 +15,7 @@ from .api.run_dir import RunDirectory
 from .api.save import save
 from .api.save_async import AsyncSave, AsyncSaver
 from .api.verify import VerifyReport, verify
+from .engine.gpu.direct_io import gpu_direct_storage
 from .errors import (
     CheckpointDeletedError,
     CheckpointExistsError,
@@ -78,6 +79,7 @@ __all__ = [
     "UnsupportedVersionError",
     "VerifyReport",
     "__version__",
+    "gpu_direct_storage",
     "load",
     "open",
     "save",
