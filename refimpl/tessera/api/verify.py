@@ -7,6 +7,7 @@ tells the whole state of a damaged checkpoint.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,7 +158,7 @@ def _chunk_task(
 ) -> Callable[[], None]:
     def task() -> None:
         guarded(partial(_check_chunk, engine, entry, index))
-        bar.advance(entry.layout.nbytes // max(entry.layout.chunk_count, 1))
+        bar.advance(math.prod(b - a for a, b in entry.layout.chunk_region(index)) * entry.layout.dtype.itemsize)
 
     return task
 
