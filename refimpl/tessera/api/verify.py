@@ -158,7 +158,8 @@ def _chunk_task(
 ) -> Callable[[], None]:
     def task() -> None:
         guarded(partial(_check_chunk, engine, entry, index))
-        bar.advance(math.prod(b - a for a, b in entry.layout.chunk_region(index)) * entry.layout.dtype.itemsize)
+        region = entry.layout.chunk_region(index)
+        bar.advance(math.prod(b - a for a, b in region) * entry.layout.dtype.itemsize)
 
     return task
 
