@@ -36,16 +36,17 @@ from ..storage.resolve import Location, storage_for
 __all__ = ["Checkpoint", "Region", "engine_of", "open_checkpoint", "storage_of"]
 
 
-def storage_of(location: Location, gpu_direct: bool | None, stacklevel: int = 3) -> Storage:
+def storage_of(location: Location, gpu_direct: bool | None) -> Storage:
     """The storage for ``location``; ``gpu_direct`` is the deprecated keyword of ``open`` and
-    ``load`` (removed in the next release), warned about wherever given."""
+    ``load`` (removed in the next release), warned about wherever given, the warning pointing
+    at their caller."""
     if gpu_direct is None:
         return storage_for(location)
     warnings.warn(
         "the gpu_direct= keyword is deprecated and will be removed in the next release; pass "
         "tessera.gpu_direct_storage(path) as the location instead",
         DeprecationWarning,
-        stacklevel=stacklevel,
+        stacklevel=3,
     )
     return gpu_direct_storage(location) if gpu_direct else storage_for(location)
 
