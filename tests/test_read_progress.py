@@ -18,6 +18,7 @@ import pytest
 import tessera
 import torch
 from tessera import ShardedTensor
+from tessera.storage.local import LocalStorage
 
 from .conftest import ROOT, assert_bit_equal, forced_chunks, random_tensor
 from .ranks import run_ranks
@@ -156,3 +157,20 @@ def test_a_closed_handle_reads_nothing(saved: tuple[Path, dict[str, torch.Tensor
     with pytest.raises(ValueError, match="closed"):
         tessera.load(checkpoint)
     checkpoint.close()  # closing twice is harmless
+
+
+def test_open_load_and_verify_take_a_storage_and_threads(
+    saved: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    """The readers resolve their location through one resolver: a ``Storage`` object is used
+    as it is; ``threads`` means the same I/O threads for all three."""
+    root, state = saved
+    storage = LocalStorage(root)
+    with tessera.open(storage, threads=2) as checkpoint:
+        assert checkpoint.storage is storage
+        assert_bit_equal(checkpoint.read("w"), state["w"])
+    assert_bit_equal(tessera.load(storage, threads=3)["b"], state["b"])
+    assert tessera.verify(storage, threads=2).ok
+    with pytest.raises(tessera.StorageError, match="weird"):
+        tessera.load("weird://bucket/ck")
+    assert not (tmp_path / "weird:").exists()
