@@ -23,7 +23,8 @@ cold with ``CuFile.pread`` straight into the preallocated GPU tensors. It runs w
 KvikIO settings (threads, O_DIRECT) that ``tessera.engine.gpu.direct_io.configure_kvikio``
 gives Tessera, recorded with the results, so with ``--anchor kvikio`` the ratios show
 what Tessera's format costs on that path. ``tessera-direct`` (``--device cuda`` only) is
-``tessera.save`` and an in-place ``tessera.load`` with ``gpu_direct=True``.
+``tessera.save`` with ``gpu_direct=True`` and an in-place ``tessera.load`` from
+``tessera.gpu_direct_storage(path)``.
 
 A save is timed from the call until the checkpoint is *durable* (a power loss right
 after could not lose it): raw, kvikio and torch.save fsync their file and its directory;
@@ -531,7 +532,7 @@ def tessera_direct_load(path: Path, into: StateDict | None, ctx: Context) -> Sta
     import tessera
 
     assert into is not None
-    tessera.load(path, into, gpu_direct=True)
+    tessera.load(tessera.gpu_direct_storage(path), into)
     return into
 
 
@@ -588,7 +589,7 @@ METHODS = (
         "tessera-direct",
         "ckpt",
         tessera_direct_save,
-        (Load("load(path, sd, gpu_direct=True), in place", tessera_direct_load, True),),
+        (Load("load(gpu_direct_storage(path), sd), in place", tessera_direct_load, True),),
         gpu_direct=True,
     ),
 )

@@ -81,7 +81,28 @@ def test_unavailable_gpu_direct_is_a_clear_error_before_anything_is_written(tmp_
     assert not (tmp_path / "ck").exists()
     tessera.save({"w": torch.ones(3)}, tmp_path / "ok")
     with pytest.raises(tessera.GpuDirectUnavailableError):
-        tessera.open(tmp_path / "ok", gpu_direct=True)
+        tessera.open(tessera.gpu_direct_storage(tmp_path / "ok"))
+    with (
+        pytest.warns(DeprecationWarning, match="gpu_direct_storage"),
+        pytest.raises(tessera.GpuDirectUnavailableError),
+    ):
+        tessera.load(tmp_path / "ok", gpu_direct=True)
+
+
+def test_gpu_direct_keyword_of_open_and_load_is_a_deprecated_alias(tmp_path: Path) -> None:
+    """``gpu_direct=`` still works for one release, warning with the replacement's name."""
+    tessera.save({"w": torch.ones(3)}, tmp_path / "ck")
+    with pytest.warns(DeprecationWarning, match=r"tessera\.gpu_direct_storage\(path\)") as caught:
+        checkpoint = tessera.open(tmp_path / "ck", gpu_direct=False)
+    assert caught[0].filename == __file__  # points at the caller
+    assert_bit_equal(checkpoint.read("w"), torch.ones(3))
+    with pytest.warns(DeprecationWarning, match="gpu_direct_storage"):
+        assert_bit_equal(tessera.load(tmp_path / "ck", gpu_direct=False)["w"], torch.ones(3))
+
+
+def test_gpu_direct_storage_refuses_a_storage_that_is_not_local(tmp_path: Path) -> None:
+    with pytest.raises(tessera.StorageError, match="weird"):
+        tessera.gpu_direct_storage("weird://bucket/x")
 
 
 def test_an_asynchronous_save_cannot_be_gpu_direct(tmp_path: Path) -> None:
@@ -191,12 +212,12 @@ def test_gpu_direct_load_in_place_and_into_regions(tmp_path: Path) -> None:
     tessera.save(state, tmp_path / "ck", chunk_bytes=40_000)  # host-staged: readers are independent
     template = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
     template["t"] = torch.zeros(300, 200, device="cuda").t()  # a strided destination
-    got = tessera.load(tmp_path / "ck", template, gpu_direct=True)
+    got = tessera.load(tessera.gpu_direct_storage(tmp_path / "ck"), template)
     for key, want in state.items():
         if isinstance(want, torch.Tensor):
             assert got[key] is template[key] and got[key].device == want.device
             assert_bit_equal(got[key].cpu(), want.cpu())
-    checkpoint = tessera.open(tmp_path / "ck", gpu_direct=True)
+    checkpoint = tessera.open(tessera.gpu_direct_storage(tmp_path / "ck"))
     part = torch.zeros(50, 299, dtype=torch.bfloat16, device="cuda")
     checkpoint.read_into("w", part, (slice(433, 483), slice(1, 300)))  # across chunks, shared
     assert_bit_equal(part.cpu(), state["w"][433:483, 1:300].cpu())
@@ -213,7 +234,7 @@ def test_gpu_direct_reads_check_every_chunk_R6_6(tmp_path: Path, where: str, des
     out = torch.zeros(100 if destination == "whole" else 10, device="cuda")
     region = None if destination == "whole" else (slice(70, 80),)
     with pytest.raises(tessera.ChecksumMismatchError, match="w chunk c/1"):
-        tessera.open(tmp_path / "ck", gpu_direct=True).read_into("w", out, region)
+        tessera.open(tessera.gpu_direct_storage(tmp_path / "ck")).read_into("w", out, region)
 
 
 @gpu_direct
@@ -223,7 +244,7 @@ def test_gpu_direct_reads_refuse_missing_and_truncated_chunks_R6_7(tmp_path: Pat
     (tmp_path / "ck" / "w" / "c" / "1").unlink()
     chunk = tmp_path / "ck" / "v" / "c" / "2"
     chunk.write_bytes(chunk.read_bytes()[:-1])
-    checkpoint = tessera.open(tmp_path / "ck", gpu_direct=True)
+    checkpoint = tessera.open(tessera.gpu_direct_storage(tmp_path / "ck"))
     with pytest.raises(tessera.MissingChunkError):
         checkpoint.read_into("w", torch.zeros(200, device="cuda"))
     with pytest.raises(tessera.InconsistentCheckpointError, match="bytes"):

@@ -60,7 +60,7 @@ def _declare(root: Path, path: str, shape: list[int], chunk_shape: list[int]) ->
     digits per chunk (R3.19), so a small 1.1 manifest cannot declare millions of chunks (that
     is refused when the manifest is parsed, see ``test_small_1_1_manifest_cannot_declare_...``);
     a 1.0 manifest can, and it is what must reach the read path's own bounds."""
-    layout = tessera.open(root).array_entry(path).layout
+    layout = tessera.open(root).entry(path).layout  # an array entry
     declared = dataclasses.replace(layout, shape=tuple(shape), chunk_shape=tuple(chunk_shape))
 
     def edit(manifest: dict[str, Any]) -> None:

@@ -13,9 +13,14 @@ from typing import Any
 
 import pytest
 import tessera
-import tessera.api.checkpoint
+import tessera.engine.read_strategies
 import tessera.storage.local
 import torch
+from tessera.engine.array_checks import ArrayChecks
+from tessera.engine.chunk_reads import ChunkFiles
+from tessera.engine.device_copies import DeviceCopies
+from tessera.engine.read_strategies import ChunkRead, StagedInPlace
+from tessera.engine.read_targets import ReadTarget
 from tessera.engine.staging import StagingPool
 from tessera.storage.base import FileMissingError
 from tessera.storage.local import LocalStorage
@@ -183,7 +188,7 @@ def test_a_symlinked_chunk_directory_is_refused_after_its_siblings(tmp_path: Pat
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> int:
     """Blocks of 64 bytes, so that a small chunk is read and checksummed in many blocks."""
-    monkeypatch.setattr(tessera.api.checkpoint, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(tessera.engine.read_strategies, "BLOCK_BYTES", 64)
     return 64
 
 
@@ -210,7 +215,7 @@ def test_a_flipped_byte_in_a_later_block_of_a_large_chunk(tmp_path: Path) -> Non
     tessera.save({"t": t}, tmp_path / "ck", chunk_bytes=4 * n)
     chunk = tmp_path / "ck" / "t" / "c" / "0"
     assert chunk.stat().st_size == 4 * n + 4
-    assert 2 * tessera.api.checkpoint.BLOCK_BYTES < 17 * 2**20 < 4 * n
+    assert 2 * tessera.engine.read_strategies.BLOCK_BYTES < 17 * 2**20 < 4 * n
     flip_byte(chunk, 17 * 2**20 + 11)
     with pytest.raises(tessera.ChecksumMismatchError, match="t chunk c/0"):
         tessera.load(tmp_path / "ck", {"t": torch.empty(n)})
@@ -276,13 +281,13 @@ def test_a_mismatching_array_zarr_json_still_fails_the_load(tmp_path: Path, dama
 def test_metadata_is_checked_on_the_io_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = _many_arrays(tmp_path / "ck")
     threads: set[str] = set()
-    real = tessera.Checkpoint.check_array_metadata
+    real = ArrayChecks.check
 
-    def spy(self: tessera.Checkpoint, entry: Any) -> None:
+    def spy(self: ArrayChecks, entry: Any) -> None:
         threads.add(threading.current_thread().name)
         real(self, entry)
 
-    monkeypatch.setattr(tessera.Checkpoint, "check_array_metadata", spy)
+    monkeypatch.setattr(ArrayChecks, "check", spy)
     tessera.load(tessera.open(tmp_path / "ck", threads=4), {k: torch.zeros_like(v) for k, v in state.items()})
     assert threads and all(name.startswith("tessera-io") for name in threads), threads
 
@@ -293,10 +298,10 @@ def test_no_chunk_is_read_before_its_array_is_checked_R5_10(
     state = _many_arrays(tmp_path / "ck")
     events: list[tuple[str, str]] = []
     lock = threading.Lock()
-    real_check = tessera.Checkpoint.check_array_metadata
+    real_check = ArrayChecks.check
     real_read = LocalStorage.read_into
 
-    def check(self: tessera.Checkpoint, entry: Any) -> None:
+    def check(self: ArrayChecks, entry: Any) -> None:
         time.sleep(0.02)  # a slow disk: the threads reach the array's chunks before this is done
         real_check(self, entry)
         with lock:
@@ -307,7 +312,7 @@ def test_no_chunk_is_read_before_its_array_is_checked_R5_10(
             events.append(("read", path.split("/")[0]))
         real_read(self, path, *args)
 
-    monkeypatch.setattr(tessera.Checkpoint, "check_array_metadata", check)
+    monkeypatch.setattr(ArrayChecks, "check", check)
     monkeypatch.setattr(LocalStorage, "read_into", read_into)
     ck = tessera.open(tmp_path / "ck", threads=8)
     tessera.load(ck, {k: torch.zeros_like(v) for k, v in state.items()})
@@ -446,17 +451,17 @@ def test_the_staged_block_path_runs_on_the_cpu_too(tmp_path: Path, small_blocks:
     with forced_chunks(lambda shape: (8, 16)):
         tessera.save({"t": t}, tmp_path / "ck")
     ck = tessera.open(tmp_path / "ck")
-    entry = ck.array_entry("t")
-    copies = tessera.api.checkpoint._DeviceCopies(StagingPool(pinned=False, max_buffers=2))
+    entry = ck.entry("t")
+    staged = StagedInPlace(ChunkFiles(ck.storage))
+    copies = DeviceCopies(StagingPool(pinned=False, max_buffers=2))
     out = torch.zeros(37, 16)
     for index in entry.layout.chunk_indices():
-        target = tessera.api.checkpoint.ReadTarget(entry, index, ((0, 37), (0, 16)), out, copies)
-        ck._read_in_place(entry, index, target.part(), copies)
+        staged.task(ChunkRead.of([ReadTarget(entry, index, ((0, 37), (0, 16)), out, copies)]))()
     assert_bit_equal(out, t)
     flip_byte(tmp_path / "ck" / "t" / "c" / "2" / "0", 3 * small_blocks + 1)
-    target = tessera.api.checkpoint.ReadTarget(entry, (2, 0), ((0, 37), (0, 16)), out, copies)
+    target = ReadTarget(entry, (2, 0), ((0, 37), (0, 16)), out, copies)
     with pytest.raises(tessera.ChecksumMismatchError, match="t chunk c/2/0"):
-        ck._read_in_place(entry, (2, 0), target.part(), copies)
+        staged.task(ChunkRead.of([target]))()
 
 
 # -- GPU destinations (run where CUDA is) ------------------------------------------------------------
@@ -487,7 +492,7 @@ def gpu_saved(tmp_path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
 def test_load_into_cuda_tensors(
     gpu_saved: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch, block: int
 ) -> None:
-    monkeypatch.setattr(tessera.api.checkpoint, "BLOCK_BYTES", block)
+    monkeypatch.setattr(tessera.engine.read_strategies, "BLOCK_BYTES", block)
     root, state = gpu_saved
     template = {k: _poisoned(v, "cuda") for k, v in state.items()}
     got = tessera.load(root, template)

@@ -49,7 +49,7 @@ def test_large_chunks_read_back_by_stock_readers_R2_1(tmp_path: Path) -> None:
     ts = pytest.importorskip("tensorstore")
     weight = torch.randn(1500, 1700)
     tessera.save({"w": weight}, tmp_path / "ckpt", chunk_bytes=6 * 2**20)
-    layout = tessera.open(tmp_path / "ckpt").array_entry("w").layout
+    layout = tessera.open(tmp_path / "ckpt").entry("w").layout  # an array entry
     assert layout.chunk_nbytes > 4 * 2**20 and layout.chunk_count > 1
     expected = weight.numpy()
     np.testing.assert_array_equal(

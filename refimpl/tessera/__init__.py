@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from .api.save import save
     from .api.save_async import AsyncSave, AsyncSaver
     from .api.verify import VerifyReport, verify
+    from .engine.gpu.direct_io import gpu_direct_storage
     from .format.limits import ReaderLimits
     from .format.manifest import FORMAT_VERSION, Manifest
     from .planning import PlanCache
@@ -67,6 +68,7 @@ _LAZY = {
     "ShardedObject": (".state", "ShardedObject"),
     "ShardedTensor": (".state", "ShardedTensor"),
     "Strict": (".api.load", "Strict"),
+    "gpu_direct_storage": (".engine.gpu.direct_io", "gpu_direct_storage"),
     "VerifyReport": (".api.verify", "VerifyReport"),
     "load": (".api.load", "load"),
     "open": (".api.checkpoint", "open_checkpoint"),
@@ -114,6 +116,7 @@ __all__ = [
     "UnsupportedVersionError",
     "VerifyReport",
     "__version__",
+    "gpu_direct_storage",
     "load",
     "open",
     "save",

@@ -3,8 +3,9 @@
 Every tensor of a write request is moved to the CUDA device before ``tessera.save(...,
 gpu_direct=True)``, so chunk bytes go from device memory to their files through KvikIO and their
 checksums are computed on the GPU; every tensor read is read into device memory from a checkpoint
-opened with ``gpu_direct=True``, checked there, and only then copied to the host to answer (P19).
-Compressed arrays take the host path inside tessera (zstd runs on the CPU); the files are the same.
+opened on ``tessera.gpu_direct_storage(root)``, checked there, and only then copied to the host
+to answer (P19). Compressed arrays take the host path inside tessera (zstd runs on the CPU); the
+files are the same.
 
 Without a CUDA device or KvikIO, ``hello`` fails with a message saying so, and the harness reports
 the backend as unusable rather than scoring it.
@@ -19,7 +20,7 @@ import numpy as np
 import tessera
 import torch
 from tessera.engine.gpu.direct_io import kvikio_files
-from tessera.format import Key
+from tessera.format import Key, ObjectEntry, TensorEntry
 
 from conformance.backends.reference.backend import ReferenceBackend, Request
 
@@ -41,12 +42,14 @@ class GpuDirectBackend(ReferenceBackend):
         tessera.save(state, root, gpu_direct=True, **options)
 
     def open(self, root: Path) -> tessera.Checkpoint:
-        return tessera.open(root, gpu_direct=True)
+        return tessera.open(tessera.gpu_direct_storage(root))
 
     def read_tensor(
         self, checkpoint: tessera.Checkpoint, key: Key, region: tuple[slice, ...] | None
     ) -> torch.Tensor | np.ndarray:
-        layout = checkpoint.array_entry(key).layout
+        entry = checkpoint.entry(key)
+        assert isinstance(entry, (TensorEntry, ObjectEntry))  # called for arrays only
+        layout = entry.layout
         shape = [s.stop - s.start for s in region] if region is not None else list(layout.shape)
         out = torch.empty(shape, dtype=layout.dtype.torch_dtype, device=self.device)
         checkpoint.read_into(key, out, region)

@@ -226,7 +226,10 @@ def read_one(
     entry = checkpoint.entry(key)
     if isinstance(entry, ValueEntry) and "region" not in request:
         return {"key": request["key"], "kind": "value", "encoding": entry.encoding, "value": entry.value}
-    array = checkpoint.array_entry(key)  # a region of a value entry: tensor_mismatch (spec §13)
+    if isinstance(entry, ValueEntry):
+        checkpoint.read(key)  # a region of a value entry: tensor_mismatch (spec §13)
+        raise AssertionError(f"{entry.path}: a JSON value was read as an array")
+    array = entry
     region = box(request.get("region"), array.layout.shape, array.path)
     if isinstance(array, ObjectEntry):
         data = checkpoint.value(key)  # a pickle without the opt-in: unsafe_encoding (spec R8.7)

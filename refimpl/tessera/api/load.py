@@ -24,6 +24,8 @@ import torch.distributed as dist
 
 from ..distributed.collective import collective_for
 from ..distributed.shared_reads import read_together
+from ..engine.regions import Region
+from ..engine.root import read_manifest
 from ..errors import KeyMismatchError, TensorMismatchError
 from ..format.dtypes import dtype_of_numpy
 from ..format.keys import Key, format_key, key_to_path
@@ -34,7 +36,7 @@ from ..state.flatten import flatten, unflatten
 from ..state.sharded import ShardedObject, ShardedTensor
 from ..state.tensors import as_torch
 from ..storage.resolve import Location
-from .checkpoint import Checkpoint, Region, open_checkpoint
+from .checkpoint import Checkpoint, engine_of, storage_of
 
 __all__ = ["LoadResult", "Strict", "load"]
 
@@ -82,7 +84,9 @@ def load(
     allow_pickle: bool = False,
     limits: ReaderLimits = DEFAULT_LIMITS,
     process_group: dist.ProcessGroup | None = None,
-    gpu_direct: bool = False,
+    threads: int | None = None,
+    progress: bool = False,
+    gpu_direct: bool | None = None,
 ) -> Any:
     """Load a checkpoint; returns the state dict, or a :class:`LoadResult` in the ``RETURN_*`` modes.
 
@@ -91,8 +95,13 @@ def load(
     refused unless ``allow_pickle=True``. With ``process_group``, every rank of the group
     loads together (each calls ``load`` with its own template): each chunk that any rank
     needs is read from storage by one rank and its pieces sent to the others.
-    ``gpu_direct=True`` reads the chunks of GPU tensors in the template straight into device
-    memory (see :func:`tessera.open`; an already open ``Checkpoint`` keeps its own choice).
+
+    ``path`` is a path, a URL, a :class:`~tessera.storage.Storage` or an open
+    :class:`Checkpoint` (which keeps its own storage, limits and threads); pass
+    ``tessera.gpu_direct_storage(path)`` to read the chunks of GPU tensors in the template
+    straight into device memory (``gpu_direct=True`` is a deprecated alias of that).
+    ``threads`` is the number of I/O threads, as for :func:`tessera.open`. With ``progress``,
+    a bar on stderr counts the bytes loaded (rank 0's, when loading together).
     """
     mode = _strict_mode(strict)
     if keys is not None:
@@ -100,12 +109,15 @@ def load(
     if isinstance(path, Checkpoint):
         checkpoint = path
     else:
-        checkpoint = open_checkpoint(path, limits=limits, gpu_direct=gpu_direct)
+        storage = storage_of(path, gpu_direct)
+        checkpoint = Checkpoint(storage, read_manifest(storage, limits), limits=limits, threads=threads)
     result: Any
     if state_dict is None:
         requested = {k: None for k in keys} if keys is not None else {p: None for p in checkpoint}
         plan = _match(checkpoint, requested, mode)
-        values = checkpoint.values([e.path for e in plan.entries], allow_pickle=allow_pickle)
+        values = checkpoint.values(
+            [e.path for e in plan.entries], allow_pickle=allow_pickle, progress=progress
+        )
         result = unflatten(zip([e.key for e in plan.entries], values, strict=True), checkpoint.manifest.lists)
     else:
         flat = flatten(state_dict)
@@ -133,10 +145,12 @@ def load(
             else:
                 _assign(state_dict, key, _read_subtree(checkpoint, key, path, template, allow_pickle))
         collective = collective_for(process_group)
+        engine = engine_of(checkpoint)
         if process_group is not None and collective.world_size > 1:
-            read_together(checkpoint, in_place, collective)
+            read_together(engine, in_place, collective, progress=progress and collective.rank == 0)
         else:
-            checkpoint.read_many(in_place)
+            requests = engine.requests(in_place)
+            engine.fill(requests, [r.entry for r in requests], progress=progress, label="loading")
         result = state_dict
     if mode in (Strict.RETURN_UNEXPECTED, Strict.RETURN_ALL):
         missing = plan.missing if mode is Strict.RETURN_ALL else frozenset()

@@ -7,6 +7,7 @@ tells the whole state of a damaged checkpoint.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from functools import partial
 
 import numpy as np
 
+from ..engine.read_engine import ReadEngine
+from ..engine.root import read_manifest
 from ..errors import InconsistentCheckpointError, TesseraError
 from ..format.keys import PathTree
 from ..format.limits import DEFAULT_LIMITS, ReaderLimits
@@ -24,7 +27,6 @@ from ..storage.base import CLAIM_FILE, FileMissingError
 from ..storage.resolve import Location, storage_for
 from ..util.parallel import run_all
 from ..util.progress import Progress
-from .checkpoint import Checkpoint, read_manifest
 
 __all__ = ["Problem", "VerifyReport", "verify"]
 
@@ -56,7 +58,11 @@ def verify(
     threads: int | None = None,
     limits: ReaderLimits = DEFAULT_LIMITS,
 ) -> VerifyReport:
-    """Check a checkpoint completely; never raises for a damaged checkpoint, reports instead."""
+    """Check a checkpoint completely; never raises for a damaged checkpoint, reports instead.
+
+    ``path`` is a path, a URL or a :class:`~tessera.storage.Storage`; ``threads`` is the number
+    of I/O threads, as for :func:`tessera.open`. With ``progress``, a bar on stderr counts the
+    bytes verified (the CLI draws it when stderr is a terminal)."""
     storage = storage_for(path)
     report = VerifyReport(storage.location)
     lock = threading.Lock()
@@ -69,40 +75,40 @@ def verify(
                 report.problems.append(Problem(exc.code, str(exc)))
 
     try:
-        checkpoint = Checkpoint(storage, read_manifest(storage, limits), limits=limits, threads=threads)
+        engine = ReadEngine(storage, read_manifest(storage, limits), limits=limits, threads=threads)
     except TesseraError as exc:
         report.problems.append(Problem(exc.code, str(exc)))
         return report
-    guarded(partial(_check_claim, checkpoint, limits))
-    arrays = [e for e in checkpoint.manifest.entries if isinstance(e, (TensorEntry, ObjectEntry))]
+    guarded(partial(_check_claim, engine, limits))
+    arrays = [e for e in engine.manifest.entries if isinstance(e, (TensorEntry, ObjectEntry))]
     tree = PathTree()
     for position, array in enumerate(arrays):
         tree.add(array.path, position)
     for group in tree.groups():
-        guarded(partial(_check_group, checkpoint, group, limits))
+        guarded(partial(_check_group, engine, group, limits))
     report.arrays = len(arrays)
     with Progress(sum(a.layout.nbytes for a in arrays), "verifying", progress) as bar:
         checked = []
         for entry in arrays:
             try:
-                checkpoint.check_array_metadata(entry)
+                engine.checks.check(entry)
             except TesseraError as exc:
                 report.problems.append(Problem(exc.code, str(exc)))
                 continue
             report.chunks += entry.layout.chunk_count
             report.nbytes += entry.layout.nbytes
             try:
-                stored, extra = _stored_chunks(checkpoint, entry)
+                stored, extra = _stored_chunks(engine, entry)
             except TesseraError as exc:
                 report.problems.append(Problem(exc.code, str(exc)))
                 continue
             if extra is not None:
                 report.problems.append(extra)
-            report.problems.extend(_missing_chunks(checkpoint, entry, stored))
+            report.problems.extend(_missing_chunks(engine, entry, stored))
             checked.append((entry, sorted(stored)))
         run_all(
             (
-                _chunk_task(checkpoint, entry, index, bar, guarded)
+                _chunk_task(engine, entry, index, bar, guarded)
                 for entry, stored in checked
                 for index in stored
             ),
@@ -116,7 +122,7 @@ MISSING_NAMED = 16
 
 
 def _missing_chunks(
-    checkpoint: Checkpoint, entry: TensorEntry | ObjectEntry, stored: set[tuple[int, ...]]
+    engine: ReadEngine, entry: TensorEntry | ObjectEntry, stored: set[tuple[int, ...]]
 ) -> list[Problem]:
     """The chunks of the grid not stored (R5.7): the first few each a ``missing_chunk``, the
     rest counted, so that a hostile grid of 2^24 absent chunks costs neither minutes nor memory."""
@@ -127,7 +133,7 @@ def _missing_chunks(
     for index in entry.layout.chunk_indices():
         if index not in stored:
             try:
-                checkpoint.chunk_size(entry, index)  # raises the missing chunk's own error
+                engine.files.size(entry, index)  # raises the missing chunk's own error
             except TesseraError as exc:
                 problems.append(Problem(exc.code, str(exc)))
             if len(problems) == min(absent, MISSING_NAMED):
@@ -137,49 +143,50 @@ def _missing_chunks(
             Problem(
                 "missing_chunk",
                 f"{entry.path}: {absent - len(problems)} more of its {entry.layout.chunk_count} chunks "
-                f"are missing ({checkpoint.storage.location})",
+                f"are missing ({engine.storage.location})",
             )
         )
     return problems
 
 
 def _chunk_task(
-    checkpoint: Checkpoint,
+    engine: ReadEngine,
     entry: TensorEntry | ObjectEntry,
     index: tuple[int, ...],
     bar: Progress,
     guarded: Callable[[Callable[[], object]], None],
 ) -> Callable[[], None]:
     def task() -> None:
-        guarded(partial(_check_chunk, checkpoint, entry, index))
-        bar.advance(entry.layout.nbytes // max(entry.layout.chunk_count, 1))
+        guarded(partial(_check_chunk, engine, entry, index))
+        region = entry.layout.chunk_region(index)
+        bar.advance(math.prod(b - a for a, b in region) * entry.layout.dtype.itemsize)
 
     return task
 
 
-def _check_chunk(checkpoint: Checkpoint, entry: TensorEntry | ObjectEntry, index: tuple[int, ...]) -> None:
+def _check_chunk(engine: ReadEngine, entry: TensorEntry | ObjectEntry, index: tuple[int, ...]) -> None:
     """A chunk as a load reads it (size, CRC, decoding), and for ``bool`` only bytes 0 and 1:
     a writer writes no other, and a CRC computed over another still matches (R7.2)."""
-    decoded = checkpoint.read_chunk(entry, index)
+    decoded = engine.files.read_chunk(entry, index)
     if entry.layout.dtype.name == "bool":
         raw = decoded.view(np.uint8)
         if raw.max(initial=0) > 1:
-            where = checkpoint.chunk_where(entry, index)
+            where = engine.files.where(entry, index)
             raise InconsistentCheckpointError(
                 f"{where} holds the byte {int(raw.max())} in a bool array, where only 0 and 1 "
                 "are false and true (R7.2)"
             )
 
 
-def _check_claim(checkpoint: Checkpoint, limits: ReaderLimits) -> None:
+def _check_claim(engine: ReadEngine, limits: ReaderLimits) -> None:
     """The claim file, where present, must belong to the save that committed the root."""
-    storage = checkpoint.storage
+    storage = engine.storage
     if storage.size(CLAIM_FILE) is None:
         return
     where = f"{storage.location}/{CLAIM_FILE}"
     doc = loads(storage.read_file(CLAIM_FILE, limits.max_json_bytes), where, limits)
     validate(doc, "claim", where)
-    manifest = checkpoint.manifest
+    manifest = engine.manifest
     if doc["save_id"] != manifest.save_id:
         raise InconsistentCheckpointError(
             f"{where} was claimed by save {doc['save_id']} but the root was committed by "
@@ -199,11 +206,11 @@ GROUP_DOCUMENT = {"zarr_format": 3, "node_type": "group", "attributes": {}}
 whitespace carry no meaning, R2.8)."""
 
 
-def _check_group(checkpoint: Checkpoint, group: str, limits: ReaderLimits) -> None:
+def _check_group(engine: ReadEngine, group: str, limits: ReaderLimits) -> None:
     """A group on the way to an array: present, schema-valid, and exactly R2.4's content (R2.7)."""
-    where = f"{checkpoint.storage.location}/{group}/zarr.json"
+    where = f"{engine.storage.location}/{group}/zarr.json"
     try:
-        data = checkpoint.storage.read_file(f"{group}/zarr.json", limits.max_json_bytes)
+        data = engine.storage.read_file(f"{group}/zarr.json", limits.max_json_bytes)
     except FileMissingError:
         raise InconsistentCheckpointError(
             f"{where} is missing: every group on the way to an array has one"
@@ -218,13 +225,13 @@ def _check_group(checkpoint: Checkpoint, group: str, limits: ReaderLimits) -> No
 
 
 def _stored_chunks(
-    checkpoint: Checkpoint, entry: TensorEntry | ObjectEntry
+    engine: ReadEngine, entry: TensorEntry | ObjectEntry
 ) -> tuple[set[tuple[int, ...]], Problem | None]:
     """The chunks of the array's grid that have a file under its ``c/``, and the problem of any
     other file there (a foreign or stale write, R11.9)."""
     found: list[str] = []
     pending = ["c"]
-    storage = checkpoint.storage
+    storage = engine.storage
     while pending:
         prefix = pending.pop()
         names = storage.list(f"{entry.path}/{prefix}")

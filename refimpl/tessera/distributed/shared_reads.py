@@ -18,12 +18,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from ..api.checkpoint import Bounds, Checkpoint, ChunkTask, ReadTarget, Region, intersect, within
+from ..engine.array_checks import ChunkTask
+from ..engine.read_engine import ReadEngine, ReadRequestSpec
+from ..engine.read_targets import ReadTarget
+from ..engine.regions import Bounds, intersect, within
 from ..errors import CollectiveError, TesseraError
-from ..format.keys import Key
 from ..format.layout import ChunkIndex
+from ..util.progress import Progress
 from .collective import Collective
 
 __all__ = ["read_together"]
@@ -43,14 +45,16 @@ class _Piece:
 
 
 def read_together(
-    checkpoint: Checkpoint,
-    requests: Sequence[tuple[str | Key, torch.Tensor, Region]],
+    engine: ReadEngine,
+    requests: Sequence[ReadRequestSpec],
     collective: Collective,
     threads: int | None = None,
+    progress: bool = False,
 ) -> None:
-    """Fill every rank's requests, each needed chunk read by exactly one rank."""
+    """Fill every rank's requests, each needed chunk read by exactly one rank; with
+    ``progress``, a bar on stderr counts the bytes of this rank's requests as they arrive."""
     try:
-        targets = checkpoint.targets_of(requests)
+        targets = engine.targets_of(requests)
         error = None
     except TesseraError as exc:  # the other ranks must learn of it, not wait for this rank
         targets, error = [], exc
@@ -69,7 +73,8 @@ def read_together(
     incoming: list[list[ReadTarget]] = []
     tasks: list[ChunkTask] = []
     tag = 0
-    for chunk, (reader, pieces) in _assign_readers(checkpoint, everyone).items():
+    bar = Progress(sum(t.nbytes for t in targets), "loading", progress)
+    for chunk, (reader, pieces) in _assign_readers(engine, everyone).items():
         moving = []
         for piece in pieces:
             if piece.rank != reader:
@@ -77,9 +82,7 @@ def read_together(
                 tag += 1
         if reader == me:
             own = [t for p in pieces if p.rank == me for t in waiting[(p.need, chunk)]]
-            tasks.append(
-                (checkpoint.array_entry(chunk[0]), _read_chunk(checkpoint, chunk, own, moving, sends))
-            )
+            tasks.append((engine.array_entry(chunk[0]), _read_chunk(engine, chunk, own, moving, sends, bar)))
             continue
         for tag_of, piece in moving:
             if piece.rank == me:
@@ -88,24 +91,26 @@ def read_together(
                 itemsize = group[0].entry.layout.dtype.itemsize
                 receives.append((reader, tag_of, math.prod(b - a for a, b in inner) * itemsize))
                 incoming.append(group)
-    try:
-        # The zarr.json of each array this rank reads is checked here, with the chunk reads;
-        # a rank that receives its part of a chunk relies on the reader's check.
-        checkpoint.run_reads(tasks, threads=threads)
-        error = None
-    except TesseraError as exc:  # a damaged chunk fails every rank that needs it, at once
-        error = exc
-    _raise_if_any(collective.all_gather(error, "reporting the chunks each rank read"), error)
-    sends.sort(key=lambda s: s[1])
-    received = collective.exchange(
-        sends, receives, "sending loaded chunks' pieces to the ranks that need them"
-    )
-    try:
-        for group, raw in zip(incoming, received, strict=True):
-            for target in group:
-                target.put(raw.view(target.entry.layout.dtype.numpy_dtype))
-    finally:
-        checkpoint.wait_for_copies()
+    with bar:
+        try:
+            # The zarr.json of each array this rank reads is checked here, with the chunk reads;
+            # a rank that receives its part of a chunk relies on the reader's check.
+            engine.run_reads(tasks, threads=threads)
+            error = None
+        except TesseraError as exc:  # a damaged chunk fails every rank that needs it, at once
+            error = exc
+        _raise_if_any(collective.all_gather(error, "reporting the chunks each rank read"), error)
+        sends.sort(key=lambda s: s[1])
+        received = collective.exchange(
+            sends, receives, "sending loaded chunks' pieces to the ranks that need them"
+        )
+        try:
+            for group, raw in zip(incoming, received, strict=True):
+                for target in group:
+                    target.put(raw.view(target.entry.layout.dtype.numpy_dtype))
+                bar.advance(sum(t.nbytes for t in group))
+        finally:
+            engine.wait_for_copies()
 
 
 def _raise_if_any(errors: list[TesseraError | None], mine: TesseraError | None) -> None:
@@ -120,42 +125,44 @@ def _raise_if_any(errors: list[TesseraError | None], mine: TesseraError | None) 
 
 
 def _assign_readers(
-    checkpoint: Checkpoint, everyone: list[list[_Need]]
+    engine: ReadEngine, everyone: list[list[_Need]]
 ) -> dict[_Chunk, tuple[int, list[_Piece]]]:
     """Each needed chunk, in one order all ranks agree on: its reader (a rank that needs it,
     least loaded first) and every rank's piece of it."""
     needers: dict[_Chunk, list[_Piece]] = {}
     for rank, needs in enumerate(everyone):
         for need, (path, bounds) in enumerate(needs):
-            for index in checkpoint.array_entry(path).layout.chunks_overlapping(bounds):
+            for index in engine.array_entry(path).layout.chunks_overlapping(bounds):
                 needers.setdefault((path, index), []).append(_Piece(rank, need, bounds))
     loads = [0] * len(everyone)
     readers: dict[_Chunk, tuple[int, list[_Piece]]] = {}
     for chunk in sorted(needers):
         pieces = needers[chunk]
         reader = min({p.rank for p in pieces}, key=lambda r: (loads[r], r))
-        loads[reader] += checkpoint.array_entry(chunk[0]).layout.chunk_nbytes
+        loads[reader] += engine.array_entry(chunk[0]).layout.chunk_nbytes
         readers[chunk] = (reader, pieces)
     return readers
 
 
 def _read_chunk(
-    checkpoint: Checkpoint,
+    engine: ReadEngine,
     chunk: _Chunk,
     own: list[ReadTarget],
     moving: list[tuple[int, _Piece]],
     sends: list[tuple[int, int, np.ndarray]],
+    bar: Progress,
 ) -> Callable[[], None]:
     """Read the chunk once; fill this rank's targets and cut every other rank's piece."""
 
     def task() -> None:
-        entry = checkpoint.array_entry(chunk[0])
-        decoded = checkpoint.read_chunk(entry, chunk[1])
+        entry = engine.array_entry(chunk[0])
+        decoded = engine.files.read_chunk(entry, chunk[1])
         region = entry.layout.chunk_region(chunk[1])
         for target in own:
             target.fill_from(decoded)
         for tag, piece in moving:
             part = decoded[within(intersect(piece.bounds, region), region)]
             sends.append((piece.rank, tag, np.array(part, order="C")))
+        bar.advance(sum(t.nbytes for t in own))
 
     return task

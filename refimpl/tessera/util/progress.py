@@ -32,6 +32,11 @@ class Progress:
         self._start = time.monotonic()
         self._last_draw = 0.0
 
+    @property
+    def enabled(self) -> bool:
+        """Whether the bar is drawn (a disabled bar ignores ``advance``)."""
+        return self._enabled
+
     def advance(self, n: int) -> None:
         if not self._enabled:
             return

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 from unittest import mock
 
-import tessera.api.checkpoint
+import tessera.engine.read_strategies
 import tessera.format.chunk_codec
 import tessera.format.root
 
@@ -25,7 +25,7 @@ class AcceptsCorruption(ReferenceBackend):
     def read(self, request: Request) -> Answer:
         with (
             mock.patch.object(tessera.format.chunk_codec, "check_crc", _unchecked),
-            mock.patch.object(tessera.api.checkpoint, "check_crc", _unchecked),
+            mock.patch.object(tessera.engine.read_strategies, "check_crc", _unchecked),
             mock.patch.object(tessera.format.root, "check_manifest_digest", _unchecked_digest),
         ):
             return super().read(request)
