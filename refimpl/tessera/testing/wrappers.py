@@ -1,0 +1,446 @@
+"""Storages that wrap another one: to watch what a save or a load asks of it, or to make it fail.
+
+They are real :class:`~tessera.storage.base.Storage` implementations, passed to the API
+(``tessera.save(state, RecordingStorage(LocalStorage(path)))``) where a test would otherwise
+patch ``os`` or a storage class: the code under test runs unchanged, and the fault is one a
+real medium can produce (a full disk, a lost race, a power cut, a truncated file).
+
+Children (:meth:`Storage.child`, the steps of a run directory) are wrapped the same way and
+share the parent's log and faults, so a run directory's steps are watched too.
+"""
+
+from __future__ import annotations
+
+import builtins
+import fnmatch
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import StorageError
+from ..storage.base import Buffer, DeviceIO, EntryKind, Lock, ReadNext, Storage
+
+__all__ = ["Call", "FaultyStorage", "RecordingStorage", "StorageWrapper"]
+
+
+class StorageWrapper(Storage):
+    """Forwards every call to ``inner``; subclasses override what they watch or change.
+
+    :meth:`child` wraps the inner storage's child with :meth:`wrap`, which a subclass
+    overrides so that the child shares its state.
+    """
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+
+    def wrap(self, inner: Storage) -> StorageWrapper:
+        """The wrapper of a child storage (by default, a plain forwarder)."""
+        return StorageWrapper(inner)
+
+    @property
+    def location(self) -> str:
+        return self.inner.location
+
+    @property
+    def device_io(self) -> DeviceIO | None:
+        return self.inner.device_io
+
+    def claim(self, doc: bytes) -> None:
+        self.inner.claim(doc)
+
+    def write_file(self, path: str, buffers: Iterable[Buffer]) -> None:
+        self.inner.write_file(path, buffers)
+
+    def sync(self) -> None:
+        self.inner.sync()
+
+    def publish_root(self, data: bytes, save_id: str) -> None:
+        self.inner.publish_root(data, save_id)
+
+    def remove_unpublished(self, save_id: str) -> None:
+        self.inner.remove_unpublished(save_id)
+
+    def size(self, path: str) -> int | None:
+        return self.inner.size(path)
+
+    def read_file(self, path: str, max_bytes: int) -> bytes:
+        return self.inner.read_file(path, max_bytes)
+
+    def read_into(self, path: str, offset: int, fill: Callable[[int | None, ReadNext], None]) -> None:
+        self.inner.read_into(path, offset, fill)
+
+    def list(self, path: str) -> builtins.list[str]:
+        return self.inner.list(path)
+
+    def exists(self) -> bool:
+        return self.inner.exists()
+
+    def child(self, name: str) -> Storage:
+        return self.wrap(self.inner.child(name))
+
+    def kind(self, path: str) -> EntryKind | None:
+        return self.inner.kind(path)
+
+    def entries(self, path: str = "") -> builtins.list[tuple[str, EntryKind]]:
+        return self.inner.entries(path)
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        self.inner.replace_file(path, data)
+
+    def lock(self, path: str | None, *, create: bool, wait: float) -> Lock | None:
+        return self.inner.lock(path, create=create, wait=wait)
+
+    def remove_checkpoint(self, path: str) -> None:
+        self.inner.remove_checkpoint(path)
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One call a :class:`RecordingStorage` saw, in the order the calls began."""
+
+    op: str
+    """The method: ``claim``, ``write_file``, ``sync``, ``publish_root``, ``read_into``, ..."""
+    location: str
+    """The storage's location (a run directory's step has its own)."""
+    path: str | None = None
+    """The path the call named, if any (``publish_root``: ``zarr.json``)."""
+    data: bytes | None = None
+    """The bytes written, for every write (host buffers only; ``None`` for a CUDA buffer)."""
+    thread: int = 0
+    """``threading.get_ident()`` of the caller."""
+
+
+@dataclass
+class _Log:
+    calls: list[Call] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class RecordingStorage(StorageWrapper):
+    """Records every call (method, path, bytes written, thread) in :attr:`calls`, then forwards it."""
+
+    def __init__(self, inner: Storage, *, _log: _Log | None = None) -> None:
+        super().__init__(inner)
+        self._log = _log or _Log()
+
+    @property
+    def calls(self) -> builtins.list[Call]:
+        """Every call so far, of this storage and its children, in order (a copy)."""
+        with self._log.lock:
+            return builtins.list(self._log.calls)
+
+    def ops(self, *names: str) -> builtins.list[Call]:
+        """The calls of the methods ``names`` (all of them where none is given)."""
+        return [c for c in self.calls if not names or c.op in names]
+
+    def clear(self) -> None:
+        with self._log.lock:
+            self._log.calls.clear()
+
+    def wrap(self, inner: Storage) -> RecordingStorage:
+        return RecordingStorage(inner, _log=self._log)
+
+    def _record(self, op: str, path: str | None = None, data: bytes | None = None) -> None:
+        with self._log.lock:
+            self._log.calls.append(Call(op, self.inner.location, path, data, threading.get_ident()))
+
+    def claim(self, doc: bytes) -> None:
+        self._record("claim", None, bytes(doc))
+        super().claim(doc)
+
+    def write_file(self, path: str, buffers: Iterable[Buffer]) -> None:
+        seen: builtins.list[Buffer] = []
+
+        def watched() -> Iterator[Buffer]:
+            for buffer in buffers:
+                seen.append(
+                    buffer if isinstance(buffer, torch.Tensor) else bytes(memoryview(buffer).cast("B"))
+                )
+                yield buffer
+
+        super().write_file(path, watched())
+        host = [b for b in seen if not isinstance(b, torch.Tensor)]
+        self._record("write_file", path, b"".join(host) if len(host) == len(seen) else None)
+
+    def sync(self) -> None:
+        self._record("sync")
+        super().sync()
+
+    def publish_root(self, data: bytes, save_id: str) -> None:
+        self._record("publish_root", "zarr.json", bytes(data))
+        super().publish_root(data, save_id)
+
+    def remove_unpublished(self, save_id: str) -> None:
+        self._record("remove_unpublished")
+        super().remove_unpublished(save_id)
+
+    def size(self, path: str) -> int | None:
+        self._record("size", path)
+        return super().size(path)
+
+    def read_file(self, path: str, max_bytes: int) -> bytes:
+        self._record("read_file", path)
+        return super().read_file(path, max_bytes)
+
+    def read_into(self, path: str, offset: int, fill: Callable[[int | None, ReadNext], None]) -> None:
+        self._record("read_into", path)
+        super().read_into(path, offset, fill)
+
+    def list(self, path: str) -> builtins.list[str]:
+        self._record("list", path)
+        return super().list(path)
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        self._record("replace_file", path, bytes(data))
+        super().replace_file(path, data)
+
+    def lock(self, path: str | None, *, create: bool, wait: float) -> Lock | None:
+        self._record("lock", path)
+        return super().lock(path, create=create, wait=wait)
+
+    def remove_checkpoint(self, path: str) -> None:
+        self._record("remove_checkpoint", path)
+        super().remove_checkpoint(path)
+
+
+def injected(what: str) -> StorageError:
+    """The error a fault raises: an ``io_error`` naming the call (like a full disk would)."""
+    return StorageError(f"{what}: the disk is full (injected fault)")
+
+
+Action = Callable[[Storage, str], None]
+"""What a fault does to the wrapped storage first: ``action(inner, path)``."""
+
+
+@dataclass
+class _Faults:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    writes: int = 0
+    fail_write_numbers: set[int] = field(default_factory=set)
+    fail_write_patterns: builtins.list[str] = field(default_factory=builtins.list)
+    torn: bool = False
+    fail_sync: bool = False
+    fail_claim: bool = False
+    fail_publish: bool = False
+    before_publish: Action | None = None
+    fail_replace: bool = False
+    fail_remove: bool = False
+    before_remove: Action | None = None
+    short_reads: builtins.list[str] = field(default_factory=builtins.list)
+    buffer_unsynced: bool = False
+    pending: dict[int, builtins.list[tuple[str, bytes]]] = field(default_factory=dict)
+    calls_left: int | None = None
+    down: bool = False
+
+
+class FaultyStorage(StorageWrapper):
+    """Makes chosen calls of the wrapped storage fail the way a medium can.
+
+    Configure it with its methods before use (each returns the storage, so they chain);
+    children share the faults. An injected failure is a :class:`~tessera.StorageError`
+    (``io_error``) whose message says ``injected fault``; what a rival does (a root that lands
+    first, a deletion by another process) is done to the wrapped storage, so its own answer
+    (``already_exists``, nothing to delete) is what the caller sees.
+    """
+
+    def __init__(self, inner: Storage, *, _faults: _Faults | None = None) -> None:
+        super().__init__(inner)
+        self._faults = _faults or _Faults()
+
+    def wrap(self, inner: Storage) -> FaultyStorage:
+        return FaultyStorage(inner, _faults=self._faults)
+
+    # -- configuring -------------------------------------------------------------------------
+
+    def fail_write(
+        self, *, nth: int | None = None, matching: str | None = None, torn: bool = False
+    ) -> FaultyStorage:
+        """Fail the ``nth`` ``write_file`` call (1-based, counted over this storage and its
+        children), and every write whose path matches the glob ``matching`` (``"*/c/*"``:
+        chunks). ``torn``: half of the file's bytes land before the failure."""
+        with self._faults.lock:
+            if nth is not None:
+                self._faults.fail_write_numbers.add(nth)
+            if matching is not None:
+                self._faults.fail_write_patterns.append(matching)
+            self._faults.torn = torn
+        return self
+
+    def fail_claim(self) -> FaultyStorage:
+        """``claim`` fails (the directory cannot be created)."""
+        self._faults.fail_claim = True
+        return self
+
+    def fail_sync(self) -> FaultyStorage:
+        """``sync`` fails (an fsync reporting a writeback error)."""
+        self._faults.fail_sync = True
+        return self
+
+    def fail_publish(self, before: Action | None = None) -> FaultyStorage:
+        """``publish_root`` fails, after ``before(inner, "zarr.json")`` if given."""
+        self._faults.fail_publish = True
+        self._faults.before_publish = before
+        return self
+
+    def rival_publishes(self, root: bytes = b'{"rival": true}') -> FaultyStorage:
+        """Another writer's root ``zarr.json`` lands just before ``publish_root``, which the
+        wrapped storage must then refuse (first wins, R9.9)."""
+
+        def land(inner: Storage, path: str) -> None:
+            inner.write_file(path, [root])
+            inner.sync()
+
+        self._faults.before_publish = land
+        return self
+
+    def fail_replace(self) -> FaultyStorage:
+        """``replace_file`` fails (a run directory's ``latest`` cannot move)."""
+        self._faults.fail_replace = True
+        return self
+
+    def fail_remove(self, partial: Action | None = None) -> FaultyStorage:
+        """``remove_checkpoint`` fails, after ``partial(inner, path)`` (how far it got) if given."""
+        self._faults.fail_remove = True
+        self._faults.before_remove = partial
+        return self
+
+    def before_remove(self, action: Action) -> FaultyStorage:
+        """Run ``action(inner, path)`` before each ``remove_checkpoint`` (a rival deleting too)."""
+        self._faults.before_remove = action
+        return self
+
+    def short_read(self, pattern: str) -> FaultyStorage:
+        """Files whose path matches the glob ``pattern`` end early: reads past half their size
+        fail as a truncated file does."""
+        self._faults.short_reads.append(pattern)
+        return self
+
+    def lose_unsynced(self, *, power_cut_after: int | None = None) -> FaultyStorage:
+        """Keep each ``write_file``'s bytes here until ``sync``: a :meth:`power_cut` then loses
+        them, as a crash loses what was never made durable. ``power_cut_after``: the power goes
+        by itself after that many further write-side calls (claim, write_file, sync,
+        publish_root), that call failing."""
+        self._faults.buffer_unsynced = True
+        self._faults.calls_left = power_cut_after
+        return self
+
+    def power_cut(self) -> None:
+        """Lose every write not yet synced; from now on every call fails (the machine is down)."""
+        with self._faults.lock:
+            self._faults.pending.clear()
+            self._faults.down = True
+
+    # -- the calls ---------------------------------------------------------------------------
+
+    def _tick(self, what: str) -> None:
+        """Count a write-side call towards a planned power cut; fail if the power is off."""
+        faults = self._faults
+        with faults.lock:
+            if faults.calls_left is not None and not faults.down:
+                if faults.calls_left == 0:
+                    faults.pending.clear()
+                    faults.down = True
+                faults.calls_left -= 1
+            if faults.down:
+                raise StorageError(f"{what}: the power went off (injected fault)")
+
+    def claim(self, doc: bytes) -> None:
+        self._tick(f"cannot claim {self.location}")
+        if self._faults.fail_claim:
+            raise injected(f"cannot claim {self.location}")
+        super().claim(doc)
+
+    def write_file(self, path: str, buffers: Iterable[Buffer]) -> None:
+        faults = self._faults
+        self._tick(f"cannot write {self.location}/{path}")
+        with faults.lock:
+            faults.writes += 1
+            fail = faults.writes in faults.fail_write_numbers or any(
+                fnmatch.fnmatchcase(path, p) for p in faults.fail_write_patterns
+            )
+        if fail:
+            if faults.torn:
+                data = _host_bytes(buffers)
+                super().write_file(path, [data[: len(data) // 2]])
+            raise injected(f"cannot write {self.location}/{path}")
+        if not faults.buffer_unsynced:
+            super().write_file(path, buffers)
+            return
+        data = _host_bytes(buffers)
+        with faults.lock:
+            faults.pending.setdefault(id(self.inner), []).append((path, data))
+
+    def sync(self) -> None:
+        self._tick(f"cannot make {self.location} durable")
+        if self._faults.fail_sync:
+            raise injected(f"cannot make {self.location} durable")
+        with self._faults.lock:
+            pending = self._faults.pending.pop(id(self.inner), [])
+        for path, data in pending:
+            self.inner.write_file(path, [data])
+        super().sync()
+
+    def publish_root(self, data: bytes, save_id: str) -> None:
+        self._tick(f"cannot publish {self.location}/zarr.json")
+        if self._faults.before_publish is not None:
+            self._faults.before_publish(self.inner, "zarr.json")
+        if self._faults.fail_publish:
+            raise injected(f"cannot publish {self.location}/zarr.json")
+        super().publish_root(data, save_id)
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        if self._faults.fail_replace:
+            raise injected(f"cannot replace {self.location}/{path}")
+        super().replace_file(path, data)
+
+    def remove_checkpoint(self, path: str) -> None:
+        if self._faults.before_remove is not None:
+            self._faults.before_remove(self.inner, path)
+        if self._faults.fail_remove:
+            raise injected(f"cannot delete {self.location}/{path}")
+        super().remove_checkpoint(path)
+
+    def read_file(self, path: str, max_bytes: int) -> bytes:
+        data = super().read_file(path, max_bytes)
+        if self._short(path):
+            raise StorageError(f"{self.location}/{path} ended early (truncated file, injected fault)")
+        return data
+
+    def read_into(self, path: str, offset: int, fill: Callable[[int | None, ReadNext], None]) -> None:
+        if not self._short(path):
+            super().read_into(path, offset, fill)
+            return
+        where = f"{self.location}/{path}"
+
+        def short_fill(size: int | None, read: ReadNext) -> None:
+            if size is None:
+                fill(size, read)
+                return
+            budget = [max(size // 2 - offset, 0)]
+
+            def short(out: memoryview | torch.Tensor) -> None:
+                nbytes = out.numel() * out.element_size() if isinstance(out, torch.Tensor) else out.nbytes
+                if nbytes > budget[0]:
+                    raise StorageError(f"{where} ended early (truncated file, injected fault)")
+                budget[0] -= nbytes
+                read(out)
+
+            fill(size, short)
+
+        super().read_into(path, offset, short_fill)
+
+    def _short(self, path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, p) for p in self._faults.short_reads)
+
+
+def _host_bytes(buffers: Iterable[Buffer]) -> bytes:
+    """A file's bytes, consumed from its buffers (CUDA tensors copied to the host)."""
+    parts = []
+    for buffer in buffers:
+        if isinstance(buffer, torch.Tensor):
+            parts.append(buffer.cpu().view(torch.uint8).numpy().tobytes())
+        else:
+            parts.append(bytes(memoryview(buffer).cast("B")))
+    return b"".join(parts)
