@@ -30,7 +30,7 @@ from tessera.state.boxes import Box
 from tessera.state.flatten import flatten
 from tessera.storage.local import LocalStorage
 
-from .conftest import assert_bit_equal, assert_chunk_lists_are_stored_crcs, random_tensor, recording
+from .conftest import assert_bit_equal, assert_chunk_lists_are_stored_crcs, random_tensor, recorded, recording
 from .ranks import RankDied, run_ranks
 
 CHUNK_BYTES = 40
@@ -466,8 +466,9 @@ def test_a_shard_reads_only_overlapping_chunks_R14_2_R14_8(tmp_path: Path) -> No
         (ShardedTensor(torch.empty(0), (16, 8), (0, 0), box_shape=(16, 8), flat_range=(9, 9)), set()),
     ]
     for shard, rows in shards:
-        ck = tessera.open(tmp_path / "ck")
-        with recording(ck) as calls:
+        storage = recorded(tmp_path / "ck")
+        ck = tessera.open(storage)
+        with recording(storage) as calls:
             got = tessera.load(ck, {"t": shard})["t"]
         read = [p for m, p in calls if "/c/" in p and m in READS]
         assert sorted(read) == sorted(f"t/c/{i}/0" for i in rows), (shard, read)  # each chunk read once
@@ -481,9 +482,10 @@ def test_a_rank_reads_only_its_chunks_of_a_sharded_save_R14_8(
     TP=4 loaders (3 rows each) read the one or two chunks their rows lie in, nothing else of it."""
     g = _globals()["layers/~0"]
     for rank in range(4):
-        ck = tessera.open(saved[4][0])
+        storage = recorded(saved[4][0])
+        ck = tessera.open(storage)
         shard = ShardedTensor(torch.empty(3, 2), (12, 2), (3 * rank, 0))
-        with recording(ck) as calls:
+        with recording(storage) as calls:
             got = tessera.load(ck, {"layers": [shard]})["layers"]
         read = sorted(p for m, p in calls if "/c/" in p and m in READS)
         assert read == sorted({f"layers/~0/c/{r // 5}/0" for r in range(3 * rank, 3 * rank + 3)}), read
