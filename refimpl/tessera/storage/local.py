@@ -168,9 +168,9 @@ class LocalStorage(Storage):
         return target
 
     def _make_parents(self, directory: Path) -> None:
-        if directory.is_dir():
-            return
         with os_errors(f"cannot create directory {directory}"):
+            if directory.is_dir():
+                return
             new = [p for p in (directory, *directory.parents) if not p.exists()]
             directory.mkdir(parents=True, exist_ok=True)
         with self._lock:

@@ -302,10 +302,19 @@ class SafeOpener:
             if exc.errno == errno.ELOOP:
                 raise InvalidKeyError(f"{target} is a symbolic link; refused") from None
             if exc.errno == errno.ENAMETOOLONG:
+                self._check_root()
                 raise too_long(path) from None
             if exc.errno == errno.ENXIO:  # a socket: no file to open
                 raise InvalidKeyError(f"{target} is not a regular file (a socket); refused") from None
             raise
+
+    def _check_root(self) -> None:
+        """A root whose own name is too long is a wrong location (``io_error``), not a bad key."""
+        try:
+            os.lstat(self._root)
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise StorageError(f"cannot open {str(self._root)[:200]}...: {exc.strerror}") from None
 
     def check_inside(self, directory: str, path: str) -> None:
         """Refuse a ``directory`` (under the root) that resolves outside the root.
