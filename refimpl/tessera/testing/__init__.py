@@ -10,6 +10,6 @@
   ``import tessera`` never imports this package).
 """
 
-from .wrappers import Call, FaultyStorage, RecordingStorage, StorageWrapper
+from .wrappers import CHUNKS, Call, FaultyStorage, RecordingStorage, StorageWrapper
 
-__all__ = ["Call", "FaultyStorage", "RecordingStorage", "StorageWrapper"]
+__all__ = ["CHUNKS", "Call", "FaultyStorage", "RecordingStorage", "StorageWrapper"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import builtins
 import fnmatch
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +22,7 @@ import torch
 from ..errors import StorageError
 from ..storage.base import Buffer, DeviceIO, EntryKind, Lock, ReadNext, Storage
 
-__all__ = ["Call", "FaultyStorage", "RecordingStorage", "StorageWrapper"]
+__all__ = ["CHUNKS", "Call", "FaultyStorage", "RecordingStorage", "StorageWrapper"]
 
 
 class StorageWrapper(Storage):
@@ -214,13 +214,29 @@ Action = Callable[[Storage, str], None]
 """What a fault does to the wrapped storage first: ``action(inner, path)``."""
 
 
+CHUNKS = ("*/c/*", "*/c", "c/*", "c")
+"""Globs matching every chunk file of a checkpoint (``c`` alone: a 0-d array's one chunk)."""
+
+
+@dataclass
+class _WriteRule:
+    patterns: tuple[str, ...]
+    nth: int | None
+    torn: bool
+    seen: int = 0
+
+    def fails(self, path: str) -> bool:
+        """Count ``path`` if it matches; whether this write is the one to fail."""
+        if not any(fnmatch.fnmatchcase(path, p) for p in self.patterns):
+            return False
+        self.seen += 1
+        return self.nth is None or self.seen == self.nth
+
+
 @dataclass
 class _Faults:
     lock: threading.Lock = field(default_factory=threading.Lock)
-    writes: int = 0
-    fail_write_numbers: set[int] = field(default_factory=set)
-    fail_write_patterns: builtins.list[str] = field(default_factory=builtins.list)
-    torn: bool = False
+    write_rules: builtins.list[_WriteRule] = field(default_factory=builtins.list)
     fail_sync: bool = False
     fail_claim: bool = False
     fail_publish: bool = False
@@ -255,17 +271,15 @@ class FaultyStorage(StorageWrapper):
     # -- configuring -------------------------------------------------------------------------
 
     def fail_write(
-        self, *, nth: int | None = None, matching: str | None = None, torn: bool = False
+        self, *, nth: int | None = None, matching: str | Sequence[str] = "*", torn: bool = False
     ) -> FaultyStorage:
-        """Fail the ``nth`` ``write_file`` call (1-based, counted over this storage and its
-        children), and every write whose path matches the glob ``matching`` (``"*/c/*"``:
-        chunks). ``torn``: half of the file's bytes land before the failure."""
+        """Fail the ``nth`` ``write_file`` (1-based, counted over this storage and its children)
+        whose path matches the glob ``matching`` (or one of them), or every such write where
+        ``nth`` is None; ``CHUNKS`` matches chunk files. ``torn``: half of the file's bytes
+        land before the failure (a write cut short)."""
+        patterns = (matching,) if isinstance(matching, str) else tuple(matching)
         with self._faults.lock:
-            if nth is not None:
-                self._faults.fail_write_numbers.add(nth)
-            if matching is not None:
-                self._faults.fail_write_patterns.append(matching)
-            self._faults.torn = torn
+            self._faults.write_rules.append(_WriteRule(patterns, nth, torn))
         return self
 
     def fail_claim(self) -> FaultyStorage:
@@ -356,12 +370,9 @@ class FaultyStorage(StorageWrapper):
         faults = self._faults
         self._tick(f"cannot write {self.location}/{path}")
         with faults.lock:
-            faults.writes += 1
-            fail = faults.writes in faults.fail_write_numbers or any(
-                fnmatch.fnmatchcase(path, p) for p in faults.fail_write_patterns
-            )
-        if fail:
-            if faults.torn:
+            failing = [rule for rule in faults.write_rules if rule.fails(path)]
+        if failing:
+            if any(rule.torn for rule in failing):
                 data = _host_bytes(buffers)
                 super().write_file(path, [data[: len(data) // 2]])
             raise injected(f"cannot write {self.location}/{path}")
