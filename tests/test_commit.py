@@ -461,21 +461,22 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch, tessera
     from tessera.storage.local import LocalStorage
+    from tessera.testing import StorageWrapper
 
     root, ready = sys.argv[1], sys.argv[2]
-    real = LocalStorage.write_file
     written = [0]
 
-    def write_file(self, path, buffers):
-        real(self, path, buffers)
-        if "/c/" in path:
-            written[0] += 1
-            if written[0] == 20:
-                open(ready, "w").close()
-                time.sleep(120)
+    class Stall(StorageWrapper):  # the 20th chunk written, the save stops to be killed
+        def write_file(self, path, buffers):
+            super().write_file(path, buffers)
+            if "/c/" in path:
+                written[0] += 1
+                if written[0] == 20:
+                    open(ready, "w").close()
+                    time.sleep(120)
 
-    LocalStorage.write_file = write_file
-    tessera.save({"big": torch.arange(50_000, dtype=torch.float32)}, root, chunk_bytes=1024, threads=1)
+    state = {"big": torch.arange(50_000, dtype=torch.float32)}
+    tessera.save(state, Stall(LocalStorage(root)), chunk_bytes=1024, threads=1)
     """
 )
 

@@ -857,7 +857,7 @@ def test_root_may_be_reached_through_a_symlink(good: Path) -> None:
     ids=["1e18-chunks", "1e20-elements", "rank-1000", "64GiB-chunk", "overflow"],
 )
 def test_huge_arrays_refused_before_any_read_R11_6(
-    good: Path, monkeypatch: pytest.MonkeyPatch, shape: list[int], chunk_shape: list[int], dtype: str
+    good: Path, shape: list[int], chunk_shape: list[int], dtype: str
 ) -> None:
     import math
 
@@ -868,24 +868,17 @@ def test_huge_arrays_refused_before_any_read_R11_6(
             shape=shape, chunk_shape=chunk_shape, dtype=dtype, chunk_count=count
         ),
     )
-    reads: list[str] = []
-    for name in ("read_file", "read_into"):
-        real = getattr(LocalStorage, name)
-        monkeypatch.setattr(
-            LocalStorage,
-            name,
-            lambda self, path, *a, _real=real, **k: (reads.append(path), _real(self, path, *a, **k))[1],
-        )
+    storage = RecordingStorage(LocalStorage(good))
     tracemalloc.start()
     try:
         with pytest.raises(tessera.LimitExceededError) as info:
-            tessera.open(good)
+            tessera.open(storage)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert info.value.code == "limit_exceeded"
     assert "'w'" in str(info.value)
-    assert reads == ["zarr.json"]
+    assert [c.path for c in storage.ops("read_file", "read_into")] == ["zarr.json"]
     assert peak < 16 * 2**20
 
 
