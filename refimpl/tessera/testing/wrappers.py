@@ -246,7 +246,7 @@ class _Faults:
     before_remove: Action | None = None
     short_reads: builtins.list[str] = field(default_factory=builtins.list)
     buffer_unsynced: bool = False
-    pending: dict[int, builtins.list[tuple[str, bytes]]] = field(default_factory=dict)
+    pending: dict[str, builtins.list[tuple[str, bytes]]] = field(default_factory=dict)
     calls_left: int | None = None
     down: bool = False
 
@@ -335,7 +335,7 @@ class FaultyStorage(StorageWrapper):
         """Keep each ``write_file``'s bytes here until ``sync``: a :meth:`power_cut` then loses
         them, as a crash loses what was never made durable. ``power_cut_after``: the power goes
         by itself after that many further write-side calls (claim, write_file, sync,
-        publish_root), that call failing."""
+        publish_root, remove_unpublished), that call failing."""
         self._faults.buffer_unsynced = True
         self._faults.calls_left = power_cut_after
         return self
@@ -381,14 +381,14 @@ class FaultyStorage(StorageWrapper):
             return
         data = _host_bytes(buffers)
         with faults.lock:
-            faults.pending.setdefault(id(self.inner), []).append((path, data))
+            faults.pending.setdefault(self.location, []).append((path, data))
 
     def sync(self) -> None:
         self._tick(f"cannot make {self.location} durable")
         if self._faults.fail_sync:
             raise injected(f"cannot make {self.location} durable")
         with self._faults.lock:
-            pending = self._faults.pending.pop(id(self.inner), [])
+            pending = self._faults.pending.pop(self.location, [])
         for path, data in pending:
             self.inner.write_file(path, [data])
         super().sync()
@@ -400,6 +400,10 @@ class FaultyStorage(StorageWrapper):
         if self._faults.fail_publish:
             raise injected(f"cannot publish {self.location}/zarr.json")
         super().publish_root(data, save_id)
+
+    def remove_unpublished(self, save_id: str) -> None:
+        self._tick(f"cannot remove the unfinished save at {self.location}")
+        super().remove_unpublished(save_id)
 
     def replace_file(self, path: str, data: bytes) -> None:
         if self._faults.fail_replace:
