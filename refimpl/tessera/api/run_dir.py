@@ -138,16 +138,16 @@ class RunDirectory:
         that ``latest`` moves in call order.
         """
         metadata = {"step": step, **options.pop("metadata", {})}
-        path = self.storage.child(self.name_of(step))
+        name = self.name_of(step)
         if not asynchronous:
             self.wait()
-            return self._save_now(state_dict, path, metadata=metadata, **options)
+            return self._save_now(state_dict, name, metadata=metadata, **options)
         saver = default_saver(options.pop("process_group", None))
         options = snapshot_options({**options, "metadata": metadata})
         handle = saver.submit(
             state_dict,
-            path,
-            lambda staged, group: self._save_now(staged, path, process_group=group, **options),
+            self.storage.child(name),
+            lambda staged, group: self._save_now(staged, name, process_group=group, **options),
         )
         self._last_async = handle
         return handle
@@ -162,15 +162,15 @@ class RunDirectory:
         if handle is not None and not handle.observed:
             handle.wait()
 
-    def _save_now(self, state_dict: Mapping[Any, Any], path: Storage, **options: Any) -> Manifest:
-        """The save under the step's lock, then ``latest`` and retention, all on the coordinator.
+    def _save_now(self, state_dict: Mapping[Any, Any], name: str, **options: Any) -> Manifest:
+        """The save of step ``name`` under its lock, then ``latest`` and retention, all on the
+        coordinator.
 
         Under torch.distributed only the coordinator takes the lock, moves the pointer and
         deletes; the other ranks wait for it, so that every rank sees the new ``latest`` on
         return. Once the checkpoint is committed nothing raises: a failure to move ``latest``
         or to apply retention is a :class:`~tessera.TesseraWarning` on every rank.
         """
-        name = path.location.rstrip("/").rsplit("/", 1)[-1]
         collective = collective_for(options.get("process_group"))
         lock: Lock | None = None
         error: TesseraError | None = None
@@ -183,7 +183,7 @@ class RunDirectory:
         if error is not None:
             raise error
         try:
-            manifest = save(state_dict, path, **options)
+            manifest = save(state_dict, self.storage.child(name), **options)
             assert isinstance(manifest, Manifest), "a synchronous save returns the manifest"
             problem: str | None = None
             if collective.rank == 0:
