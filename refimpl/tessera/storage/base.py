@@ -36,9 +36,13 @@ gives the storage of one step, which a save then uses as above; ``kind`` and
 run's lock (``None``: while ``latest`` moves) or a step's lock (a marker entry
 beside the step, R10.9); ``read_file`` and ``replace_file`` read and move the
 ``latest`` pointer (under the run's lock); ``remove_checkpoint`` deletes a
-step, its root ``zarr.json`` first. A storage that cannot hold run
-directories leaves them as they are here: each raises :class:`StorageError`
-saying so.
+step, its root ``zarr.json`` first. Call order of a save into a run (the
+coordinator): ``lock(".step-N.lock", create=True)``, ``kind``/``entries`` of the
+step, the save on ``child("step-N")``; then ``lock(None)``, ``read_file("latest")``,
+``replace_file("latest", ...)``, release; then retention: ``entries()``, and per
+doomed step ``lock(marker)``, ``remove_checkpoint``, release. A storage that
+cannot hold run directories leaves these methods as they are here: each raises
+:class:`StorageError` saying so.
 """
 
 from __future__ import annotations
