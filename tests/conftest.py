@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tessera
 import torch
 from tessera.format.digest import reseal_root
 from tessera.format.dtypes import DTYPES, DType
+from tessera.storage.local import LocalStorage
+from tessera.testing import RecordingStorage
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA_DIR = REPO / "schemas"
@@ -250,27 +251,21 @@ def forced_chunks(chunk_shape_of: Callable[[tuple[int, ...]], tuple[int, ...]]) 
         yield
 
 
+def recorded(path: Path) -> RecordingStorage:
+    """The local checkpoint at ``path`` as a storage that records every call made to it."""
+    return RecordingStorage(LocalStorage(path))
+
+
 @contextmanager
-def recording(ck: tessera.Checkpoint) -> Iterator[list[tuple[str, str]]]:
-    """Record every storage access (method, path) of one Checkpoint."""
+def recording(storage: RecordingStorage) -> Iterator[list[tuple[str, str]]]:
+    """The read accesses (method, path) made to ``storage`` inside the block, filled on exit."""
+    start = len(storage.calls)
     calls: list[tuple[str, str]] = []
-    storage = ck.storage
-    originals = {name: getattr(storage, name) for name in ("read_file", "read_into", "size", "list")}
-
-    def wrap(name: str) -> Any:
-        def call(path: str, *args: Any, **kwargs: Any) -> Any:
-            calls.append((name, path))
-            return originals[name](path, *args, **kwargs)
-
-        return call
-
-    for name in originals:
-        setattr(storage, name, wrap(name))
     try:
         yield calls
     finally:
-        for name in originals:
-            delattr(storage, name)
+        reads = ("read_file", "read_into", "size", "list")
+        calls.extend((c.op, c.path or "") for c in storage.calls[start:] if c.op in reads)
 
 
 @pytest.fixture

@@ -10,7 +10,9 @@ The layers, lowest first (the README's "Architecture" section names each one's j
 5. ``engine``: moving chunk bytes between storage and memory (staging, GPU copies and CRCs);
 6. ``distributed``: the collective steps between ranks (plans, pieces, loading together);
 7. ``api``: ``save``, ``save_async``, ``load``, ``open``, ``verify``, run directories;
-8. ``cli``: the ``tessera`` command.
+8. ``cli``: the ``tessera`` command; ``testing``: the storage test kit and the recording and
+   fault-injecting storages (the only module importing pytest; ``import tessera`` never
+   imports it).
 
 A module may import its own layer and the layers below it, never above: so the write path
 never reaches the read engine through the API, and storage never knows about planning. Every
@@ -38,6 +40,7 @@ LAYERS = {
     "distributed": 6,
     "api": 7,
     "cli": 8,
+    "testing": 8,
 }
 """The layer of each top-level module or subpackage of ``tessera``; the package's own
 ``__init__`` sits above them all (it re-exports the API)."""

@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 from tessera import AsyncSave, AsyncSaver, CheckpointExistsError, RunDirectory, ShardedObject, ShardedTensor
 from tessera.state.dtensor import sharded_from_dtensor
+from tessera.storage.base import Storage
 from tessera.storage.local import LocalStorage
+from tessera.testing import StorageWrapper
 
 from .conftest import assert_bit_equal, assert_tree_bit_equal, random_tensor
 from .ranks import run_ranks
@@ -31,31 +33,42 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 
 class Gate:
-    """Holds every save at its claim (before any data is read) until ``open`` is called."""
+    """Holds every save into a storage it wrapped at its claim (before any data is read) until
+    ``open`` is called."""
 
     def __init__(self) -> None:
         self.reached = threading.Event()
         self._open = threading.Event()
 
-    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        real = LocalStorage.claim
+    def wrap(self, location: Path) -> Storage:
+        """``location`` as a storage whose claim (and its children's) waits for the gate."""
+        return _Gated(LocalStorage(location), self)
 
-        def claim(storage: LocalStorage, doc: bytes) -> None:
-            self.reached.set()
-            if not self._open.wait(60):
-                raise TimeoutError("the test never opened the gate")
-            real(storage, doc)
-
-        monkeypatch.setattr(LocalStorage, "claim", claim)
+    def hold(self) -> None:
+        self.reached.set()
+        if not self._open.wait(60):
+            raise TimeoutError("the test never opened the gate")
 
     def open(self) -> None:
         self._open.set()
 
 
+class _Gated(StorageWrapper):
+    def __init__(self, inner: Storage, gate: Gate) -> None:
+        super().__init__(inner)
+        self.gate = gate
+
+    def wrap(self, inner: Storage) -> StorageWrapper:
+        return _Gated(inner, self.gate)
+
+    def claim(self, doc: bytes) -> None:
+        self.gate.hold()
+        super().claim(doc)
+
+
 @pytest.fixture
-def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
+def gate() -> Iterator[Gate]:
     held = Gate()
-    held.install(monkeypatch)
     yield held
     held.open()  # never leave a background save held
 
@@ -114,7 +127,7 @@ def _mutate(state: dict[str, Any]) -> None:
 def test_snapshot_is_the_state_at_the_call(tmp_path: Path, gate: Gate) -> None:
     state, metadata = _state(), {"tokens": [1, 2]}
     with AsyncSaver() as saver:
-        handle = saver.save(state, tmp_path / "async", metadata=metadata)
+        handle = saver.save(state, gate.wrap(tmp_path / "async"), metadata=metadata)
         assert gate.reached.wait(10) and not handle.done()
         _mutate(state)
         metadata["tokens"].append(3)
@@ -174,9 +187,9 @@ def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
 
 def test_at_most_one_save_in_flight(tmp_path: Path, gate: Gate) -> None:
     with AsyncSaver() as saver:
-        first = saver.save({"w": torch.ones(3)}, tmp_path / "a")
+        first = saver.save({"w": torch.ones(3)}, gate.wrap(tmp_path / "a"))
         assert gate.reached.wait(10)
-        thread, second = _in_thread(lambda: saver.save({"w": torch.zeros(3)}, tmp_path / "b"))
+        thread, second = _in_thread(lambda: saver.save({"w": torch.zeros(3)}, gate.wrap(tmp_path / "b")))
         thread.join(0.5)
         assert thread.is_alive() and not first.done()  # the second save waits for the first
         gate.open()
@@ -191,9 +204,13 @@ def test_max_in_flight_two_uses_two_buffer_sets(
     tmp_path: Path, gate: Gate, staged: list[dict[Any, Any]]
 ) -> None:
     with AsyncSaver(max_in_flight=2) as saver:
-        handles = [saver.save({"w": torch.full((3,), float(i))}, tmp_path / f"c{i}") for i in range(2)]
+        handles = [
+            saver.save({"w": torch.full((3,), float(i))}, gate.wrap(tmp_path / f"c{i}")) for i in range(2)
+        ]
         assert gate.reached.wait(10) and not any(h.done() for h in handles)
-        thread, third = _in_thread(lambda: saver.save({"w": torch.full((3,), 2.0)}, tmp_path / "c2"))
+        thread, third = _in_thread(
+            lambda: saver.save({"w": torch.full((3,), 2.0)}, gate.wrap(tmp_path / "c2"))
+        )
         thread.join(0.5)
         assert thread.is_alive()
         gate.open()
@@ -238,7 +255,7 @@ def test_unwaited_failure_is_raised_by_the_next_save_once(tmp_path: Path, commit
 
 def test_close_waits_and_raises_an_unseen_failure(tmp_path: Path, committed: Path, gate: Gate) -> None:
     saver = AsyncSaver()
-    handle = saver.save({"w": torch.ones(2)}, tmp_path / "a")
+    handle = saver.save({"w": torch.ones(2)}, gate.wrap(tmp_path / "a"))
     assert gate.reached.wait(10)
     thread, _ = _in_thread(saver.close)
     thread.join(0.5)
@@ -272,18 +289,15 @@ def test_errors_of_the_call_are_raised_at_once(tmp_path: Path) -> None:
 
 def test_run_directory_moves_latest_after_the_commit(tmp_path: Path, gate: Gate) -> None:
     run = RunDirectory(tmp_path / "run", keep_last=1)
-    gate.open()
     run.save({"w": torch.zeros(2)}, 1)
-    gate = Gate()
-    with pytest.MonkeyPatch.context() as mp:
-        gate.install(mp)
-        state = {"w": torch.ones(2)}
-        handle = run.save(state, 2, asynchronous=True, metadata={"loss": 0.5})
-        assert gate.reached.wait(10)
-        state["w"].zero_()
-        assert run.latest() == tmp_path / "run" / "step-00000001"
-        gate.open()
-        assert handle.wait().metadata == {"step": 2, "loss": 0.5}
+    held = RunDirectory(gate.wrap(tmp_path / "run"), keep_last=1)  # the same run, saves held at the claim
+    state = {"w": torch.ones(2)}
+    handle = held.save(state, 2, asynchronous=True, metadata={"loss": 0.5})
+    assert gate.reached.wait(10)
+    state["w"].zero_()
+    assert run.latest() == tmp_path / "run" / "step-00000001"
+    gate.open()
+    assert handle.wait().metadata == {"step": 2, "loss": 0.5}
     assert run.latest() == tmp_path / "run" / "step-00000002"
     assert [c.name for c in run.checkpoints()] == ["step-00000002"]  # retention, after the commit
     assert_tree_bit_equal(tessera.load(run.latest()), {"w": torch.ones(2)})
@@ -308,12 +322,10 @@ def _full(name: str) -> torch.Tensor:
 def _held_save(saver: AsyncSaver, state: dict[str, Any], path: Path, then: Callable[[], None]) -> None:
     """Save, run ``then`` while the coordinator's background save is held at its claim, then finish."""
     gate = Gate()
-    with pytest.MonkeyPatch.context() as mp:
-        gate.install(mp)
-        handle = saver.save(state, path)
-        then()
-        gate.open()
-        handle.wait()
+    handle = saver.save(state, gate.wrap(path))
+    then()
+    gate.open()
+    handle.wait()
 
 
 def _async_rank(rank: int, world_size: int, root: Path) -> None:
@@ -398,7 +410,7 @@ def test_gpu_tensors_are_staged_in_pinned_buffers(
     side.wait_stream(torch.cuda.current_stream())
     with AsyncSaver() as saver:
         with torch.cuda.stream(side):
-            handle = saver.save({"w": source}, tmp_path / "a")
+            handle = saver.save({"w": source}, gate.wrap(tmp_path / "a"))
             source.add_(1)  # queued on the stream that the copy was issued on, after it
         gate.open()
         handle.wait()

@@ -1,24 +1,23 @@
 """The commit protocol (§9): claim, durable writes, root published last with link, first-wins.
 
-The power-loss tests record every file-system call of a save (through a proxy
-for the ``os`` module of ``tessera.storage.local`` and a wrapper of
-``Path.mkdir``), replay them into a model of a POSIX file system in which
-unsynced data and unsynced directory entries are lost, and check the
-checkpoint that survives a power cut after every single call.
+The power-loss tests record every file-system call of a real save (traced with
+``strace`` in a child process, see ``tests/syscalls.py``), replay them into a
+model of a POSIX file system in which unsynced data and unsynced directory
+entries are lost, and check the checkpoint that survives a power cut after
+every single call. Failures of the medium come from a fault-injecting storage
+(:class:`tessera.testing.FaultyStorage`) passed to the save.
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,87 +26,70 @@ import pytest
 import tessera
 import tessera.storage.local
 import torch
+from tessera.storage.base import Storage
 from tessera.storage.local import LocalStorage
+from tessera.testing import CHUNKS, FaultyStorage, RecordingStorage
 
 from .conftest import assert_tree_bit_equal, random_tensor
+from .syscalls import Syscall, traced_syscalls
 
 # -- recording --------------------------------------------------------------------------------
 
 Op = tuple[Any, ...]
 
 
-class RecordingOS:
-    """Delegates to the real ``os``; logs what matters for durability, in call order."""
+def file_ops(calls: list[Syscall], under: Path) -> list[Op]:
+    """The traced calls that change files under ``under``, as the model's operations, in order."""
+    base = str(under)
 
-    def __init__(self, log: list[Op], *, drop_file_fsync: bool = False) -> None:
-        self._log = log
-        self._fds: dict[int, tuple[str, bool]] = {}
-        self._lock = threading.Lock()
-        self._drop_file_fsync = drop_file_fsync
+    def inside(path: str | None) -> bool:
+        return path is not None and (path == base or path.startswith(base + "/"))
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(os, name)
-
-    def open(self, path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
-        fd = os.open(path, flags, mode, **kwargs)
-        p = os.fspath(path)
-        with self._lock:
-            self._fds[fd] = (p, bool(flags & os.O_DIRECTORY))
-            if flags & os.O_CREAT:
-                self._log.append(("create", p))
-        return fd
-
-    def write(self, fd: int, data: Any) -> int:
-        n = os.write(fd, data)
-        with self._lock:
-            self._log.append(("write", self._fds[fd][0], bytes(memoryview(data).cast("B")[:n])))
-        return n
-
-    def fsync(self, fd: int) -> None:
-        path, is_dir = self._fds[fd]
-        if self._drop_file_fsync and not is_dir:
-            return
-        os.fsync(fd)
-        with self._lock:
-            self._log.append(("fsync_dir" if is_dir else "fsync", path))
-
-    def close(self, fd: int) -> None:
-        with self._lock:
-            self._fds.pop(fd, None)
-        os.close(fd)
-
-    def link(self, src: Any, dst: Any, **kwargs: Any) -> None:
-        os.link(src, dst, **kwargs)
-        self._log.append(("link", os.fspath(src), os.fspath(dst)))
-
-    def unlink(self, path: Any, **kwargs: Any) -> None:
-        os.unlink(path, **kwargs)
-        self._log.append(("unlink", os.fspath(path)))
-
-    def replace(self, src: Any, dst: Any, **kwargs: Any) -> None:
-        self._log.append(("replace", os.fspath(src), os.fspath(dst)))
-        os.replace(src, dst, **kwargs)
-
-    def rename(self, src: Any, dst: Any, **kwargs: Any) -> None:
-        self._log.append(("rename", os.fspath(src), os.fspath(dst)))
-        os.rename(src, dst, **kwargs)
-
-
-@contextmanager
-def recorded(**options: Any) -> Iterator[list[Op]]:
     log: list[Op] = []
-    real_mkdir = pathlib.Path.mkdir
+    for c in calls:
+        if not c.ok:
+            continue
+        if c.name in ("openat", "open", "creat"):
+            path = c.result_path()
+            if "O_CREAT" in c.text and inside(path):
+                log.append(("create", path))
+        elif c.name in ("write", "pwrite64") and inside(c.fd_path):
+            log.append(("write", c.fd_path, c.data()[: int(c.result)]))
+        elif c.name in ("fsync", "fdatasync") and inside(c.fd_path):
+            assert c.fd_path is not None
+            log.append(("fsync_dir" if os.path.isdir(c.fd_path) else "fsync", c.fd_path))
+        elif c.name in ("mkdir", "mkdirat") and inside(c.strings()[0]):
+            log.append(("mkdir", c.strings()[0]))
+        elif c.name in ("link", "linkat") and inside(c.strings()[1]):
+            log.append(("link", *c.strings()[:2]))
+        elif c.name in ("unlink", "unlinkat"):
+            name = c.strings()[0]
+            path = os.path.join(c.fd_path, name) if c.fd_path and not name.startswith("/") else name
+            if inside(path):
+                log.append(("unlink", path))
+        elif c.name.startswith("rename") and inside(c.strings()[1]):
+            log.append(("replace", *c.strings()[:2]))
+    return log
 
-    def mkdir(self: Path, mode: int = 0o777, parents: bool = False, exist_ok: bool = False) -> None:
-        existed = self.is_dir()
-        real_mkdir(self, mode, parents, exist_ok)
-        if not existed and ("mkdir", str(self)) not in log:
-            log.append(("mkdir", str(self)))
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tessera.storage.local, "os", RecordingOS(log, **options))
-        mp.setattr(pathlib.Path, "mkdir", mkdir)
-        yield log
+SAVE = """
+import os, tessera
+from tessera.storage.local import LocalStorage
+from tessera.testing import StorageWrapper
+from tests.test_commit import _state
+{setup}
+tessera.save(_state(), {storage}, chunk_bytes=24, threads=1)
+"""
+
+
+def _save_traced(root: Path, *, setup: str = "", storage: str = "{root!r}") -> list[Syscall]:
+    """The system calls of ``tessera.save(_state(), root, ...)`` in a child process."""
+    code = SAVE.format(setup=setup, storage=storage.format(root=str(root)))
+    return traced_syscalls(code)
+
+
+def _save_recorded(root: Path, **options: str) -> list[Op]:
+    return file_ops(_save_traced(root, **options), root.parent)
 
 
 # -- a model of a file system that loses power -----------------------------------------------
@@ -248,16 +230,10 @@ def _state() -> dict[str, Any]:
     }
 
 
-def _save_recorded(root: Path, **options: Any) -> list[Op]:
-    with recorded(**options) as log:
-        tessera.save(_state(), root, chunk_bytes=24, threads=1)
-    return log
-
-
 # -- the order of calls -----------------------------------------------------------------------
 
 
-def test_commit_order_R9_1_R9_8_R9_10(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_commit_order_R9_1_R9_8_R9_10(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
     log = _save_recorded(root)
     r = str(root)
@@ -299,25 +275,18 @@ def test_commit_order_R9_1_R9_8_R9_10(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert not (root / f"zarr.json.{save_id}.tmp").exists()
 
 
-def test_every_file_is_created_exclusively_R9_5(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    flags: list[int] = []
-
-    class Spy(RecordingOS):
-        def open(self, path: Any, flag: int, mode: int = 0o777, **kwargs: Any) -> int:
-            if flag & os.O_CREAT:
-                flags.append(flag)
-            return super().open(path, flag, mode, **kwargs)
-
-    monkeypatch.setattr(tessera.storage.local, "os", Spy([]))
-    tessera.save(_state(), tmp_path / "c", chunk_bytes=24)
-    assert len(flags) > 10
-    assert all(f & os.O_EXCL for f in flags)
+def test_every_file_is_created_exclusively_R9_5(tmp_path: Path) -> None:
+    root = str(tmp_path / "c")
+    calls = _save_traced(tmp_path / "c")
+    creates = [c for c in calls if "O_CREAT" in c.text and (c.result_path() or "").startswith(root)]
+    assert len(creates) > 10
+    assert all("O_EXCL" in c.text for c in creates), [c.text for c in creates if "O_EXCL" not in c.text]
 
 
 # -- power loss ---------------------------------------------------------------------------------
 
 
-def test_power_loss_at_every_call_R9_8(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_power_loss_at_every_call_R9_8(tmp_path: Path) -> None:
     """Whatever call the power cut follows, the checkpoint is either uncommitted or complete."""
     root = tmp_path / "ckpt"
     log = _save_recorded(root)
@@ -335,126 +304,105 @@ def test_power_loss_at_every_call_R9_8(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert outcomes["root-leaks"].index("committed") == link + 1
 
 
-def test_power_loss_model_catches_missing_directory_fsync(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+NO_SYNC = """
+class NoSync(StorageWrapper):  # a deliberately wrong storage: sync does nothing
+    def sync(self):
+        pass
+"""
+
+
+def test_power_loss_model_catches_missing_directory_fsync(tmp_path: Path) -> None:
     """The simulation is not vacuous: a writer that skips the directory fsyncs is caught."""
-    monkeypatch.setattr(LocalStorage, "sync", lambda self: None)
     root = tmp_path / "ckpt"
-    log = _save_recorded(root)
+    log = _save_recorded(root, setup=NO_SYNC, storage="NoSync(LocalStorage({root!r}))")
     outcomes = replay(log, root, _state(), tmp_path / "cuts", scenarios=("synced", "root-leaks"))
     assert any(r.startswith("BROKEN") for r in outcomes["root-leaks"])
     assert any(r.startswith("BROKEN") for r in outcomes["synced"])
 
 
-def test_power_loss_model_catches_missing_file_fsync(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """... and so is a writer that never fsyncs its files (it survives kill -9, not power loss)."""
+def test_power_loss_model_catches_missing_file_fsync(tmp_path: Path) -> None:
+    """... and so is a writer that never fsyncs its files (it survives kill -9, not power loss):
+    the log of a real save with its file fsyncs taken out."""
     root = tmp_path / "ckpt"
-    log = _save_recorded(root, drop_file_fsync=True)
+    log = [op for op in _save_recorded(root) if op[0] != "fsync"]
     assert tessera.verify(root).ok  # no crash, no problem
     outcomes = replay(log, root, _state(), tmp_path / "cuts", scenarios=("metadata-only",))
     assert outcomes["metadata-only"][-1].startswith("BROKEN")
 
 
-def test_power_loss_model_catches_rename_publication(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Publishing with os.replace is not first-wins (R9.10); the log shows it."""
-
-    def publish_with_replace(self: LocalStorage, data: bytes, save_id: str) -> None:
+REPLACE_PUBLISH = """
+class ReplacePublish(StorageWrapper):  # a deliberately wrong storage: publishes with rename
+    def publish_root(self, data, save_id):
         temporary = f"zarr.json.{save_id}.tmp"
-        self.write_file(temporary, [data])
-        tessera.storage.local.os.replace(Path(self.location) / temporary, Path(self.location) / "zarr.json")
+        self.inner.write_file(temporary, [data])
+        os.replace(os.path.join(self.location, temporary), os.path.join(self.location, "zarr.json"))
+"""
 
-    monkeypatch.setattr(LocalStorage, "publish_root", publish_with_replace)
-    log = _save_recorded(tmp_path / "ckpt")
+
+def test_power_loss_model_catches_rename_publication(tmp_path: Path) -> None:
+    """Publishing with os.replace is not first-wins (R9.10); the log shows it."""
+    log = _save_recorded(
+        tmp_path / "ckpt", setup=REPLACE_PUBLISH, storage="ReplacePublish(LocalStorage({root!r}))"
+    )
     assert [op[0] for op in log if op[0] in ("replace", "link")] == ["replace"]
 
 
 # -- failures during the save -------------------------------------------------------------------
 
 
-def _failing_write_file(fail_at: int) -> Callable[..., None]:
-    real = LocalStorage.write_file
-    count = {"chunks": 0}
-
-    def write_file(self: LocalStorage, path: str, buffers: Any) -> None:
-        if "/c/" in path or path.endswith("/c"):
-            count["chunks"] += 1
-            if count["chunks"] == fail_at:
-                raise tessera.StorageError(f"cannot write {path}: the disk is full (simulated)")
-        real(self, path, buffers)
-
-    return write_file
-
-
 @pytest.mark.parametrize("fail_at", [1, 3, 6])
-def test_failed_save_removes_what_it_wrote_R9_7(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail_at: int
-) -> None:
+def test_failed_save_removes_what_it_wrote_R9_7(tmp_path: Path, fail_at: int) -> None:
     root = tmp_path / "ckpt"
-    monkeypatch.setattr(LocalStorage, "write_file", _failing_write_file(fail_at))
-    with pytest.raises(tessera.StorageError, match="simulated") as info:
-        tessera.save(_state(), root, chunk_bytes=24, threads=1)
+    full = FaultyStorage(LocalStorage(root)).fail_write(nth=fail_at, matching=CHUNKS)
+    with pytest.raises(tessera.StorageError, match="injected fault") as info:
+        tessera.save(_state(), full, chunk_bytes=24, threads=1)
     assert info.value.code == "io_error"
     assert not root.exists(), "the failed save left its partial checkpoint behind"
-    monkeypatch.undo()
     tessera.save(_state(), root)  # the path is free again
     assert_tree_bit_equal(tessera.load(root), _state())
 
 
-def test_failed_save_removes_only_its_own_files_R9_7(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_failed_save_removes_only_its_own_files_R9_7(tmp_path: Path) -> None:
     """A claim that is not the failed save's own (replaced meanwhile) is never cleaned up."""
     root = tmp_path / "ckpt"
-    real = LocalStorage.publish_root
 
-    def rival_then_fail(self: LocalStorage, data: bytes, save_id: str) -> None:
+    def rival_claims(inner: Storage, path: str) -> None:
         (root / ".tessera-claim.json").write_text('{"save_id": "someone-else"}')
-        raise tessera.StorageError("cannot publish (simulated)")
 
-    monkeypatch.setattr(LocalStorage, "publish_root", rival_then_fail)
-    with pytest.raises(tessera.StorageError, match="simulated"):
-        tessera.save(_state(), root, chunk_bytes=24)
+    with pytest.raises(tessera.StorageError, match="injected fault"):
+        tessera.save(
+            _state(), FaultyStorage(LocalStorage(root)).fail_publish(before=rival_claims), chunk_bytes=24
+        )
     assert (root / ".tessera-claim.json").read_text() == '{"save_id": "someone-else"}'
     assert (root / "model").is_dir()
     # A publication lost to a rival's committed root (already_exists) removes nothing either.
-    monkeypatch.setattr(LocalStorage, "publish_root", real)
     other = tmp_path / "other"
     tessera.save(_state(), other)
-    from tessera.storage.run_files import remove_unpublished
-
     save_id = tessera.open(other).manifest.save_id
-    remove_unpublished(other, save_id)
+    LocalStorage(other).remove_unpublished(save_id)
     assert_tree_bit_equal(tessera.load(other), _state())
 
 
-def test_failed_link_is_an_io_error_R9_10(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_failed_publication_is_an_io_error_R9_10(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
-
-    class NoLink(RecordingOS):
-        def link(self, src: Any, dst: Any, **kwargs: Any) -> None:
-            raise PermissionError(1, "Operation not permitted", os.fspath(dst))
-
-    monkeypatch.setattr(tessera.storage.local, "os", NoLink([]))
+    storage = RecordingStorage(FaultyStorage(LocalStorage(root)).fail_publish())
     with pytest.raises(tessera.StorageError) as info:
-        tessera.save(_state(), root)
+        tessera.save(_state(), storage)
     assert info.value.code == "io_error"
     assert "zarr.json" in str(info.value)
-    assert not (root / "zarr.json").exists()
-    assert not list(root.glob("zarr.json.*.tmp")), "the temporary root is removed whatever the outcome"
+    assert [c.op for c in storage.ops("publish_root", "remove_unpublished")] == [
+        "publish_root",
+        "remove_unpublished",
+    ]
+    assert not root.exists(), "the failed save removed what it wrote (R9.7)"
 
 
-def test_rival_root_wins_R9_9(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_rival_root_wins_R9_9(tmp_path: Path) -> None:
     """A root that appears during the save is never overwritten: first wins."""
     root = tmp_path / "ckpt"
     rival = b'{"rival": true}'
-    real = LocalStorage.publish_root
-
-    def publish(self: LocalStorage, data: bytes, save_id: str) -> None:
-        (root / "zarr.json").write_bytes(rival)
-        real(self, data, save_id)
-
-    monkeypatch.setattr(LocalStorage, "publish_root", publish)
     with pytest.raises(tessera.CheckpointExistsError, match="another writer committed first") as info:
-        tessera.save(_state(), root)
+        tessera.save(_state(), FaultyStorage(LocalStorage(root)).rival_publishes(rival))
     assert info.value.code == "already_exists"
     assert (root / "zarr.json").read_bytes() == rival
     assert not list(root.glob("zarr.json.*.tmp"))
@@ -488,18 +436,17 @@ def test_concurrent_saves_one_winner_R9_4(tmp_path: Path) -> None:
     assert tessera.verify(root).ok
 
 
-def test_failed_save_keeps_the_previous_checkpoint_R10_3(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_failed_save_keeps_the_previous_checkpoint_R10_3(tmp_path: Path) -> None:
     run = tessera.RunDirectory(tmp_path / "run", keep_last=1)
     first = _state()
     run.save(first, step=1, chunk_bytes=24)
-    monkeypatch.setattr(LocalStorage, "write_file", _failing_write_file(2))
+    full = tessera.RunDirectory(
+        FaultyStorage(LocalStorage(tmp_path / "run")).fail_write(nth=2, matching=CHUNKS), keep_last=1
+    )
     second = _state()
     second["lr"] = 0.2
     with pytest.raises(tessera.StorageError):
-        run.save(second, step=2, chunk_bytes=24, threads=1)
-    monkeypatch.undo()
+        full.save(second, step=2, chunk_bytes=24, threads=1)
     assert run.latest() == tmp_path / "run" / "step-00000001"
     assert (tmp_path / "run" / "latest").read_text() == "step-00000001\n"
     assert_tree_bit_equal(tessera.load(run.latest()), first)
@@ -514,21 +461,22 @@ _KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time, torch, tessera
     from tessera.storage.local import LocalStorage
+    from tessera.testing import StorageWrapper
 
     root, ready = sys.argv[1], sys.argv[2]
-    real = LocalStorage.write_file
     written = [0]
 
-    def write_file(self, path, buffers):
-        real(self, path, buffers)
-        if "/c/" in path:
-            written[0] += 1
-            if written[0] == 20:
-                open(ready, "w").close()
-                time.sleep(120)
+    class Stall(StorageWrapper):  # the 20th chunk written, the save stops to be killed
+        def write_file(self, path, buffers):
+            super().write_file(path, buffers)
+            if "/c/" in path:
+                written[0] += 1
+                if written[0] == 20:
+                    open(ready, "w").close()
+                    time.sleep(120)
 
-    LocalStorage.write_file = write_file
-    tessera.save({"big": torch.arange(50_000, dtype=torch.float32)}, root, chunk_bytes=1024, threads=1)
+    state = {"big": torch.arange(50_000, dtype=torch.float32)}
+    tessera.save(state, Stall(LocalStorage(root)), chunk_bytes=1024, threads=1)
     """
 )
 

@@ -12,7 +12,16 @@ import pytest
 import tessera
 import torch
 
-from .conftest import assert_bit_equal, bits, flip_byte, forced_chunks, random_tensor, read_json, recording
+from .conftest import (
+    assert_bit_equal,
+    bits,
+    flip_byte,
+    forced_chunks,
+    random_tensor,
+    read_json,
+    recorded,
+    recording,
+)
 
 REGIONS: list[list[Any]] = [
     [],
@@ -97,9 +106,10 @@ def test_region_reads_only_overlapping_chunks_R14_2(
     chunked: tuple[Path, torch.Tensor], region: list[Any], variant: str
 ) -> None:
     root, t = chunked
-    ck = tessera.open(root / variant)
+    storage = recorded(root / variant)
+    ck = tessera.open(storage)
     entry = ck.entry("t")
-    with recording(ck) as calls:
+    with recording(storage) as calls:
         ck.read("t", region)
     data_reads = {p.removeprefix("t/") for m, p in calls if m in ("read_file", "read_into") and "/c" in p}
     expected = _expected_chunks(region, entry.layout.shape, entry.layout.chunk_shape)
@@ -107,7 +117,7 @@ def test_region_reads_only_overlapping_chunks_R14_2(
     # Nothing but this array's zarr.json and its chunks is touched.
     assert {p for _, p in calls} <= {"t/zarr.json"} | {f"t/{k}" for k in expected}
     # A second read does not re-read the array's zarr.json (checked once per handle).
-    with recording(ck) as again:
+    with recording(storage) as again:
         ck.read("t", region)
     assert ("read_file", "t/zarr.json") not in again
 
@@ -232,8 +242,9 @@ def test_subset_load_reads_only_its_chunks_R14_1(
     from .conftest import assert_tree_bit_equal
 
     root, state = model_ckpt
-    ck = tessera.open(root)
-    with recording(ck) as calls:
+    storage = recorded(root)
+    ck = tessera.open(storage)
+    with recording(storage) as calls:
         got = tessera.load(ck, keys=keys)
     assert_tree_bit_equal(got, want(state))
     touched = {p for _, p in calls}

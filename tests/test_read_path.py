@@ -3,7 +3,6 @@ GPU destinations fed through a pool of pinned staging buffers (the GPU tests ski
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
@@ -24,8 +23,17 @@ from tessera.engine.read_targets import ReadTarget
 from tessera.engine.staging import StagingPool
 from tessera.storage.base import FileMissingError
 from tessera.storage.local import LocalStorage
+from tessera.testing import RecordingStorage, StorageWrapper
 
-from .conftest import assert_bit_equal, edit_json, flip_byte, forced_chunks, random_tensor, recording
+from .conftest import (
+    assert_bit_equal,
+    edit_json,
+    flip_byte,
+    forced_chunks,
+    random_tensor,
+    recorded,
+    recording,
+)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -54,18 +62,11 @@ def saved(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, dict[st
     return tmp_path / "ck", state
 
 
-@pytest.fixture
-def opens(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Every ``os.open`` the local storage makes, by path."""
-    counted: Counter[str] = Counter()
-    real = os.open
-
-    def counting(path: Any, *args: Any, **kwargs: Any) -> int:
-        counted[os.fspath(path)] += 1
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(tessera.storage.local.os, "open", counting)
-    return counted
+def _opens(storage: RecordingStorage, start: int = 0) -> Counter[str]:
+    """The files the storage was asked to open (each size, read_file and read_into opens one
+    once, by the storage contract), as full paths, from call number ``start`` on."""
+    opened = ("size", "read_file", "read_into")
+    return Counter(f"{storage.location}/{c.path}" for c in storage.calls[start:] if c.op in opened)
 
 
 def _data_files(root: Path) -> list[str]:
@@ -78,50 +79,53 @@ def _data_files(root: Path) -> list[str]:
 # -- one open per file ------------------------------------------------------------------------
 
 
-def test_each_file_is_opened_once_per_load(saved: tuple[Path, dict[str, Any]], opens: Counter[str]) -> None:
+def test_each_file_is_opened_once_per_load(saved: tuple[Path, dict[str, Any]]) -> None:
     root, state = saved
-    ck = tessera.open(root)
-    opens.clear()
+    storage = recorded(root)
+    ck = tessera.open(storage)
+    start = len(storage.calls)
     template = _blank(state)
     got = tessera.load(ck, template)
     assert_bit_equal(got["w"], state["w"])
+    opens = _opens(storage, start)
     files = _data_files(root)
     assert {p: n for p, n in opens.items() if p in files} == dict.fromkeys(files, 1)
     assert set(opens) <= set(files), "no other file is opened (the root was, by tessera.open)"
 
 
-def test_each_file_is_opened_once_into_a_new_dict(
-    saved: tuple[Path, dict[str, Any]], opens: Counter[str]
-) -> None:
+def test_each_file_is_opened_once_into_a_new_dict(saved: tuple[Path, dict[str, Any]]) -> None:
     root, state = saved
-    got = tessera.load(root)
+    storage = recorded(root)
+    got = tessera.load(storage)
     assert_bit_equal(got["m"]["a"], state["m"]["a"])
+    opens = _opens(storage)
     files = _data_files(root)
     assert {p: n for p, n in opens.items() if p in files} == dict.fromkeys(files, 1)
     assert opens[str(root / "zarr.json")] == 1
 
 
-def test_regions_and_strided_destinations_open_each_chunk_once(
-    saved: tuple[Path, dict[str, Any]], opens: Counter[str]
-) -> None:
+def test_regions_and_strided_destinations_open_each_chunk_once(saved: tuple[Path, dict[str, Any]]) -> None:
     """Chunks cut by the region, shared by two requests, or landing in a strided view."""
     root, state = saved
-    ck = tessera.open(root)
+    storage = recorded(root)
+    ck = tessera.open(storage)
     top = torch.zeros(10, 16, dtype=torch.bfloat16)
     rest = torch.zeros(16, 27, dtype=torch.bfloat16).t()  # strided
     ck.read_many([("w", top, [slice(0, 10)]), ("w", rest, [slice(10, 37)])])
     assert_bit_equal(top, state["w"][:10])
     assert_bit_equal(rest, state["w"][10:])
+    opens = _opens(storage)
     chunks = [p for p in opens if "/w/c/" in p]
     assert len(chunks) == 5 and set(opens.values()) == {1}, opens  # w/zarr.json and the root too
 
 
 def test_zarr_json_is_read_once_per_handle(saved: tuple[Path, dict[str, Any]]) -> None:
     root, _ = saved
-    ck = tessera.open(root)
-    with recording(ck) as first:
+    storage = recorded(root)
+    ck = tessera.open(storage)
+    with recording(storage) as first:
         ck.read("w", [slice(0, 4)])
-    with recording(ck) as again:
+    with recording(storage) as again:
         ck.read("w")
     assert ("read_file", "w/zarr.json") in first
     assert not [c for c in again if c[1].endswith("zarr.json")]
@@ -299,7 +303,6 @@ def test_no_chunk_is_read_before_its_array_is_checked_R5_10(
     events: list[tuple[str, str]] = []
     lock = threading.Lock()
     real_check = ArrayChecks.check
-    real_read = LocalStorage.read_into
 
     def check(self: ArrayChecks, entry: Any) -> None:
         time.sleep(0.02)  # a slow disk: the threads reach the array's chunks before this is done
@@ -307,14 +310,14 @@ def test_no_chunk_is_read_before_its_array_is_checked_R5_10(
         with lock:
             events.append(("checked", entry.path))
 
-    def read_into(self: LocalStorage, path: str, *args: Any) -> None:
-        with lock:
-            events.append(("read", path.split("/")[0]))
-        real_read(self, path, *args)
+    class Logged(StorageWrapper):
+        def read_into(self, path: str, *args: Any) -> None:
+            with lock:
+                events.append(("read", path.split("/")[0]))
+            super().read_into(path, *args)
 
     monkeypatch.setattr(ArrayChecks, "check", check)
-    monkeypatch.setattr(LocalStorage, "read_into", read_into)
-    ck = tessera.open(tmp_path / "ck", threads=8)
+    ck = tessera.open(Logged(LocalStorage(tmp_path / "ck")), threads=8)
     tessera.load(ck, {k: torch.zeros_like(v) for k, v in state.items()})
     checked = {path: events.index(("checked", path)) for path in state}
     reads = [(i, path) for i, (what, path) in enumerate(events) if what == "read"]

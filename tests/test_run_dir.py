@@ -10,9 +10,12 @@ import pytest
 import tessera
 import torch
 from tessera import RunDirectory
+from tessera.storage.base import Storage
 from tessera.storage.local import LocalStorage
+from tessera.testing import FaultyStorage, RecordingStorage
 
 from .conftest import assert_tree_bit_equal
+from .syscalls import traced_syscalls
 
 
 def _state(step: int) -> dict[str, Any]:
@@ -44,21 +47,22 @@ def test_names_and_latest_R10_1_R10_2(tmp_path: Path) -> None:
     assert [c.latest for c in run.checkpoints()] == [False, False, True]
 
 
-def test_latest_moves_only_after_the_commit_R10_3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    run = RunDirectory(tmp_path / "run")
-    seen: list[str | None] = []
-    real = LocalStorage.publish_root
-
-    def publish(self: LocalStorage, data: bytes, save_id: str) -> None:
-        pointer = tmp_path / "run" / "latest"
-        seen.append(pointer.read_text() if pointer.exists() else None)
-        real(self, data, save_id)
-
-    monkeypatch.setattr(LocalStorage, "publish_root", publish)
+def test_latest_moves_only_after_the_commit_R10_3(tmp_path: Path) -> None:
+    storage = RecordingStorage(LocalStorage(tmp_path / "run"))
+    run = RunDirectory(storage)
     run.save(_state(1), step=1)
     run.save(_state(2), step=2)
-    assert seen == [None, "step-00000001\n"]
-    assert run.latest() == tmp_path / "run" / "step-00000002"
+    steps = [
+        (c.op, c.location.rsplit("/", 1)[-1], c.data) for c in storage.ops("publish_root", "replace_file")
+    ]
+    assert [(op, where) for op, where, _ in steps] == [
+        ("publish_root", "step-00000001"),
+        ("replace_file", "run"),
+        ("publish_root", "step-00000002"),
+        ("replace_file", "run"),
+    ]
+    assert [data for op, _, data in steps if op == "replace_file"] == [b"step-00000001\n", b"step-00000002\n"]
+    assert RunDirectory(tmp_path / "run").latest() == tmp_path / "run" / "step-00000002"
     assert not [n for n in os.listdir(tmp_path / "run") if n.startswith(".")], "temporary pointer left behind"
 
 
@@ -118,20 +122,19 @@ def test_retention_never_deletes_uncommitted_or_latest_R10_6(tmp_path: Path) -> 
     assert run.apply_retention() == []
 
 
-def test_retention_deletes_the_root_first_R10_6(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_retention_deletes_the_root_first_R10_6(tmp_path: Path) -> None:
     """A deletion cut short leaves an uncommitted checkpoint, never a committed one with holes;
     the save that committed still succeeds (a warning), and a later retention finishes the job."""
-    run = RunDirectory(tmp_path / "run", keep_last=1)
-    run.save(_state(1), step=1)
+    RunDirectory(tmp_path / "run").save(_state(1), step=1)
 
-    def interrupted(path: Any, *args: Any, **kwargs: Any) -> None:
-        raise OSError("interrupted (simulated)")
+    def root_gone(inner: Storage, path: str) -> None:  # as far as a deletion gets, root first
+        (Path(inner.location) / path / "zarr.json").unlink()
 
-    monkeypatch.setattr("tessera.storage.run_files.shutil.rmtree", interrupted)
+    failing = RunDirectory(FaultyStorage(LocalStorage(tmp_path / "run")).fail_remove(root_gone), keep_last=1)
     with pytest.warns(tessera.TesseraWarning, match="step-00000002 is committed, but retention failed"):
-        manifest = run.save(_state(2), step=2)
+        manifest = failing.save(_state(2), step=2)
     assert manifest.metadata == {"step": 2}
-    monkeypatch.undo()
+    run = RunDirectory(tmp_path / "run", keep_last=1)
     assert run.latest() == tmp_path / "run" / "step-00000002"
     with pytest.raises(tessera.UncommittedCheckpointError):
         tessera.load(tmp_path / "run" / "step-00000001")
@@ -210,42 +213,23 @@ def test_keep_last_must_be_positive(tmp_path: Path) -> None:
         RunDirectory(tmp_path, keep_last=0)
 
 
-def test_latest_is_replaced_durably_R10_3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Temporary dot-file, fsync, rename over ``latest``, fsync of the run directory, in that order."""
-    import tessera.storage.run_files
-
-    log: list[tuple[str, str]] = []
-    paths: dict[int, str] = {}
-
-    class Proxy:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(os, name)
-
-        def open(self, path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-            fd = os.open(path, flags, *args, **kwargs)
-            paths[fd] = os.fspath(path)
-            return fd
-
-        def fsync(self, fd: int) -> None:
-            os.fsync(fd)
-            log.append(("fsync", paths[fd]))
-
-        def replace(self, src: Any, dst: Any) -> None:
-            os.replace(src, dst)
-            log.append(("replace", f"{os.path.basename(src)} -> {os.path.basename(dst)}"))
-
-        def close(self, fd: int) -> None:
-            paths.pop(fd, None)
-            os.close(fd)
-
-    run = RunDirectory(tmp_path / "run")
-    monkeypatch.setattr(tessera.storage.run_files, "os", Proxy())
-    run.save(_state(1), step=1)
-    assert len(log) == 3, log
-    kind, temporary = log[0]
-    assert kind == "fsync" and os.path.basename(temporary).startswith(".latest.")
-    kind, what = log[1]
-    source, target = what.split(" -> ")
-    assert kind == "replace" and source == os.path.basename(temporary) and target == "latest"
-    assert log[2] == ("fsync", str(tmp_path / "run"))
+def test_latest_is_replaced_durably_R10_3(tmp_path: Path) -> None:
+    """Temporary dot-file, fsync, rename over ``latest``, fsync of the run directory, in that order:
+    the system calls of a real save, traced."""
+    run = str(tmp_path / "run")
+    calls = traced_syscalls(
+        f"import tessera, torch; tessera.RunDirectory({run!r}).save({{'w': torch.ones(2)}}, step=1)"
+    )
+    log = []
+    for c in calls:
+        if c.name == "fsync" and c.fd_path is not None and c.fd_path.startswith(run):
+            log.append(("fsync", c.fd_path))
+        elif c.name.startswith("rename") and c.ok:
+            log.append(("rename", " -> ".join(os.path.basename(p) for p in c.strings())))
+    renames = [i for i, (kind, _) in enumerate(log) if kind == "rename"]
+    assert len(renames) == 1, log
+    source, target = log[renames[0]][1].split(" -> ")
+    assert source.startswith(".latest.") and target == "latest"
+    assert ("fsync", f"{run}/{source}") in log[: renames[0]], "the pointer is durable before the rename"
+    assert log[renames[0] + 1 :] == [("fsync", run)], "then the run directory's entry"
     assert sorted(os.listdir(tmp_path / "run")) == ["latest", "step-00000001"], "temporary files left"

@@ -22,7 +22,9 @@ import tessera
 import torch
 from tessera import RunDirectory
 from tessera.cli.main import main
-from tessera.storage import run_files
+from tessera.storage.base import FileMissingError, Storage
+from tessera.storage.local import LocalStorage
+from tessera.testing import FaultyStorage
 
 from .conftest import assert_tree_bit_equal
 
@@ -81,13 +83,17 @@ def test_hostile_latest_is_bad_key_without_its_content_R10_2(
     assert [(c.name, c.committed, c.latest) for c in run.checkpoints()] == [("step-00000001", True, False)]
 
 
-def test_read_small_never_reads_past_its_bound(tmp_path: Path) -> None:
+def test_a_bounded_read_never_reads_past_its_bound(tmp_path: Path) -> None:
     big = tmp_path / "big"
     with big.open("wb") as f:
         f.truncate(1 << 30)  # sparse: a read of it whole would take a GiB
-    with pytest.raises(tessera.InvalidKeyError, match="more than 256"):
-        run_files.read_small(big, 256, "latest pointer")
-    assert run_files.read_small(tmp_path / "absent", 256, "latest pointer") is None
+    storage = LocalStorage(tmp_path)
+    start = time.monotonic()
+    with pytest.raises(tessera.LimitExceededError, match="over the limit of 256"):
+        storage.read_file("big", 256)
+    assert time.monotonic() - start < 1
+    with pytest.raises(FileMissingError):
+        storage.read_file("absent", 256)
 
 
 def test_device_latest_is_bad_key_R10_2(run: RunDirectory) -> None:
@@ -152,22 +158,17 @@ def test_retention_never_follows_a_symlinked_step_R10_6(tmp_path: Path) -> None:
 # -- failures after the commit --------------------------------------------------------------------
 
 
-def _fail_replace(root: Path, name: str) -> None:
-    raise OSError(28, "No space left on device")
-
-
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_a_committed_save_succeeds_when_latest_cannot_move_R10_3(
-    monkeypatch: pytest.MonkeyPatch, run: RunDirectory, asynchronous: bool
+    run: RunDirectory, asynchronous: bool
 ) -> None:
-    monkeypatch.setattr(run_files, "replace_pointer", _fail_replace)
+    full = RunDirectory(FaultyStorage(LocalStorage(run.root)).fail_replace(), keep_last=1)
     with pytest.warns(tessera.TesseraWarning, match="step-00000002 is committed, but could not move latest"):
-        result = run.save(_state(2), step=2, asynchronous=asynchronous)
+        result = full.save(_state(2), step=2, asynchronous=asynchronous)
         manifest = result.wait() if isinstance(result, tessera.AsyncSave) else result
     assert manifest.metadata == {"step": 2}
     assert run.latest() == run.root / "step-00000001"  # still the previous one, still loadable
     assert_tree_bit_equal(tessera.load(run.root / "step-00000002"), _state(2))
-    monkeypatch.undo()
     run.save(_state(3), step=3)
     assert run.latest() == run.root / "step-00000003"
     assert [c.step for c in run.checkpoints()] == [3]
@@ -282,24 +283,19 @@ def test_a_step_being_saved_elsewhere_is_refused(
     assert run.latest() == run.root / "step-00000001"
 
 
-def test_retention_skips_a_checkpoint_already_deleted(
-    monkeypatch: pytest.MonkeyPatch, run: RunDirectory
-) -> None:
+def test_retention_skips_a_checkpoint_already_deleted(run: RunDirectory) -> None:
     """Another process deleted it between the listing and the deletion: not an error."""
     run.keep_last = None
     run.save(_state(2), step=2)
     run.save(_state(3), step=3)
-    real = run_files.remove_step
 
-    def racing(root: Path, name: str) -> None:
+    def racing(inner: Storage, name: str) -> None:
         import shutil
 
-        shutil.rmtree(root / name)  # the other process wins the race
-        real(root, name)
+        shutil.rmtree(Path(inner.location) / name)  # the other process wins the race
 
-    run.keep_last = 1
-    monkeypatch.setattr(run_files, "remove_step", racing)
-    assert run.apply_retention() == ["step-00000001", "step-00000002"]
+    raced = RunDirectory(FaultyStorage(LocalStorage(run.root)).before_remove(racing), keep_last=1)
+    assert raced.apply_retention() == ["step-00000001", "step-00000002"]
     assert [c.step for c in run.checkpoints()] == [3]
 
 

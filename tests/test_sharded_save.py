@@ -28,9 +28,11 @@ from tessera.planning.local_plan import Extent, LeafSpec, LocalPlan, make_local_
 from tessera.planning.options import SaveOptions
 from tessera.state.boxes import Box
 from tessera.state.flatten import flatten
+from tessera.storage.base import Storage
 from tessera.storage.local import LocalStorage
+from tessera.testing import FaultyStorage, RecordingStorage, StorageWrapper
 
-from .conftest import assert_bit_equal, assert_chunk_lists_are_stored_crcs, random_tensor, recording
+from .conftest import assert_bit_equal, assert_chunk_lists_are_stored_crcs, random_tensor, recorded, recording
 from .ranks import RankDied, run_ranks
 
 CHUNK_BYTES = 40
@@ -466,8 +468,9 @@ def test_a_shard_reads_only_overlapping_chunks_R14_2_R14_8(tmp_path: Path) -> No
         (ShardedTensor(torch.empty(0), (16, 8), (0, 0), box_shape=(16, 8), flat_range=(9, 9)), set()),
     ]
     for shard, rows in shards:
-        ck = tessera.open(tmp_path / "ck")
-        with recording(ck) as calls:
+        storage = recorded(tmp_path / "ck")
+        ck = tessera.open(storage)
+        with recording(storage) as calls:
             got = tessera.load(ck, {"t": shard})["t"]
         read = [p for m, p in calls if "/c/" in p and m in READS]
         assert sorted(read) == sorted(f"t/c/{i}/0" for i in rows), (shard, read)  # each chunk read once
@@ -481,9 +484,10 @@ def test_a_rank_reads_only_its_chunks_of_a_sharded_save_R14_8(
     TP=4 loaders (3 rows each) read the one or two chunks their rows lie in, nothing else of it."""
     g = _globals()["layers/~0"]
     for rank in range(4):
-        ck = tessera.open(saved[4][0])
+        storage = recorded(saved[4][0])
+        ck = tessera.open(storage)
         shard = ShardedTensor(torch.empty(3, 2), (12, 2), (3 * rank, 0))
-        with recording(ck) as calls:
+        with recording(storage) as calls:
             got = tessera.load(ck, {"layers": [shard]})["layers"]
         read = sorted(p for m, p in calls if "/c/" in p and m in READS)
         assert read == sorted({f"layers/~0/c/{r // 5}/0" for r in range(3 * rank, 3 * rank + 3)}), read
@@ -955,31 +959,30 @@ def _replicated(step: int) -> dict[str, torch.Tensor]:
     return {f"p{i}": random_tensor("float32", (8, 4), seed=10 * step + i) for i in range(4)}
 
 
-def _failing_rank(rank: int, world_size: int, root: Path, log: Path) -> list[Any]:
-    run = tessera.RunDirectory(root)
-    original = LocalStorage.write_file
-    written: list[str] = []
+class _DiesAfterFirstChunk(StorageWrapper):
+    """A rank's medium that takes the process down once it has written a chunk."""
 
-    def record(self: LocalStorage, path: str, buffers: Any) -> None:
-        written.append(path)
-        original(self, path, buffers)
+    def wrap(self, inner: Storage) -> StorageWrapper:
+        return _DiesAfterFirstChunk(inner)
 
-    LocalStorage.write_file = record  # type: ignore[method-assign]
-    run.save(_replicated(1), step=1, chunk_bytes=32)
-    (log / f"written-by-{rank}").write_text("\n".join(written))  # rank 1 will not return
-    out: list[Any] = []
-
-    def storage_error(self: LocalStorage, path: str, buffers: Any) -> None:
-        raise tessera.StorageError(f"cannot write {path}: the disk is full")
-
-    def die_after_first_chunk(self: LocalStorage, path: str, buffers: Any) -> None:
-        original(self, path, buffers)
+    def write_file(self, path: str, buffers: Any) -> None:
+        super().write_file(path, buffers)
         if "/c/" in path:
             os._exit(1)
 
-    for step, fault in ((2, storage_error), (3, die_after_first_chunk)):
-        if rank == 1:
-            LocalStorage.write_file = fault  # type: ignore[method-assign]
+
+def _failing_rank(rank: int, world_size: int, root: Path, log: Path) -> list[Any]:
+    recording = RecordingStorage(LocalStorage(root))
+    tessera.RunDirectory(recording).save(_replicated(1), step=1, chunk_bytes=32)
+    written = [c.path or "" for c in recording.ops("write_file")]
+    (log / f"written-by-{rank}").write_text("\n".join(written))  # rank 1 will not return
+    out: list[Any] = []
+    faults = {
+        2: FaultyStorage(LocalStorage(root)).fail_write(),  # every write: the disk is full
+        3: _DiesAfterFirstChunk(LocalStorage(root)),
+    }
+    for step, fault in faults.items():
+        run = tessera.RunDirectory(fault if rank == 1 else LocalStorage(root))
         try:
             run.save(_replicated(step), step=step, chunk_bytes=32)
             out.append("saved")

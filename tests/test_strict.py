@@ -15,7 +15,7 @@ import tessera
 import torch
 from tessera import Strict
 
-from .conftest import recording
+from .conftest import recorded, recording
 
 STORED = {
     "a": torch.arange(4.0),
@@ -140,9 +140,10 @@ def test_exact_match_never_complains_R14_4(
 
 @pytest.mark.parametrize("mode", [Strict.RAISE_UNEXPECTED, Strict.RAISE_ALL, Strict.ASSUME_OK_UNEXPECTED])
 def test_raise_happens_before_any_chunk_is_read_R14_4(stored: Path, mode: Strict) -> None:
-    ck = tessera.open(stored)
+    storage = recorded(stored)
+    ck = tessera.open(storage)
     template = _template()
-    with recording(ck) as calls, pytest.raises(tessera.KeyMismatchError):
+    with recording(storage) as calls, pytest.raises(tessera.KeyMismatchError):
         tessera.load(ck, template, strict=mode)
     assert [c for c in calls if "/c" in c[1]] == []
     assert torch.equal(template["a"], torch.zeros(4)), "nothing may be loaded before the raise"

@@ -157,19 +157,15 @@ def test_verify_never_raises_for_a_symlinked_array(good: Path) -> None:
     assert "bad_key" in {p.code for p in report.problems}
 
 
-def test_verify_reads_every_chunk(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verify_reads_every_chunk(good: Path) -> None:
     from tessera.storage.local import LocalStorage
+    from tessera.testing import RecordingStorage
 
-    read: list[str] = []
-    real = LocalStorage.read_file
-
-    def spy(self: LocalStorage, path: str, max_bytes: int) -> bytes:
-        read.append(path)
-        return real(self, path, max_bytes)
-
-    monkeypatch.setattr(LocalStorage, "read_file", spy)
-    assert tessera.verify(good, threads=1).ok
-    chunks = {p for p in read if not p.endswith(".json")}
+    storage = RecordingStorage(LocalStorage(good))
+    assert tessera.verify(storage, threads=1).ok
+    chunks = {
+        c.path for c in storage.ops("read_file", "read_into") if c.path and not c.path.endswith(".json")
+    }
     assert chunks == {f"a/c/{i}/0" for i in range(6)} | {f"g/b/c/{i}" for i in range(5)} | {"g/h/c/c"}
 
 

@@ -7,12 +7,9 @@ and that its failure modes still leave nothing committed.
 
 from __future__ import annotations
 
-import errno
 import importlib.util
-import os
 import struct
 from pathlib import Path
-from typing import Any
 
 import crc32c
 import numpy as np
@@ -23,6 +20,8 @@ import torch
 from tessera.format.chunk_codec import encode_chunk
 from tessera.format.dtypes import dtype_by_name
 from tessera.format.layout import ArrayLayout
+from tessera.storage.local import LocalStorage
+from tessera.testing import FaultyStorage, RecordingStorage
 
 from .ranks import run_ranks
 
@@ -61,26 +60,17 @@ def test_large_chunks_read_back_by_stock_readers_R2_1(tmp_path: Path) -> None:
     np.testing.assert_array_equal(store.read().result(), expected)
 
 
-def test_a_failed_fsync_leaves_the_save_uncommitted_R9_8(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_a_failed_fsync_leaves_the_save_uncommitted_R9_8(tmp_path: Path) -> None:
     """The batched fsync at the end is where a writeback error (EIO) shows up; it must stop the commit."""
-
-    class FailingFsync:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(os, name)
-
-        def fsync(self, fd: int) -> None:
-            if os.readlink(f"/proc/self/fd/{fd}").endswith("/c/1"):
-                raise OSError(errno.EIO, "Input/output error")
-            os.fsync(fd)
-
-    if not Path("/proc/self/fd").is_dir():
-        pytest.skip("needs /proc/self/fd")
-    monkeypatch.setattr(tessera.storage.local, "os", FailingFsync())
     root = tmp_path / "ckpt"
-    with pytest.raises(tessera.StorageError, match="c/1.*Input/output error"):
-        tessera.save({"w": torch.arange(1000.0)}, root, chunk_bytes=1024)
+    storage = RecordingStorage(FaultyStorage(LocalStorage(root)).fail_sync())
+    with pytest.raises(tessera.StorageError, match="injected fault") as info:
+        tessera.save({"w": torch.arange(1000.0)}, storage, chunk_bytes=1024)
+    assert info.value.code == "io_error"
+    assert [c.op for c in storage.ops("sync", "publish_root", "remove_unpublished")] == [
+        "sync",
+        "remove_unpublished",
+    ], "no commit after a failed sync"
     assert not root.exists(), "the failed save removes what it wrote (R9.7)"
     with pytest.raises(tessera.CheckpointNotFoundError):
         tessera.open(root)

@@ -9,18 +9,19 @@ three in the background, in that order. A checkpoint is deleted root-first:
 its ``zarr.json`` goes before its chunks, so a deletion cut short leaves an
 uncommitted directory, never a committed one with holes.
 
-The directory may be shared and may hold anything: :mod:`tessera.storage.run_files`
-does every file operation without following symlinks or blocking, and holds
-the locks that make saving, moving ``latest`` and retention safe between
-processes (R10.7-R10.10). Once a checkpoint is committed its save succeeds:
-what fails afterwards (moving ``latest``, retention) is a
-:class:`~tessera.TesseraWarning`, never an error.
+Every operation goes through the run root's :class:`~tessera.storage.base.Storage`
+(its run-directory operations: ``child``, ``kind``, ``entries``, ``lock``,
+``replace_file``, ``remove_checkpoint``), so a run directory lives on any storage
+that implements them. The directory may be shared and may hold anything: the
+storage never follows a link or blocks on a special file, and its locks make
+saving, moving ``latest`` and retention safe between processes (R10.7-R10.10).
+Once a checkpoint is committed its save succeeds: what fails afterwards (moving
+``latest``, retention) is a :class:`~tessera.TesseraWarning`, never an error.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,22 +33,32 @@ from ..errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     InvalidKeyError,
-    StorageError,
     TesseraError,
     TesseraWarning,
     UncommittedCheckpointError,
 )
 from ..format.manifest import Manifest
-from ..storage import run_files
-from ..storage.run_files import StepLock, entry_kind, is_committed
+from ..storage.base import Lock, Storage
+from ..storage.local import LocalStorage
+from ..storage.resolve import Location, storage_for
+from .run_layout import (
+    LATEST,
+    LOCK_WAIT_SECONDS,
+    POINTER_MAX_BYTES,
+    STEP_NAME,
+    committed,
+    describe,
+    lock_name,
+    point_latest,
+    read_pointer,
+    read_pointer_quietly,
+    release_step,
+    step_of,
+)
 from .save import save
 from .save_async import AsyncSave, default_saver, snapshot_options
 
-__all__ = ["CheckpointInfo", "RunDirectory", "LATEST"]
-
-LATEST = "latest"
-_STEP_NAME = re.compile(r"step-([0-9]{8,})")
-_POINTER = re.compile(r"[A-Za-z0-9._-]+")
+__all__ = ["CheckpointInfo", "RunDirectory", "LATEST", "LOCK_WAIT_SECONDS", "POINTER_MAX_BYTES"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +70,15 @@ class CheckpointInfo:
 
 
 class RunDirectory:
-    """Checkpoints ``step-00000100/`` ... of one run, newest named by ``latest``."""
+    """Checkpoints ``step-00000100/`` ... of one run, newest named by ``latest``.
+
+    ``location`` is the run's root: a local path, a URL of a registered scheme, or a
+    :class:`~tessera.storage.base.Storage` implementing the run-directory operations.
+    """
 
     def __init__(
         self,
-        root: str | os.PathLike[str],
+        location: Location,
         *,
         keep_last: int | None = None,
         keep_every: int | None = None,
@@ -75,12 +90,19 @@ class RunDirectory:
                 raise TypeError(f"{name} must be an int or None, got {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        self.root = Path(root)
-        if "\0" in str(self.root):
-            raise ValueError(f"a run directory path cannot hold a NUL character: {str(self.root)!r}")
+        if isinstance(location, str | os.PathLike) and "\0" in str(os.fspath(location)):
+            raise ValueError(f"a run directory path cannot hold a NUL character: {str(location)!r}")
+        self.storage: Storage = storage_for(location)
         self.keep_last = keep_last
         self.keep_every = keep_every
         self._last_async: AsyncSave | None = None
+
+    @property
+    def root(self) -> Path:
+        """The run's directory, for a run on a local storage (others have only :attr:`storage`)."""
+        if not isinstance(self.storage, LocalStorage):
+            raise TypeError(f"the run directory at {self.storage.location} is not a local path; use .storage")
+        return Path(self.storage.location)
 
     @staticmethod
     def name_of(step: int) -> str:
@@ -123,16 +145,16 @@ class RunDirectory:
         that ``latest`` moves in call order.
         """
         metadata = {"step": step, **options.pop("metadata", {})}
-        path = self.root / self.name_of(step)
+        name = self.name_of(step)
         if not asynchronous:
             self.wait()
-            return self._save_now(state_dict, path, metadata=metadata, **options)
+            return self._save_now(state_dict, name, metadata=metadata, **options)
         saver = default_saver(options.pop("process_group", None))
         options = snapshot_options({**options, "metadata": metadata})
         handle = saver.submit(
             state_dict,
-            path,
-            lambda staged, group: self._save_now(staged, path, process_group=group, **options),
+            self.storage.child(name),
+            lambda staged, group: self._save_now(staged, name, process_group=group, **options),
         )
         self._last_async = handle
         return handle
@@ -147,8 +169,9 @@ class RunDirectory:
         if handle is not None and not handle.observed:
             handle.wait()
 
-    def _save_now(self, state_dict: Mapping[Any, Any], path: Path, **options: Any) -> Manifest:
-        """The save under the step's lock, then ``latest`` and retention, all on the coordinator.
+    def _save_now(self, state_dict: Mapping[Any, Any], name: str, **options: Any) -> Manifest:
+        """The save of step ``name`` under its lock, then ``latest`` and retention, all on the
+        coordinator.
 
         Under torch.distributed only the coordinator takes the lock, moves the pointer and
         deletes; the other ranks wait for it, so that every rank sees the new ``latest`` on
@@ -156,61 +179,64 @@ class RunDirectory:
         or to apply retention is a :class:`~tessera.TesseraWarning` on every rank.
         """
         collective = collective_for(options.get("process_group"))
-        lock = StepLock(self.root, path.name)
+        lock: Lock | None = None
         error: TesseraError | None = None
         if collective.rank == 0:
-            error = self._claim_step(path, lock)
+            try:
+                lock = self._claim_step(name)
+            except TesseraError as exc:
+                error = exc
         error = collective.broadcast(error, "checking the step directory")
         if error is not None:
             raise error
         try:
-            manifest = save(state_dict, path, **options)
+            manifest = save(state_dict, self.storage.child(name), **options)
             assert isinstance(manifest, Manifest), "a synchronous save returns the manifest"
             problem: str | None = None
             if collective.rank == 0:
-                problem = self._after_commit(path)
+                problem = self._after_commit(name)
         finally:
-            lock.release(touched=True)
+            if lock is not None:
+                release_step(self.storage, lock, name, touched=True)
         problem = collective.broadcast(problem, "moving the latest pointer")
         if problem is not None:
             warnings.warn(problem, TesseraWarning, stacklevel=2)
         return manifest
 
-    def _claim_step(self, path: Path, lock: StepLock) -> TesseraError | None:
-        """Coordinator: make sure the step can be saved, and lock it; the error every rank raises."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if not lock.acquire(create=True):
-                raise CheckpointExistsError(
-                    f"{path} is being saved or deleted by another process ({lock.path} is locked); "
-                    "save another step"
-                )
-            kind = entry_kind(path)
-            if kind == "link" or kind == "other":
-                lock.release(touched=False)
-                raise InvalidKeyError(
-                    f"{path} is {'a symbolic link' if kind == 'link' else 'not a directory'}; "
-                    "a run directory saves only into real directories of its own: remove it"
-                )
-            if kind == "dir" and not is_committed(path) and _holds_anything(path):
-                lock.release(touched=False)
-                raise CheckpointExistsError(
-                    f"{path} holds an uncommitted checkpoint (a save that failed or was killed); "
-                    f"if no save of step {path.name} is running, remove it with "
-                    f"RunDirectory.discard({_step_of(path.name)}) and save again"
-                )
-        except TesseraError as exc:
-            return exc
-        except OSError as exc:
-            lock.release(touched=False)
-            return StorageError(f"cannot prepare {path}: {exc.strerror or exc}")
-        return None
+    def _where(self, name: str) -> str:
+        return f"{self.storage.location}/{name}"
 
-    def _after_commit(self, path: Path) -> str | None:
-        """Move ``latest`` forward to ``path`` and apply retention; what failed, as a warning's text."""
+    def _claim_step(self, name: str) -> Lock:
+        """Coordinator: make sure the step can be saved, and lock it (R10.9, R10.11)."""
+        lock = self.storage.lock(lock_name(name), create=True, wait=0.0)
+        if lock is None:
+            raise CheckpointExistsError(
+                f"{self._where(name)} is being saved or deleted by another process "
+                f"({lock_name(name)} is locked); save another step"
+            )
+        try:
+            kind = self.storage.kind(name)
+            if kind not in (None, "dir"):
+                raise InvalidKeyError(
+                    f"{self._where(name)} is {describe(kind)}; a run directory saves only into "
+                    "real directories of its own: remove it"
+                )
+            if kind == "dir" and not committed(self.storage, name) and self.storage.entries(name):
+                raise CheckpointExistsError(
+                    f"{self._where(name)} holds an uncommitted checkpoint (a save that failed or was "
+                    f"killed); if no save of step {name} is running, remove it with "
+                    f"RunDirectory.discard({step_of(name)}) and save again"
+                )
+        except BaseException:
+            release_step(self.storage, lock, name, touched=False)
+            raise
+        return lock
+
+    def _after_commit(self, name: str) -> str | None:
+        """Move ``latest`` forward to ``name`` and apply retention; what failed, as a warning's text."""
         problems = []
         try:
-            self._point_latest(path.name)
+            point_latest(self.storage, name)
         except Exception as exc:  # the checkpoint is committed: from here on nothing raises
             problems.append(
                 f"could not move {LATEST} to it ({_reason(exc)}); "
@@ -222,51 +248,36 @@ class RunDirectory:
             problems.append(f"retention failed ({_reason(exc)}); it runs again after the next save")
         if not problems:
             return None
-        return f"{path} is committed, but " + "; and ".join(problems)
+        return f"{self._where(name)} is committed, but " + "; and ".join(problems)
 
-    def latest(self) -> Path | None:
-        """The committed checkpoint ``latest`` names, or ``None`` for a run with none yet.
+    def latest(self) -> Path | Storage | None:
+        """The committed checkpoint ``latest`` names (a path for a local run, else the step's
+        storage; either loads), or ``None`` for a run with none yet.
 
         ``latest`` is read without following a symlink or blocking and with a bound of
-        :data:`~tessera.storage.run_files.POINTER_MAX_BYTES` (R10.2); it must name a real
-        directory of the run directory (never a symlink out of it). Errors never quote
-        the file's content, which may be anything.
+        :data:`POINTER_MAX_BYTES` (R10.2); it must name a real directory of the run directory
+        (never a symlink out of it). Errors never quote the file's content, which may be anything.
         """
-        name = self._read_pointer()
+        name = read_pointer(self.storage)
         if name is None:
             return None
-        target = self.root / name
-        kind = entry_kind(target)
+        pointer = self._where(LATEST)
+        kind = self.storage.kind(name)
         if kind is None:
             raise UncommittedCheckpointError(
-                f"{self.root / LATEST} names {name}, which does not exist; repair {LATEST} or load a "
+                f"{pointer} names {name}, which does not exist; repair {LATEST} or load a "
                 "checkpoint by its path"
             )
         if kind != "dir":
             raise InvalidKeyError(
-                f"{self.root / LATEST} names {name}, which is "
-                f"{'a symbolic link' if kind == 'link' else 'not a directory'}; a run directory "
-                "follows no links: repair it"
+                f"{pointer} names {name}, which is {describe(kind)}; "
+                "a run directory follows no links: repair it"
             )
-        if not is_committed(target):
-            raise UncommittedCheckpointError(f"{self.root / LATEST} names {name}, which is not committed")
-        return target
-
-    def _read_pointer(self) -> str | None:
-        """The name ``latest`` holds (R10.2), or ``None`` if there is no ``latest``."""
-        pointer = self.root / LATEST
-        data = run_files.read_small(pointer, run_files.POINTER_MAX_BYTES, f"{LATEST} pointer")
-        if data is None:
-            return None
-        try:
-            name = data.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise InvalidKeyError(f"{pointer} is not UTF-8 text; it must hold a checkpoint name") from None
-        if not _POINTER.fullmatch(name) or name in (".", ".."):
-            raise InvalidKeyError(
-                f"{pointer} does not hold a checkpoint name (one line of [A-Za-z0-9._-]); repair it"
-            )
-        return name
+        if not committed(self.storage, name):
+            raise UncommittedCheckpointError(f"{pointer} names {name}, which is not committed")
+        if isinstance(self.storage, LocalStorage):
+            return self.root / name
+        return self.storage.child(name)
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every step directory, oldest first, with its state.
@@ -275,48 +286,26 @@ class RunDirectory:
         :class:`~tessera.TesseraWarning`: a run directory never follows a link.
         """
         try:
-            latest = self.latest()
+            latest = read_pointer(self.storage) if self.latest() is not None else None
         except TesseraError:
             latest = None
         found = []
-        for name, kind in self._step_entries():
-            match = _STEP_NAME.fullmatch(name)
-            assert match is not None
+        for name, kind in self.storage.entries():
+            match = STEP_NAME.fullmatch(name)
+            if match is None:
+                continue  # R10.5: dot-files, latest, anything else
             if kind != "dir":
                 warnings.warn(
-                    f"{self.root / name} is {'a symbolic link' if kind == 'link' else 'not a directory'}; "
-                    "skipped (a run directory never follows links or deletes through them)",
+                    f"{self._where(name)} is {describe(kind)}; skipped (a run directory never "
+                    "follows links or deletes through them)",
                     TesseraWarning,
                     stacklevel=2,
                 )
                 continue
             found.append(
-                CheckpointInfo(
-                    name,
-                    int(match.group(1)),
-                    is_committed(self.root / name),
-                    latest is not None and name == latest.name,
-                )
+                CheckpointInfo(name, int(match.group(1)), committed(self.storage, name), name == latest)
             )
         return sorted(found, key=lambda c: c.step)
-
-    def _step_entries(self) -> list[tuple[str, str]]:
-        """``(name, kind)`` of each entry named ``step-*`` (R10.5), kind as :func:`entry_kind` says."""
-        try:
-            with os.scandir(self.root) as entries:
-                result = []
-                for entry in entries:
-                    if not _STEP_NAME.fullmatch(entry.name):
-                        continue
-                    if entry.is_symlink():
-                        result.append((entry.name, "link"))
-                    else:
-                        result.append((entry.name, "dir" if entry.is_dir(follow_symlinks=False) else "other"))
-                return result
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        except OSError as exc:
-            raise StorageError(f"cannot list run directory {self.root}: {exc.strerror or exc}") from None
 
     def apply_retention(self) -> list[str]:
         """Delete committed, non-latest checkpoints beyond ``keep_last`` that ``keep_every`` spares,
@@ -338,43 +327,28 @@ class RunDirectory:
                     doomed.append((info.name, True))
         if latest is not None:
             # Leftovers: uncommitted, below the latest, and left by a save (or deletion) whose
-            # lock file is still there but no longer held: its process is gone (R10.10).
+            # lock marker is still there but no longer held: its process is gone (R10.10).
             doomed += [(c.name, False) for c in infos if not c.committed and c.step < latest.step]
-        deleted = []
-        for name, was_committed in sorted(doomed):
-            if self._delete(name, was_committed):
-                deleted.append(name)
-        return deleted
+        return [name for name, was_committed in sorted(doomed) if self._delete(name, was_committed)]
 
-    def _delete(self, name: str, committed: bool) -> bool:
+    def _delete(self, name: str, was_committed: bool) -> bool:
         """Delete step ``name`` under its lock if it is still committed (or still a dead leftover)."""
-        lock = StepLock(self.root, name)
-        if not committed and not lock.exists():
-            return False  # no lock file: not saved through a run directory, maybe live (R10.10)
-        if not lock.acquire(create=committed):
+        if not was_committed and self.storage.kind(lock_name(name)) is None:
+            return False  # no lock marker: not saved through a run directory, maybe live (R10.10)
+        lock = self.storage.lock(lock_name(name), create=was_committed, wait=0.0)
+        if lock is None:
             return False
         touched = False
         try:
-            path = self.root / name
-            if entry_kind(path) != "dir" or is_committed(path) != committed:
+            if self.storage.kind(name) != "dir" or committed(self.storage, name) != was_committed:
                 return False
-            if committed and self._read_pointer_quietly() == name:
+            if was_committed and read_pointer_quietly(self.storage) == name:
                 return False
             touched = True
-            run_files.remove_step(self.root, name)
+            self.storage.remove_checkpoint(name)
             return True
-        except TesseraError:
-            raise  # already named (a StorageError is an OSError too)
-        except OSError as exc:
-            raise StorageError(f"cannot delete {self.root / name}: {exc.strerror or exc}") from None
         finally:
-            lock.release(touched=touched)
-
-    def _read_pointer_quietly(self) -> str | None:
-        try:
-            return self._read_pointer()
-        except TesseraError:
-            return None
+            release_step(self.storage, lock, name, touched=touched)
 
     def discard(self, step: int) -> None:
         """Delete step ``step``'s uncommitted checkpoint: what a failed or killed save left (R9.7).
@@ -385,64 +359,34 @@ class RunDirectory:
         reach across machines on every file system.
         """
         name = self.name_of(step)
-        path = self.root / name
-        kind = entry_kind(path)
+        kind = self.storage.kind(name)
         if kind is None:
-            raise CheckpointNotFoundError(f"{path} does not exist; nothing to discard")
+            raise CheckpointNotFoundError(f"{self._where(name)} does not exist; nothing to discard")
         if kind != "dir":
-            what = "a symbolic link" if kind == "link" else "not a directory"
-            raise InvalidKeyError(f"{path} is {what}, not a checkpoint of the run; remove it by hand")
-        lock = StepLock(self.root, name)
-        if not lock.acquire(create=True):
-            raise CheckpointExistsError(f"{path} is being saved or deleted by another process; not discarded")
+            raise InvalidKeyError(
+                f"{self._where(name)} is {describe(kind)}, not a checkpoint of the run; remove it by hand"
+            )
+        lock = self.storage.lock(lock_name(name), create=True, wait=0.0)
+        if lock is None:
+            raise CheckpointExistsError(
+                f"{self._where(name)} is being saved or deleted by another process; not discarded"
+            )
         touched = False
         try:
-            if is_committed(path):
+            if committed(self.storage, name):
                 raise CheckpointExistsError(
-                    f"{path} is committed; discard removes only uncommitted checkpoints "
+                    f"{self._where(name)} is committed; discard removes only uncommitted checkpoints "
                     "(committed ones go by retention)"
                 )
             touched = True
-            run_files.remove_step(self.root, name)
-        except TesseraError:
-            raise  # CheckpointExistsError is an OSError too: never turn it into a StorageError
-        except OSError as exc:
-            raise StorageError(f"cannot delete {path}: {exc.strerror or exc}") from None
+            self.storage.remove_checkpoint(name)
         finally:
-            lock.release(touched=touched)
-
-    def _point_latest(self, name: str) -> bool:
-        """Move ``latest`` to ``name`` unless it names a higher step already (R10.8); whether it moved."""
-        step = _step_of(name)
-        with run_files.latest_lock(self.root):
-            current = self._read_pointer_quietly()
-            run_files.remove_stale_pointer_files(self.root)
-            if current is not None and step is not None:
-                current_step = _step_of(current)
-                target = self.root / current
-                valid = entry_kind(target) == "dir" and is_committed(target)
-                if current_step is not None and current_step >= step and valid:
-                    return current == name
-            run_files.replace_pointer(self.root, name)
-        return True
-
-
-def _step_of(name: str) -> int | None:
-    match = _STEP_NAME.fullmatch(name)
-    return int(match.group(1)) if match else None
-
-
-def _holds_anything(path: Path) -> bool:
-    try:
-        with os.scandir(path) as entries:
-            return any(True for _ in entries)
-    except FileNotFoundError:
-        return False
+            release_step(self.storage, lock, name, touched=touched)
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TesseraError):  # first: several are OSErrors too
+        return str(exc)
     if isinstance(exc, OSError):
         return f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": ")
-    if isinstance(exc, TesseraError):
-        return str(exc)
     return type(exc).__name__  # not ours: its text might quote anything

@@ -1,69 +1,97 @@
-"""What the subcommands share: finding the checkpoint a path names, and what it holds on disk.
+"""What the subcommands share: finding the checkpoint a location names, and what it holds.
 
-A path given to ``inspect`` or ``verify`` may be a checkpoint or a run
-directory; a run directory stands for the checkpoint its ``latest`` names,
-because that is the one a resumed training run would load.
+A location given to a command (a path, or a URL of a registered scheme) goes through
+:func:`~tessera.storage.resolve.storage_for`, as every entry point's does: a URL never becomes
+a local path. It may be a checkpoint or a run directory; a run directory stands for the
+checkpoint its ``latest`` names, because that is the one a resumed training run would load.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..api.run_dir import LATEST, RunDirectory
+from ..api.run_layout import STEP_NAME
 from ..errors import CheckpointNotFoundError
-from ..storage.base import ROOT_METADATA
+from ..storage.base import ROOT_METADATA, Storage
+from ..storage.local import LocalStorage
+from ..storage.resolve import storage_for
 
-__all__ = ["Target", "disk_usage", "is_run_directory", "resolve"]
+__all__ = ["Target", "disk_usage", "is_present", "is_run_directory", "resolve"]
 
 
 @dataclass(frozen=True, slots=True)
 class Target:
     """The checkpoint a command works on, and the run directory it was reached through, if any."""
 
-    path: Path
-    run_dir: Path | None = None
+    storage: Storage
+    run_dir: RunDirectory | None = None
 
 
-def is_run_directory(path: Path) -> bool:
-    """A directory that is not itself a checkpoint and holds ``latest`` or ``step-*`` checkpoints."""
-    if not path.is_dir() or os.path.lexists(path / ROOT_METADATA):
+def is_present(storage: Storage) -> bool:
+    """Whether anything is at the location: a local directory counts even when empty."""
+    if isinstance(storage, LocalStorage):
+        return os.path.lexists(storage.location)
+    return storage.exists()
+
+
+def is_run_directory(storage: Storage) -> bool:
+    """A location that is not itself a checkpoint and holds ``latest`` or ``step-*`` checkpoints."""
+    if isinstance(storage, LocalStorage) and not os.path.isdir(storage.location):
         return False
-    return os.path.lexists(path / LATEST) or bool(RunDirectory(path).checkpoints())
+    names = storage.list("")
+    if ROOT_METADATA in names:
+        return False
+    if LATEST in names:
+        return True
+    return any(STEP_NAME.fullmatch(n) for n in names) and bool(RunDirectory(storage).checkpoints())
 
 
-def resolve(path: str | os.PathLike[str]) -> Target:
-    """The checkpoint ``path`` names: itself, or the ``latest`` of a run directory.
+def resolve(location: str) -> Target:
+    """The checkpoint ``location`` names: itself, or the ``latest`` of a run directory.
 
-    Raises ``CheckpointNotFoundError`` for a path that does not exist, or a
-    run directory with no committed checkpoint yet. A directory that is
-    neither is returned as is, so that opening it gives the precise error
-    (uncommitted, not a Tessera checkpoint...).
+    Raises ``UnsupportedLocationError`` for a URL whose scheme no storage is registered for,
+    ``CheckpointNotFoundError`` for a location where nothing is, or a run directory with no
+    committed checkpoint yet. A location that is neither is returned as is, so that opening
+    it gives the precise error (uncommitted, not a Tessera checkpoint...).
     """
-    target = Path(path)
-    if not target.exists():
-        raise CheckpointNotFoundError(f"no checkpoint or run directory at {target}")
-    if is_run_directory(target):
-        latest = RunDirectory(target).latest()
+    storage = storage_for(location)
+    if not is_present(storage):
+        raise CheckpointNotFoundError(f"no checkpoint or run directory at {storage.location}")
+    if is_run_directory(storage):
+        run_dir = RunDirectory(storage)
+        latest = run_dir.latest()
         if latest is None:
             raise CheckpointNotFoundError(
-                f"run directory {target} has no committed checkpoint yet (no {LATEST!r} file)"
+                f"run directory {storage.location} has no committed checkpoint yet (no {LATEST!r} file)"
             )
-        return Target(latest, target)
-    return Target(target)
+        return Target(storage_for(latest), run_dir)
+    return Target(storage)
 
 
-def disk_usage(path: Path) -> int:
-    """Bytes of every regular file under ``path`` (symlinks are not followed)."""
+def disk_usage(storage: Storage) -> int:
+    """Bytes of every file under the location (a local one: every regular file, by ``lstat``,
+    symlinks not followed; another storage: the sizes it reports)."""
+    if not isinstance(storage, LocalStorage):
+        return _stored_bytes(storage, "")
     total = 0
-    for directory, _, files in os.walk(path):
+    for directory, _, files in os.walk(storage.location):
         for name in files:
             try:
                 stat = os.lstat(os.path.join(directory, name))
             except FileNotFoundError:
                 continue
             total += stat.st_size
+    return total
+
+
+def _stored_bytes(storage: Storage, prefix: str) -> int:
+    total = 0
+    for name in storage.list(prefix):
+        path = f"{prefix}/{name}" if prefix else name
+        size = storage.size(path)
+        total += _stored_bytes(storage, path) if size is None else size
     return total
 
 

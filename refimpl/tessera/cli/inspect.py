@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..api.checkpoint import Checkpoint, open_checkpoint
@@ -63,7 +62,7 @@ def inspect_document(checkpoint: Checkpoint, target: Target, sizes: dict[str, Ar
     entries = checkpoint.manifest.entries
     return {
         "location": checkpoint.storage.location,
-        "run_directory": str(target.run_dir.absolute()) if target.run_dir else None,
+        "run_directory": target.run_dir.storage.location if target.run_dir else None,
         "manifest": root["attributes"]["tessera"],
         "sizes": {
             "entries": {
@@ -83,7 +82,7 @@ def inspect_document(checkpoint: Checkpoint, target: Target, sizes: dict[str, Ar
                 "nbytes": sum(s.nbytes for s in sizes.values()),
                 "stored_bytes": sum(s.stored_bytes for s in sizes.values()),
                 "missing_chunks": sum(s.missing_chunks for s in sizes.values()),
-                "disk_bytes": disk_usage(Path(checkpoint.storage.location)),
+                "disk_bytes": disk_usage(checkpoint.storage),
             },
         },
     }
@@ -214,7 +213,7 @@ def render(
     manifest = checkpoint.manifest
     location = checkpoint.storage.location
     if target.run_dir is not None:
-        location += f"  (latest of run directory {target.run_dir})"
+        location += f"  (latest of run directory {target.run_dir.storage.location})"
     header = [
         ("checkpoint", location),
         ("format", f"tessera {manifest.format_version}"),
@@ -249,14 +248,14 @@ def render(
         f"({plural(tensors, 'tensor')}, {plural(objects, 'object')}, "
         f"{plural(len(entries) - tensors - objects, 'value')}), {plural(chunks, 'chunk')}: "
         f"{human_bytes(sum(s.nbytes for s in sizes.values()))} of data, "
-        f"{human_bytes(disk_usage(Path(checkpoint.storage.location)))} on disk"
+        f"{human_bytes(disk_usage(checkpoint.storage))} on disk"
     )
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     target = resolve(args.path)
-    checkpoint = open_checkpoint(target.path)
+    checkpoint = open_checkpoint(target.storage)
     sizes = stored_sizes(checkpoint)
     if args.json:
         print(json.dumps(inspect_document(checkpoint, target, sizes), indent=2, ensure_ascii=False))

@@ -3,7 +3,7 @@
 A checkpoint is ``committed`` when its root ``zarr.json`` exists and
 ``UNCOMMITTED`` otherwise (a save in progress, or one that died: loaders
 refuse it). Only the manifest of each committed checkpoint is read, for its
-creation time; sizes come from the files on disk.
+creation time; sizes come from the files stored. RUN_DIR is a path or a URL of a registered scheme.
 """
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..api.checkpoint import open_checkpoint
 from ..api.run_dir import RunDirectory
 from ..errors import CheckpointNotFoundError, TesseraError
 from ..format.strict_json import loads
-from ..storage.base import CLAIM_FILE
-from ..storage.run_files import read_small
+from ..storage.base import CLAIM_FILE, FileMissingError, Storage
+from ..storage.resolve import storage_for
 from .arguments import UsageError
-from .common import disk_usage, is_run_directory
+from .common import disk_usage, is_present, is_run_directory
 from .text import human_bytes, one_line, plural
 
 __all__ = ["list_run", "run"]
@@ -30,15 +29,16 @@ _CLAIM_MAX_BYTES = 1 << 16
 """A claim is a few hundred bytes; a larger one is not read (it may be anything)."""
 
 
-def _created(path: Path, committed: bool) -> tuple[str | None, str | None]:
+def _created(checkpoint: Storage, committed: bool) -> tuple[str | None, str | None]:
     """The save's creation time, from the manifest (or the claim, if uncommitted), and any error."""
     try:
         if committed:
-            return open_checkpoint(path).manifest.created, None
-        raw = read_small(path / CLAIM_FILE, _CLAIM_MAX_BYTES, "claim file")
-        if raw is None:
+            return open_checkpoint(checkpoint).manifest.created, None
+        try:
+            raw = checkpoint.read_file(CLAIM_FILE, _CLAIM_MAX_BYTES)
+        except FileMissingError:
             return None, None
-        claim = loads(raw, str(path / CLAIM_FILE))
+        claim = loads(raw, f"{checkpoint.location}/{CLAIM_FILE}")
         created = claim.get("created") if isinstance(claim, dict) else None
         return (created if isinstance(created, str) else None), None
     except TesseraError as exc:
@@ -47,7 +47,7 @@ def _created(path: Path, committed: bool) -> tuple[str | None, str | None]:
         return None, None
 
 
-def list_run(root: Path) -> tuple[list[dict[str, Any]], str | None]:
+def list_run(root: Storage) -> tuple[list[dict[str, Any]], str | None]:
     """One record per checkpoint, and a warning if ``latest`` is unusable."""
     run_dir = RunDirectory(root)
     warning = None
@@ -57,7 +57,7 @@ def list_run(root: Path) -> tuple[list[dict[str, Any]], str | None]:
         warning = f"'latest' is unusable: {one_line(str(exc))}"
     records = []
     for info in run_dir.checkpoints():
-        path = root / info.name
+        path = root.child(info.name)
         created, error = _created(path, info.committed)
         records.append(
             {
@@ -82,24 +82,23 @@ def _when(created: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    root = Path(args.run_dir)
-    if not root.exists():
-        raise CheckpointNotFoundError(f"no run directory at {root}")
-    empty = root.is_dir() and not any(root.iterdir())
-    if not (empty or is_run_directory(root)):
+    root = storage_for(args.run_dir)
+    if not is_present(root):
+        raise CheckpointNotFoundError(f"no run directory at {root.location}")
+    if not (not root.list("") or is_run_directory(root)):
         raise UsageError(
-            f"{root} is not a run directory (no 'latest', no step-* checkpoints); "
+            f"{root.location} is not a run directory (no 'latest', no step-* checkpoints); "
             "for a single checkpoint use 'tessera inspect'"
         )
     records, warning = list_run(root)
     if args.json:
-        doc = {"run_directory": str(root.absolute()), "warning": warning, "checkpoints": records}
+        doc = {"run_directory": root.location, "warning": warning, "checkpoints": records}
         print(json.dumps(doc, indent=2, ensure_ascii=False))
         return 0
     if warning:
         print(f"tessera: warning: {warning}", file=sys.stderr)
     if not records:
-        print(f"{root}: no checkpoints yet")
+        print(f"{args.run_dir}: no checkpoints yet")
         return 0
     rows = [["", "NAME", "STEP", "STATE", "SIZE", "CREATED"]]
     for r in records:

@@ -12,30 +12,31 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from ..api.run_dir import RunDirectory
 from ..api.verify import VerifyReport, verify
 from ..errors import CheckpointNotFoundError
+from ..storage.base import Storage
+from ..storage.resolve import storage_for
 from .arguments import UsageError
-from .common import is_run_directory, resolve
+from .common import is_present, is_run_directory, resolve
 from .text import human_bytes, one_line, plural
 
 __all__ = ["report_document", "run", "summary_line"]
 
 
-def _targets(path: str, every: bool) -> tuple[list[Path], Path | None]:
+def _targets(location: str, every: bool) -> tuple[list[Storage], str | None]:
     """The checkpoints to verify, and the run directory they belong to, if any."""
     if not every:
-        target = resolve(path)
-        return [target.path], target.run_dir
-    root = Path(path)
-    if not root.exists():
-        raise CheckpointNotFoundError(f"no run directory at {root}")
-    if not (is_run_directory(root) or (root.is_dir() and not any(root.iterdir()))):
-        raise UsageError(f"--all needs a run directory; {root} is not one (no 'latest', no step-*)")
-    return [root / info.name for info in RunDirectory(root).checkpoints()], root
+        target = resolve(location)
+        return [target.storage], target.run_dir.storage.location if target.run_dir else None
+    root = storage_for(location)
+    if not is_present(root):
+        raise CheckpointNotFoundError(f"no run directory at {root.location}")
+    if not (is_run_directory(root) or not root.list("")):
+        raise UsageError(f"--all needs a run directory; {root.location} is not one (no 'latest', no step-*)")
+    return [root.child(info.name) for info in RunDirectory(root).checkpoints()], root.location
 
 
 def summary_line(report: VerifyReport, seconds: float) -> str:
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         if args.all:
             doc: dict[str, Any] = {
                 "ok": ok,
-                "run_directory": str(run_dir.absolute()) if run_dir else None,
+                "run_directory": run_dir,
                 "checkpoints": documents,
             }
             print(json.dumps(doc, indent=2, ensure_ascii=False))

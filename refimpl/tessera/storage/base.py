@@ -28,13 +28,29 @@ size and then stream its bytes into the caller's buffers, block by block
 (into a CUDA tensor too, given a :class:`DeviceIO`). Every ``path`` is
 relative to the checkpoint root, ``/``-separated, and checked by
 :func:`check_relative_path` before it reaches the medium.
+
+Run directories (spec §10; :class:`~tessera.RunDirectory` is the only caller)
+need a few more operations, on the storage of the run's root: ``child(name)``
+gives the storage of one step, which a save then uses as above; ``kind`` and
+``entries`` look at entries without following a link; ``lock`` takes the
+run's lock (``None``: while ``latest`` moves) or a step's lock (a marker entry
+beside the step, R10.9); ``read_file`` and ``replace_file`` read and move the
+``latest`` pointer (under the run's lock); ``remove_checkpoint`` deletes a
+step, its root ``zarr.json`` first. Call order of a save into a run (the
+coordinator): ``lock(".step-N.lock", create=True)``, ``kind``/``entries`` of the
+step, the save on ``child("step-N")``; then ``lock(None)``, ``read_file("latest")``,
+``replace_file("latest", ...)``, release; then retention: ``entries()``, and per
+doomed step ``lock(marker)``, ``remove_checkpoint``, release. A storage that
+cannot hold run directories leaves these methods as they are here: each raises
+:class:`StorageError` saying so.
 """
 
 from __future__ import annotations
 
+import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -43,6 +59,8 @@ from ..errors import InvalidKeyError, StorageError
 __all__ = [
     "Buffer",
     "DeviceIO",
+    "EntryKind",
+    "Lock",
     "FileMissingError",
     "PendingRead",
     "ReadNext",
@@ -81,6 +99,24 @@ class DeviceIO(Protocol):
         """Start filling ``out`` (contiguous, on a CUDA device) from ``offset``; the returned
         function waits for it and gives the bytes read, fewer (or an ``OSError``) where the
         file ends first. The caller keeps ``fd`` open, and calls it, before it returns."""
+
+
+EntryKind = Literal["file", "dir", "link", "other"]
+"""What an entry is: a regular file, a real directory (or prefix), a symbolic link (never
+followed), or anything else (a FIFO, a device, a socket)."""
+
+
+class Lock(ABC):
+    """An exclusive lock :meth:`Storage.lock` took; the holder releases it exactly once."""
+
+    created: bool = False
+    """Whether taking the lock made its marker (there was none before)."""
+
+    @abstractmethod
+    def release(self, *, keep_marker: bool = False) -> None:
+        """Unlock. A named lock's marker is removed first (so no one locks a marker about to
+        vanish), unless ``keep_marker``: then it stays, unlocked, for :meth:`Storage.lock`
+        with ``create=False`` to find (R10.10 marks leftovers this way)."""
 
 
 class FileMissingError(StorageError, FileNotFoundError):
@@ -165,3 +201,48 @@ class Storage(ABC):
     @abstractmethod
     def exists(self) -> bool:
         """Whether anything is at the location at all."""
+
+    # -- run directories (optional: the defaults refuse) -------------------------------------
+
+    def child(self, name: str) -> Storage:
+        """The storage of the directory (or prefix) ``name`` under this one; nothing is created
+        until the child is written to. Device I/O carries over."""
+        raise self._no_run_directories()
+
+    def kind(self, path: str) -> EntryKind | None:
+        """What is at ``path`` (a link is ``"link"``, never followed); ``None`` where nothing is."""
+        raise self._no_run_directories()
+
+    def entries(self, path: str = "") -> builtins.list[tuple[str, EntryKind]]:
+        """Each name directly under ``path`` (``""``: the root) with its kind; ``[]`` where
+        there is no directory."""
+        raise self._no_run_directories()
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        """Replace the small file ``path`` durably and atomically: a reader sees the old bytes or
+        the new ones, never a mix; a link at ``path`` is replaced, never followed. The caller
+        holds ``lock(None)``, which lets this remove what a call that died left (R10.3, R10.8)."""
+        raise self._no_run_directories()
+
+    def lock(self, path: str | None, *, create: bool, wait: float) -> Lock | None:
+        """An exclusive lock between processes, or ``None`` if another holder kept it ``wait``
+        seconds (or, without ``create``, if there is no marker at ``path``).
+
+        ``None`` locks the storage's root itself (which must exist) and leaves nothing behind;
+        a ``path`` locks one name, marked by an entry at ``path`` (a dot-name, so listings skip
+        it) that exists while the lock is held, and afterwards if released with
+        ``keep_marker``. ``create`` makes the marker, and the root, where they are missing.
+        """
+        raise self._no_run_directories()
+
+    def remove_checkpoint(self, path: str) -> None:
+        """Delete the checkpoint directory ``path``: its root ``zarr.json`` first, durably, then
+        the rest, so a deletion cut short leaves an uncommitted checkpoint (R10.6). Never
+        through a link; entries that vanish meanwhile (another deleter) are no error."""
+        raise self._no_run_directories()
+
+    def _no_run_directories(self) -> StorageError:
+        return StorageError(
+            f"{type(self).__name__} at {self.location} cannot hold a run directory (it implements "
+            "no child/kind/entries/replace_file/lock/remove_checkpoint); save checkpoints by path"
+        )

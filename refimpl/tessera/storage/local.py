@@ -13,7 +13,7 @@ a rival's commit.
 Given a :class:`~.base.DeviceIO`, it writes CUDA tensors' bytes into the files it
 opened, and reads file bytes into CUDA tensors, straight from and to device memory.
 
-Reads open every file through one helper, :meth:`LocalStorage._open_file`:
+Reads open every file through one helper, :class:`~.posix.SafeOpener`:
 ``O_NOFOLLOW`` and a check that its directory resolves inside the root, so
 neither ``..`` nor a symlink leads out; ``O_NONBLOCK``, so that a FIFO or a
 device node where a file should be cannot block the open; then ``fstat`` on
@@ -24,12 +24,12 @@ known (and checked against the reader's bound) before its first byte is
 
 from __future__ import annotations
 
+import builtins
 import errno
+import json
 import os
-import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
 
@@ -40,7 +40,6 @@ from ..errors import (
     InvalidKeyError,
     LimitExceededError,
     StorageError,
-    TesseraError,
 )
 from ..util.parallel import run_all
 from .base import (
@@ -48,40 +47,31 @@ from .base import (
     ROOT_METADATA,
     Buffer,
     DeviceIO,
+    EntryKind,
     FileMissingError,
+    Lock,
     PendingRead,
     ReadNext,
     Storage,
     check_relative_path,
 )
-from .run_files import remove_unpublished
+from .posix import (
+    FileLock,
+    SafeOpener,
+    empty_then_remove,
+    entry_kind,
+    fsync_dir,
+    fsync_file,
+    lock_directory,
+    mode_kind,
+    os_errors,
+    remove_tree_root_first,
+    replace_file,
+    too_long,
+)
 from .writeback import start_writeback
 
 __all__ = ["LocalStorage"]
-
-
-@contextmanager
-def _os_errors(what: str) -> Iterator[None]:
-    """Turn an ``OSError`` into a :class:`StorageError` that names the file and the cause.
-
-    Tessera's own errors pass unchanged: several are ``OSError`` s themselves (a missing file, a
-    storage failure already named)."""
-    try:
-        yield
-    except TesseraError:
-        raise
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            hint = "the disk is full"
-        elif exc.errno in (errno.EACCES, errno.EPERM):
-            hint = "permission denied"
-        else:
-            hint = exc.strerror or str(exc)
-        raise StorageError(f"{what}: {hint}") from exc
-
-
-def _too_long(path: str) -> InvalidKeyError:
-    return InvalidKeyError(f"{path[:80]!r}...: a name too long for the file system; refused (spec R11.3)")
 
 
 def _wait_for(pending: list[tuple[PendingRead, int]]) -> tuple[BaseException | None, bool]:
@@ -95,23 +85,6 @@ def _wait_for(pending: list[tuple[PendingRead, int]]) -> tuple[BaseException | N
     return error, short
 
 
-def _fsync_dir(path: Path) -> None:
-    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
-
-
-def _fsync_file(path: Path) -> None:
-    _fsync(path, os.O_RDONLY | os.O_NOFOLLOW)
-
-
-def _fsync(path: Path, flags: int) -> None:
-    with _os_errors(f"cannot make {path} durable"):
-        fd = os.open(path, flags)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class LocalStorage(Storage):
     """A checkpoint in a local (or POSIX network) directory."""
 
@@ -122,10 +95,7 @@ class LocalStorage(Storage):
         self._created_dirs: set[Path] = set()
         self._written_dirs: set[Path] = set()
         self._lock = threading.Lock()
-        self._real_root: str | None = None
-        # Directories known to resolve inside the root, as strings: a load checks one per file
-        # it opens, and pathlib's objects cost more to build and hash than the check itself.
-        self._inside: set[str] = {str(self._root)}
+        self._files = SafeOpener(self._root)
 
     @property
     def location(self) -> str:
@@ -138,7 +108,7 @@ class LocalStorage(Storage):
     # -- writing ---------------------------------------------------------------------------
 
     def claim(self, doc: bytes) -> None:
-        with _os_errors(f"cannot create checkpoint directory {self._root}"):
+        with os_errors(f"cannot create checkpoint directory {self._root}"):
             missing = [p for p in (self._root, *self._root.parents) if not p.exists()]
             self._root.mkdir(parents=True, exist_ok=True)
         if not missing:
@@ -162,18 +132,18 @@ class LocalStorage(Storage):
                 "two writers never share a path; if that save died uncommitted, delete the directory"
             ) from None
         except OSError as exc:
-            with _os_errors(f"cannot claim {claim}"):
+            with os_errors(f"cannot claim {claim}"):
                 raise exc
-        with _os_errors(f"cannot write {claim}"):
+        with os_errors(f"cannot write {claim}"):
             try:
                 self._write_all(fd, [doc])
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            _fsync_dir(self._root)
+            fsync_dir(self._root)
             # New directories are only durable once their parents' entries are.
             for new in missing:
-                _fsync_dir(new.parent)
+                fsync_dir(new.parent)
 
     def write_file(self, path: str, buffers: Iterable[Buffer]) -> None:
         target = self._write(path, buffers, durable=False)
@@ -185,7 +155,7 @@ class LocalStorage(Storage):
         """Create ``path`` exclusively with the buffers' bytes; fsync it now, or start its writeback."""
         target = self._root / check_relative_path(path)
         self._make_parents(target.parent)
-        with _os_errors(f"cannot write {target}"):
+        with os_errors(f"cannot write {target}"):
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 self._write_all(fd, buffers)
@@ -198,9 +168,9 @@ class LocalStorage(Storage):
         return target
 
     def _make_parents(self, directory: Path) -> None:
-        if directory.is_dir():
-            return
-        with _os_errors(f"cannot create directory {directory}"):
+        with os_errors(f"cannot create directory {directory}"):
+            if directory.is_dir():
+                return
             new = [p for p in (directory, *directory.parents) if not p.exists()]
             directory.mkdir(parents=True, exist_ok=True)
         with self._lock:
@@ -225,11 +195,11 @@ class LocalStorage(Storage):
             written, self._written_dirs = self._written_dirs, set()
         # fsync acts on the file, not on the descriptor: one opened now flushes what the closed
         # one wrote (and, since Linux 4.13, reports a writeback error no descriptor has seen).
-        run_all([partial(_fsync_file, f) for f in files])
+        run_all([partial(fsync_file, f) for f in files])
         # A file's entry lives in its directory and a directory's in its parent. The directory
         # of every file written here is synced even if another rank created it (spec R16.14).
         directories = {d.parent for d in created} | created | written
-        run_all([partial(_fsync_dir, d) for d in directories])
+        run_all([partial(fsync_dir, d) for d in directories])
 
     def publish_root(self, data: bytes, save_id: str) -> None:
         temporary = f"{ROOT_METADATA}.{save_id}.tmp"
@@ -242,16 +212,65 @@ class LocalStorage(Storage):
                 f"{final} appeared during the save: another writer committed first"
             ) from None
         except OSError as exc:
-            with _os_errors(f"cannot publish {final}"):
+            with os_errors(f"cannot publish {final}"):
                 raise exc
         finally:
-            with _os_errors(f"cannot remove {temporary}"):
+            with os_errors(f"cannot remove {temporary}"):
                 os.unlink(self._root / temporary)
-        with _os_errors(f"cannot sync {self._root}"):
-            _fsync_dir(self._root)
+        with os_errors(f"cannot sync {self._root}"):
+            fsync_dir(self._root)
 
     def remove_unpublished(self, save_id: str) -> None:
-        remove_unpublished(self._root, save_id)
+        """Every entry but the claim first, the claim last (so the directory stays claimed until
+        it is empty), then the directory itself if it can be removed; all through a descriptor of
+        the root, never following a link. Nothing happens unless the claim is a regular file
+        naming ``save_id`` and no root ``zarr.json`` exists."""
+        try:
+            claim = json.loads(self.read_file(CLAIM_FILE, 1 << 16))
+        except (FileMissingError, ValueError):
+            return
+        if not isinstance(claim, dict) or claim.get("save_id") != save_id:
+            return
+        if self.kind(ROOT_METADATA) is not None:
+            return
+        empty_then_remove(self._root, keep_last=CLAIM_FILE)
+
+    # -- run directories -------------------------------------------------------------------
+
+    def child(self, name: str) -> LocalStorage:
+        return LocalStorage(self._root / check_relative_path(name), device_io=self._device_io)
+
+    def kind(self, path: str) -> EntryKind | None:
+        return entry_kind(self._root / check_relative_path(path))
+
+    def entries(self, path: str = "") -> builtins.list[tuple[str, EntryKind]]:
+        directory = self._root / check_relative_path(path) if path else self._root
+        try:
+            with os.scandir(directory) as found:
+                return [(e.name, mode_kind(e.stat(follow_symlinks=False).st_mode)) for e in found]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as exc:
+            with os_errors(f"cannot list {directory}"):
+                raise exc
+            raise
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        target = self._root / check_relative_path(path)
+        replace_file(target.parent, target.name, data)
+
+    def lock(self, path: str | None, *, create: bool, wait: float) -> Lock | None:
+        if path is None:
+            return lock_directory(self._root, wait)
+        target = self._root / check_relative_path(path)
+        if create:
+            self._make_parents(target.parent)
+        lock = FileLock(target)
+        return lock if lock.acquire(create=create, wait=wait) else None
+
+    def remove_checkpoint(self, path: str) -> None:
+        target = self._root / check_relative_path(path)
+        remove_tree_root_first(target.parent, target.name)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -269,83 +288,21 @@ class LocalStorage(Storage):
             if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
                 where = str(self._root)[:200]
                 raise InvalidKeyError(f"{where} cannot be a checkpoint: {exc.strerror}") from None
-            with _os_errors(f"cannot open {self._root}"):
+            with os_errors(f"cannot open {self._root}"):
                 raise exc
             raise
 
-    def _open(self, path: str) -> int:
-        """A descriptor of ``path``, opened without following a final symbolic link and
-        without blocking (a FIFO opens at once; what it is, the caller checks with fstat)."""
-        target = os.path.join(self._root, check_relative_path(path))
-        try:
-            self._check_inside(os.path.dirname(target), path)
-            return os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise InvalidKeyError(f"{target} is a symbolic link; refused") from None
-            if exc.errno == errno.ENAMETOOLONG:
-                raise _too_long(path) from None
-            if exc.errno == errno.ENXIO:  # a socket: no file to open
-                raise InvalidKeyError(f"{target} is not a regular file (a socket); refused") from None
-            raise
-
-    def _check_inside(self, directory: str, path: str) -> None:
-        """Refuse a ``directory`` (under the root) that resolves outside the root.
-
-        Resolving costs a system call per path component, and a load opens files in hundreds
-        of directories: a directory whose parent lies inside lies inside too unless it is itself
-        a symbolic link. So walk up to the nearest directory known to lie inside, one lstat per
-        step, and resolve in full only a symbolic link met on the way.
-        """
-        inside = self._inside
-        unknown: list[str] = []
-        while directory not in inside:
-            if os.path.islink(directory) or os.path.dirname(directory) == directory:
-                if self._real_root is None:
-                    self._real_root = os.path.realpath(self._root)
-                real = os.path.realpath(directory)
-                if real != self._real_root and not real.startswith(self._real_root.rstrip(os.sep) + os.sep):
-                    raise InvalidKeyError(f"{path!r} resolves outside the checkpoint at {self._root}")
-                unknown.append(directory)
-                break
-            unknown.append(directory)
-            directory = os.path.dirname(directory)
-        inside.update(unknown)
-
-    def _open_file(self, path: str) -> tuple[int, int] | None:
-        """An open descriptor of the regular file at ``path`` and its size; ``None`` if there is none."""
-        try:
-            fd = self._open(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        try:
-            status = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        if stat.S_ISDIR(status.st_mode):
-            # A directory where a file should be (an emptied chunk folder) is no file at all.
-            os.close(fd)
-            return None
-        if not stat.S_ISREG(status.st_mode):
-            os.close(fd)
-            kind = "a FIFO" if stat.S_ISFIFO(status.st_mode) else "a device or other special file"
-            raise InvalidKeyError(
-                f"{self._root / path} is {kind}, not a regular file; refused unread (spec R11.3)"
-            )
-        return fd, status.st_size
-
     def size(self, path: str) -> int | None:
-        with _os_errors(f"cannot open {self._root / path}"):
-            opened = self._open_file(path)
+        with os_errors(f"cannot open {self._root / path}"):
+            opened = self._files.open_file(path)
         if opened is None:
             return None
         os.close(opened[0])
         return opened[1]
 
     def read_file(self, path: str, max_bytes: int) -> bytes:
-        with _os_errors(f"cannot read {self._root / path}"):
-            opened = self._open_file(path)
+        with os_errors(f"cannot read {self._root / path}"):
+            opened = self._files.open_file(path)
             if opened is None:
                 raise FileMissingError(f"cannot read {self._root / path}: no such file")
             fd, size = opened
@@ -365,8 +322,8 @@ class LocalStorage(Storage):
                 os.close(fd)
 
     def read_into(self, path: str, offset: int, fill: Callable[[int | None, ReadNext], None]) -> None:
-        with _os_errors(f"cannot read {self._root / path}"):
-            opened = self._open_file(path)
+        with os_errors(f"cannot read {self._root / path}"):
+            opened = self._files.open_file(path)
             if opened is None:
                 fill(None, self._no_file(path))
                 return
@@ -419,13 +376,13 @@ class LocalStorage(Storage):
     def list(self, path: str) -> list[str]:
         directory = self._root / check_relative_path(path) if path else self._root
         try:
-            self._check_inside(str(directory), path)
+            self._files.check_inside(str(directory), path)
             return sorted(os.listdir(directory))
         except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
-                raise _too_long(path) from None
-            with _os_errors(f"cannot list {directory}"):
+                raise too_long(path) from None
+            with os_errors(f"cannot list {directory}"):
                 raise exc
             raise
