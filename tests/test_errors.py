@@ -159,8 +159,8 @@ def _swallowed(path: Path, root: Path) -> list[str]:
                 caught = [_resolve(ast.unparse(t).rpartition(".")[2]) for t in types if t is not None]
                 if not any(c is not None and issubclass(raised, c) for c in caught) and handler.type:
                     continue
-                bare = handler.body[0] if len(handler.body) == 1 else None
-                rethrows = isinstance(bare, ast.Raise) and bare.exc is None
+                last = handler.body[-1]  # cleanup, then a bare ``raise``: the error goes on unchanged
+                rethrows = isinstance(last, ast.Raise) and last.exc is None
                 ours = all(c is not None and issubclass(c, errors.TesseraError) for c in caught)
                 if not (ours or rethrows):
                     where = f"{path.relative_to(root)}:{raise_node.lineno}"
