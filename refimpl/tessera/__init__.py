@@ -2,7 +2,8 @@
 
 Each global tensor is a Zarr v3 array chunked by global offsets, with a CRC32C
 on every chunk; the root ``zarr.json`` holds the manifest and is written last,
-so its presence is the commit. ``save``, ``load`` and ``open`` are the API;
+so its presence is the commit. ``save`` (with :class:`SaveOptions`), ``save_async``,
+``load`` and ``open`` are the API;
 ``spec/tessera-v1.md`` is the format.
 """
 
@@ -13,7 +14,7 @@ from .api.checkpoint import open_checkpoint as open
 from .api.load import LoadResult, Strict, load
 from .api.run_dir import RunDirectory
 from .api.save import save
-from .api.save_async import AsyncSave, AsyncSaver
+from .api.save_async import AsyncSave, AsyncSaver, save_async
 from .api.verify import VerifyReport, verify
 from .errors import (
     CheckpointDeletedError,
@@ -39,7 +40,7 @@ from .errors import (
 )
 from .format.limits import ReaderLimits
 from .format.manifest import FORMAT_VERSION, Manifest
-from .planning import PlanCache
+from .planning import PlanCache, SaveOptions, Zstd
 from .state import ShardedObject, ShardedTensor
 from .version import __version__
 
@@ -64,6 +65,7 @@ __all__ = [
     "PlanCache",
     "ReaderLimits",
     "RunDirectory",
+    "SaveOptions",
     "SchemaViolationError",
     "ShardedObject",
     "ShardedTensor",
@@ -77,9 +79,11 @@ __all__ = [
     "UnsafeEncodingError",
     "UnsupportedVersionError",
     "VerifyReport",
+    "Zstd",
     "__version__",
     "load",
     "open",
     "save",
+    "save_async",
     "verify",
 ]
