@@ -250,7 +250,7 @@ def _state() -> dict[str, Any]:
 
 def _save_recorded(root: Path, **options: Any) -> list[Op]:
     with recorded(**options) as log:
-        tessera.save(_state(), root, chunk_bytes=24, threads=1)
+        tessera.save(_state(), root, options=tessera.SaveOptions(chunk_bytes=24, threads=1))
     return log
 
 
@@ -309,7 +309,7 @@ def test_every_file_is_created_exclusively_R9_5(monkeypatch: pytest.MonkeyPatch,
             return super().open(path, flag, mode, **kwargs)
 
     monkeypatch.setattr(tessera.storage.local, "os", Spy([]))
-    tessera.save(_state(), tmp_path / "c", chunk_bytes=24)
+    tessera.save(_state(), tmp_path / "c", options=tessera.SaveOptions(chunk_bytes=24))
     assert len(flags) > 10
     assert all(f & os.O_EXCL for f in flags)
 
@@ -393,7 +393,7 @@ def test_failed_save_removes_what_it_wrote_R9_7(
     root = tmp_path / "ckpt"
     monkeypatch.setattr(LocalStorage, "write_file", _failing_write_file(fail_at))
     with pytest.raises(tessera.StorageError, match="simulated") as info:
-        tessera.save(_state(), root, chunk_bytes=24, threads=1)
+        tessera.save(_state(), root, options=tessera.SaveOptions(chunk_bytes=24, threads=1))
     assert info.value.code == "io_error"
     assert not root.exists(), "the failed save left its partial checkpoint behind"
     monkeypatch.undo()
@@ -412,7 +412,7 @@ def test_failed_save_removes_only_its_own_files_R9_7(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(LocalStorage, "publish_root", rival_then_fail)
     with pytest.raises(tessera.StorageError, match="simulated"):
-        tessera.save(_state(), root, chunk_bytes=24)
+        tessera.save(_state(), root, options=tessera.SaveOptions(chunk_bytes=24))
     assert (root / ".tessera-claim.json").read_text() == '{"save_id": "someone-else"}'
     assert (root / "model").is_dir()
     # A publication lost to a rival's committed root (already_exists) removes nothing either.
@@ -469,7 +469,7 @@ def test_concurrent_saves_one_winner_R9_4(tmp_path: Path) -> None:
     def run(i: int) -> None:
         barrier.wait()
         try:
-            tessera.save(states[i], root, chunk_bytes=32, threads=1)
+            tessera.save(states[i], root, options=tessera.SaveOptions(chunk_bytes=32, threads=1))
             results[i] = "ok"
         except tessera.TesseraError as exc:
             results[i] = exc.code
@@ -493,12 +493,12 @@ def test_failed_save_keeps_the_previous_checkpoint_R10_3(
 ) -> None:
     run = tessera.RunDirectory(tmp_path / "run", keep_last=1)
     first = _state()
-    run.save(first, step=1, chunk_bytes=24)
+    run.save(first, step=1, options=tessera.SaveOptions(chunk_bytes=24))
     monkeypatch.setattr(LocalStorage, "write_file", _failing_write_file(2))
     second = _state()
     second["lr"] = 0.2
     with pytest.raises(tessera.StorageError):
-        run.save(second, step=2, chunk_bytes=24, threads=1)
+        run.save(second, step=2, options=tessera.SaveOptions(chunk_bytes=24, threads=1))
     monkeypatch.undo()
     assert run.latest() == tmp_path / "run" / "step-00000001"
     assert (tmp_path / "run" / "latest").read_text() == "step-00000001\n"
@@ -528,7 +528,8 @@ _KILL_SCRIPT = textwrap.dedent(
                 time.sleep(120)
 
     LocalStorage.write_file = write_file
-    tessera.save({"big": torch.arange(50_000, dtype=torch.float32)}, root, chunk_bytes=1024, threads=1)
+    options = tessera.SaveOptions(chunk_bytes=1024, threads=1)
+    tessera.save({"big": torch.arange(50_000, dtype=torch.float32)}, root, options=options)
     """
 )
 

@@ -160,8 +160,7 @@ def test_a_committed_save_succeeds_when_latest_cannot_move_R10_3(
 ) -> None:
     monkeypatch.setattr(run_files, "replace_pointer", _fail_replace)
     with pytest.warns(tessera.TesseraWarning, match="step-00000002 is committed, but could not move latest"):
-        result = run.save(_state(2), step=2, asynchronous=asynchronous)
-        manifest = result.wait() if isinstance(result, tessera.AsyncSave) else result
+        manifest = run.save_async(_state(2), step=2).wait() if asynchronous else run.save(_state(2), step=2)
     assert manifest.metadata == {"step": 2}
     assert run.latest() == run.root / "step-00000001"  # still the previous one, still loadable
     assert_tree_bit_equal(tessera.load(run.root / "step-00000002"), _state(2))

@@ -43,6 +43,11 @@ _REPLACEMENTS = {
     ),
 }
 
+_HINTS = {
+    "asynchronous": " (removed: call tessera.save_async or RunDirectory.save_async for the handle)",
+    "process_group": " (an AsyncSaver's process group is fixed when it is made)",
+}
+
 
 def save_options(
     options: SaveOptions | None, deprecated: Mapping[str, Any], caller: str, stacklevel: int = 3
@@ -56,7 +61,8 @@ def save_options(
     """
     unknown = sorted(set(deprecated) - set(_REPLACEMENTS))
     if unknown:
-        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+        hint = _HINTS.get(unknown[0], "")
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}{hint}")
     if options is not None and not isinstance(options, SaveOptions):
         raise TypeError(f"{caller}(options=...) takes a tessera.SaveOptions, got {type(options).__name__}")
     for name in deprecated:
