@@ -105,6 +105,7 @@ def test_mypy_knows_each_return_type(tmp_path: Path) -> None:
     config = tmp_path / "mypy.ini"
     # tessera's own modules are checked, the libraries below them skipped: torch alone takes a minute.
     skipped = "".join(f"[mypy-{lib}.*]\nfollow_imports = skip\n" for lib in ("torch", "numpy", "numcodecs"))
+    skipped += "[mypy-tessera.*]\nignore_errors = True\n"  # checked on its own, with those libraries
     config.write_text(f"[mypy]\nmypy_path = {ROOT / 'refimpl'}\nignore_missing_imports = True\n{skipped}")
     flags = ["--no-incremental", "--config-file", str(config), "--python-version", "3.11"]
     out, err, status = api.run([*flags, str(good)])
