@@ -2,7 +2,8 @@
 
 ``direct_io`` moves the bytes (cuFile through KvikIO, an optional dependency), ``crc32c``
 checksums them on the GPU (CUDA kernels through CuPy, which KvikIO requires), ``streams`` keeps
-each I/O thread's GPU work on a stream of its own. ``tessera.save(..., gpu_direct=True)`` and
+each I/O thread's GPU work on a stream of its own, ``device_writes`` holds the write strategies
+from device memory. ``tessera.save(sd, direct_io.gpu_direct_storage(path))`` and
 ``tessera.open(..., gpu_direct=True)`` use them; nothing here is imported from KvikIO or CuPy
 until then.
 """
