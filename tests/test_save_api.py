@@ -19,6 +19,8 @@ import pytest
 import tessera
 import torch
 from tessera import RunDirectory, SaveOptions, Zstd
+from tessera.errors import UnsupportedLocationError
+from tessera.storage.local import LocalStorage
 
 from .conftest import ROOT, assert_tree_bit_equal, random_tensor
 
@@ -268,3 +270,14 @@ def test_gpu_direct_false_is_the_default_storage(tmp_path: Path) -> None:
     with pytest.warns(DeprecationWarning, match="gpu_direct_storage"):
         tessera.save({"w": torch.ones(3)}, tmp_path / "ck", gpu_direct=False)
     assert tessera.verify(tmp_path / "ck").ok
+
+
+def test_save_async_resolves_its_location_at_the_call(tmp_path: Path) -> None:
+    """A handle prints where it saves for any storage; a location no storage supports is refused
+    by the call itself, before the state is copied or anything is written."""
+    handle = tessera.save_async(_state(), LocalStorage(tmp_path / "ck"))
+    assert handle.location == str(tmp_path / "ck")
+    handle.wait()
+    with pytest.raises(UnsupportedLocationError, match="weird"):
+        tessera.save_async(_state(), "weird://bucket/x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"] and not Path("weird:").exists()
