@@ -143,8 +143,9 @@ def save_rank(rank: int, port: int, paths: dict[str, str], specs_: list[Spec], s
     init(rank, SAVE_RANKS, port)
     state = nested({s.key: shard(s, global_tensor(s, seed), rank, SAVE_RANKS, None) for s in specs_})
     for label, path in paths.items():
-        chunk = {} if label == "default" else {"chunk_bytes": int(float(label) * MIB)}
-        tessera.save(state, path, **chunk)
+        default = tessera.SaveOptions()
+        options = default if label == "default" else tessera.SaveOptions(chunk_bytes=int(float(label) * MIB))
+        tessera.save(state, path, options=options)
     dist.destroy_process_group()
 
 

@@ -23,7 +23,7 @@ cold with ``CuFile.pread`` straight into the preallocated GPU tensors. It runs w
 KvikIO settings (threads, O_DIRECT) that ``tessera.engine.gpu.direct_io.configure_kvikio``
 gives Tessera, recorded with the results, so with ``--anchor kvikio`` the ratios show
 what Tessera's format costs on that path. ``tessera-direct`` (``--device cuda`` only) is
-``tessera.save`` with ``gpu_direct=True`` and an in-place ``tessera.load`` from
+``tessera.save(sd, gpu_direct_storage(path))`` and an in-place ``tessera.load`` from
 ``tessera.gpu_direct_storage(path)``.
 
 A save is timed from the call until the checkpoint is *durable* (a power loss right
@@ -31,8 +31,8 @@ after could not lose it): raw, kvikio and torch.save fsync their file and its di
 ``dcp.save`` runs with ``FileSystemWriter(sync_files=True)`` and the directories it made
 are fsynced after it (DCP does not); safetensors' ``save_file`` is followed by an fsync
 of the file and directory (on a GPU its tensors are first copied to host memory, timed:
-``save_file`` needs CPU tensors); ``tessera.save`` is durable when it returns (with or
-without ``gpu_direct``).
+``save_file`` needs CPU tensors); ``tessera.save`` is durable when it returns (to a path or
+to a GPU-direct storage).
 
 A load is timed from the call until every page of every loaded tensor has been touched
 (so lazily mmapped results pay for their reads) and, on a GPU, until the device is
@@ -524,8 +524,9 @@ def tessera_load_new(path: Path, _into: StateDict | None, ctx: Context) -> State
 
 def tessera_direct_save(sd: StateDict, path: Path, ctx: Context) -> None:
     import tessera
+    from tessera.engine.gpu.direct_io import gpu_direct_storage
 
-    tessera.save(sd, path, gpu_direct=True)
+    tessera.save(sd, gpu_direct_storage(path))
 
 
 def tessera_direct_load(path: Path, into: StateDict | None, ctx: Context) -> StateDict:

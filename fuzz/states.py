@@ -60,10 +60,10 @@ STATES = {"small": _small, "mixed": _mixed, "tiny": _tiny}
 
 def make_checkpoint(path: Path, state: str = "small", *, compression: str | None = None) -> Path:
     """Save ``STATES[state]`` at ``path`` with tiny chunks; the root is upgraded to format 1.1."""
-    options: dict[str, Any] = {"chunk_bytes": 24, "metadata": METADATA}
-    if compression:
-        options["compression"] = compression
-    tessera.save(STATES[state](), path, **options)
+    if compression not in (None, "zstd"):
+        raise ValueError(f"compression is None or 'zstd', not {compression!r}")
+    options = tessera.SaveOptions(chunk_bytes=24, compression=tessera.Zstd() if compression else None)
+    tessera.save(STATES[state](), path, options=options, metadata=METADATA)
     write_root(path, upgrade(path))
     return path
 

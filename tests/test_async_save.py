@@ -1,4 +1,4 @@
-"""Asynchronous save (tessera.AsyncSaver, ``tessera.save(..., asynchronous=True)``).
+"""Asynchronous save (``tessera.save_async``, tessera.AsyncSaver, ``RunDirectory.save_async``).
 
 The background save is held at its claim, before the writer reads any data, by a gate that the test
 opens; so a test that mutates the state after ``save`` returns, or checks what is still in flight,
@@ -140,11 +140,11 @@ def test_snapshot_is_the_state_at_the_call(tmp_path: Path, gate: Gate) -> None:
     assert_tree_bit_equal(tessera.load(tmp_path / "async"), tessera.load(tmp_path / "sync"))
 
 
-def test_tessera_save_asynchronous_returns_a_handle(tmp_path: Path) -> None:
+def test_tessera_save_async_returns_a_handle(tmp_path: Path) -> None:
     state = {"w": torch.arange(10, dtype=torch.float32), "n": np.zeros(3, np.int16), "step": 1}
-    handle = tessera.save(state, tmp_path / "ckpt", asynchronous=True, metadata={"a": 1})
+    handle = tessera.save_async(state, tmp_path / "ckpt", metadata={"a": 1})
     assert isinstance(handle, AsyncSave)
-    assert handle.path == tmp_path / "ckpt"
+    assert handle.location == str(tmp_path / "ckpt")
     assert handle.staged_bytes == 40 + 6
     assert handle.blocked_seconds >= handle.waited_seconds >= 0
     manifest = handle.wait()
@@ -292,7 +292,7 @@ def test_run_directory_moves_latest_after_the_commit(tmp_path: Path, gate: Gate)
     run.save({"w": torch.zeros(2)}, 1)
     held = RunDirectory(gate.wrap(tmp_path / "run"), keep_last=1)  # the same run, saves held at the claim
     state = {"w": torch.ones(2)}
-    handle = held.save(state, 2, asynchronous=True, metadata={"loss": 0.5})
+    handle = held.save_async(state, 2, metadata={"loss": 0.5})
     assert gate.reached.wait(10)
     state["w"].zero_()
     assert run.latest() == tmp_path / "run" / "step-00000001"
@@ -302,7 +302,7 @@ def test_run_directory_moves_latest_after_the_commit(tmp_path: Path, gate: Gate)
     assert [c.name for c in run.checkpoints()] == ["step-00000002"]  # retention, after the commit
     assert_tree_bit_equal(tessera.load(run.latest()), {"w": torch.ones(2)})
 
-    run.save({"w": torch.ones(2)}, 2, asynchronous=True)  # already committed: fails in the background
+    run.save_async({"w": torch.ones(2)}, 2)  # already committed: fails in the background
     with pytest.raises(CheckpointExistsError):
         run.wait()
     run.wait()  # raised once

@@ -78,7 +78,7 @@ from tessera.storage.local import LocalStorage
 from tessera.testing import StorageWrapper
 from tests.test_commit import _state
 {setup}
-tessera.save(_state(), {storage}, chunk_bytes=24, threads=1)
+tessera.save(_state(), {storage}, options=tessera.SaveOptions(chunk_bytes=24, threads=1))
 """
 
 
@@ -355,7 +355,7 @@ def test_failed_save_removes_what_it_wrote_R9_7(tmp_path: Path, fail_at: int) ->
     root = tmp_path / "ckpt"
     full = FaultyStorage(LocalStorage(root)).fail_write(nth=fail_at, matching=CHUNKS)
     with pytest.raises(tessera.StorageError, match="injected fault") as info:
-        tessera.save(_state(), full, chunk_bytes=24, threads=1)
+        tessera.save(_state(), full, options=tessera.SaveOptions(chunk_bytes=24, threads=1))
     assert info.value.code == "io_error"
     assert not root.exists(), "the failed save left its partial checkpoint behind"
     tessera.save(_state(), root)  # the path is free again
@@ -371,7 +371,8 @@ def test_failed_save_removes_only_its_own_files_R9_7(tmp_path: Path) -> None:
 
     with pytest.raises(tessera.StorageError, match="injected fault"):
         tessera.save(
-            _state(), FaultyStorage(LocalStorage(root)).fail_publish(before=rival_claims), chunk_bytes=24
+            _state(), FaultyStorage(LocalStorage(root)).fail_publish(before=rival_claims),
+            options=tessera.SaveOptions(chunk_bytes=24),
         )
     assert (root / ".tessera-claim.json").read_text() == '{"save_id": "someone-else"}'
     assert (root / "model").is_dir()
@@ -417,7 +418,7 @@ def test_concurrent_saves_one_winner_R9_4(tmp_path: Path) -> None:
     def run(i: int) -> None:
         barrier.wait()
         try:
-            tessera.save(states[i], root, chunk_bytes=32, threads=1)
+            tessera.save(states[i], root, options=tessera.SaveOptions(chunk_bytes=32, threads=1))
             results[i] = "ok"
         except tessera.TesseraError as exc:
             results[i] = exc.code
@@ -439,14 +440,14 @@ def test_concurrent_saves_one_winner_R9_4(tmp_path: Path) -> None:
 def test_failed_save_keeps_the_previous_checkpoint_R10_3(tmp_path: Path) -> None:
     run = tessera.RunDirectory(tmp_path / "run", keep_last=1)
     first = _state()
-    run.save(first, step=1, chunk_bytes=24)
+    run.save(first, step=1, options=tessera.SaveOptions(chunk_bytes=24))
     full = tessera.RunDirectory(
         FaultyStorage(LocalStorage(tmp_path / "run")).fail_write(nth=2, matching=CHUNKS), keep_last=1
     )
     second = _state()
     second["lr"] = 0.2
     with pytest.raises(tessera.StorageError):
-        full.save(second, step=2, chunk_bytes=24, threads=1)
+        full.save(second, step=2, options=tessera.SaveOptions(chunk_bytes=24, threads=1))
     assert run.latest() == tmp_path / "run" / "step-00000001"
     assert (tmp_path / "run" / "latest").read_text() == "step-00000001\n"
     assert_tree_bit_equal(tessera.load(run.latest()), first)
@@ -476,7 +477,7 @@ _KILL_SCRIPT = textwrap.dedent(
                     time.sleep(120)
 
     state = {"big": torch.arange(50_000, dtype=torch.float32)}
-    tessera.save(state, Stall(LocalStorage(root)), chunk_bytes=1024, threads=1)
+    tessera.save(state, Stall(LocalStorage(root)), options=tessera.SaveOptions(chunk_bytes=1024, threads=1))
     """
 )
 

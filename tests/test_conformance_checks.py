@@ -104,7 +104,14 @@ def _reported(watch: WriteWatch) -> list[Any]:
 def _save(root: Path, compression: str | None = None) -> list[Any]:
     """Save the state at ``root`` under a watch; what the watch reported."""
     with WriteWatch(root) as watch:
-        tessera.save(_state(), root, chunk_shapes=CHUNKS, compression=compression, metadata={"step": 100})
+        tessera.save(
+            _state(),
+            root,
+            options=tessera.SaveOptions(
+                compression=tessera.Zstd() if compression else None, chunk_shapes=CHUNKS
+            ),
+            metadata={"step": 100},
+        )
     return _reported(watch)
 
 
@@ -347,7 +354,7 @@ def test_one_fault_gives_one_finding(copy: Path) -> None:
 
 def test_zstd_chunk_of_two_frames_R6_3(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
-    tessera.save(_state(), root, chunk_shapes=CHUNKS, compression="zstd")
+    tessera.save(_state(), root, options=tessera.SaveOptions(compression=tessera.Zstd(), chunk_shapes=CHUNKS))
     _rewrite_chunk(root / "model/w/c/0/0", lambda body: body.extend(bytes(body)))
     found = _rules(root, _expected(_state(), {"name": "zstd", "level": 3}))
     assert any("after its first zstd frame" in m for m in found["R6.3"]), found

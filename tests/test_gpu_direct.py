@@ -21,6 +21,7 @@ import pytest
 import tessera
 import torch
 from tessera.engine.gpu.crc32c import SEGMENT, crc32c_combine, x8n_mod_p
+from tessera.engine.gpu.direct_io import gpu_direct_storage
 from tessera.planning.chunk_grid import DIRECT_IO_BLOCK, choose_chunk_shape
 
 from .conftest import ROOT, assert_bit_equal, flip_byte, forced_chunks, random_tensor, run_conformance
@@ -77,7 +78,7 @@ def test_a_tensor_that_fits_one_chunk_keeps_its_shape() -> None:
 @pytest.mark.skipif(HAS_GPU_DIRECT, reason="GPU-direct I/O is available here")
 def test_unavailable_gpu_direct_is_a_clear_error_before_anything_is_written(tmp_path: Path) -> None:
     with pytest.raises(tessera.GpuDirectUnavailableError, match="CUDA|KvikIO"):
-        tessera.save({"w": torch.ones(3)}, tmp_path / "ck", gpu_direct=True)
+        tessera.save({"w": torch.ones(3)}, gpu_direct_storage(tmp_path / "ck"))
     assert not (tmp_path / "ck").exists()
     tessera.save({"w": torch.ones(3)}, tmp_path / "ok")
     with pytest.raises(tessera.GpuDirectUnavailableError):
@@ -105,10 +106,31 @@ def test_gpu_direct_storage_refuses_a_storage_that_is_not_local(tmp_path: Path) 
         tessera.gpu_direct_storage("weird://bucket/x")
 
 
-def test_an_asynchronous_save_cannot_be_gpu_direct(tmp_path: Path) -> None:
-    with pytest.raises(tessera.GpuDirectUnavailableError, match="asynchronous"):
-        tessera.save({"w": torch.ones(3)}, tmp_path / "ck", gpu_direct=True, asynchronous=True)
+@pytest.mark.skipif(HAS_GPU_DIRECT, reason="GPU-direct I/O is available here")
+def test_the_deprecated_gpu_direct_flag_still_asks_for_device_io(tmp_path: Path) -> None:
+    with (
+        pytest.warns(DeprecationWarning, match="gpu_direct_storage"),
+        pytest.raises(tessera.GpuDirectUnavailableError, match="CUDA|KvikIO"),
+    ):
+        tessera.save({"w": torch.ones(3)}, tmp_path / "ck", gpu_direct=True)
+    with (
+        pytest.warns(DeprecationWarning),
+        pytest.raises(tessera.GpuDirectUnavailableError, match="CUDA|KvikIO"),
+    ):
+        tessera.save_async({"w": torch.ones(3)}, tmp_path / "ck", gpu_direct=True)  # refused at the call
     assert not (tmp_path / "ck").exists()
+
+
+@gpu_direct
+def test_an_asynchronous_save_to_a_gpu_direct_storage_R6_5(tmp_path: Path) -> None:
+    """The snapshot is in host memory: its chunks take the host path, into the same files."""
+    state = {"w": random_tensor("float32", (300, 70), seed=3).cuda(), "n": torch.arange(5)}
+    options = tessera.SaveOptions(chunk_bytes=40_000)
+    handle = tessera.save_async(state, gpu_direct_storage(tmp_path / "direct"), options=options)
+    assert handle.location == str(tmp_path / "direct")
+    handle.wait()
+    tessera.save(state, tmp_path / "staged", options=options)
+    assert _chunk_files(tmp_path / "direct") == _chunk_files(tmp_path / "staged")
 
 
 @pytest.mark.skipif(HAS_GPU_DIRECT, reason="GPU-direct I/O is available here")
@@ -185,8 +207,9 @@ def _chunk_files(root: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("compression", [None, "zstd"])
 def test_gpu_direct_files_equal_the_host_staged_files_R6_5(tmp_path: Path, compression: str | None) -> None:
     state = _gpu_state()
-    tessera.save(state, tmp_path / "staged", chunk_bytes=40_000, compression=compression)
-    tessera.save(state, tmp_path / "direct", chunk_bytes=40_000, compression=compression, gpu_direct=True)
+    options = tessera.SaveOptions(compression=tessera.Zstd() if compression else None, chunk_bytes=40_000)
+    tessera.save(state, tmp_path / "staged", options=options)
+    tessera.save(state, gpu_direct_storage(tmp_path / "direct"), options=options)
     staged, direct = _chunk_files(tmp_path / "staged"), _chunk_files(tmp_path / "direct")
     assert len(staged) > 20 and staged.keys() == direct.keys()
     assert [k for k in staged if staged[k] != direct[k]] == []
@@ -198,7 +221,11 @@ def test_gpu_direct_files_read_by_stock_readers_R2_1(tmp_path: Path) -> None:
     ts = pytest.importorskip("tensorstore")
     zarr = pytest.importorskip("zarr")
     want = random_tensor("float32", (2000, 300), seed=11)
-    tessera.save({"w": want.cuda()}, tmp_path / "ck", chunk_bytes=2**20, gpu_direct=True)
+    tessera.save(
+        {"w": want.cuda()},
+        gpu_direct_storage(tmp_path / "ck"),
+        options=tessera.SaveOptions(chunk_bytes=2**20),
+    )
     path = str(tmp_path / "ck" / "w")
     by_zarr = np.asarray(zarr.open_array(store=path, mode="r")[...])
     by_ts = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}, read=True).result()
@@ -209,7 +236,9 @@ def test_gpu_direct_files_read_by_stock_readers_R2_1(tmp_path: Path) -> None:
 @gpu_direct
 def test_gpu_direct_load_in_place_and_into_regions(tmp_path: Path) -> None:
     state = _gpu_state()
-    tessera.save(state, tmp_path / "ck", chunk_bytes=40_000)  # host-staged: readers are independent
+    tessera.save(
+        state, tmp_path / "ck", options=tessera.SaveOptions(chunk_bytes=40_000)
+    )  # host-staged: readers are independent
     template = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
     template["t"] = torch.zeros(300, 200, device="cuda").t()  # a strided destination
     got = tessera.load(tessera.gpu_direct_storage(tmp_path / "ck"), template)
@@ -279,10 +308,10 @@ def test_a_device_read_has_landed_when_read_into_returns(tmp_path: Path) -> None
 
 @gpu_direct
 def test_a_gpu_direct_save_never_overwrites_R9_1(tmp_path: Path) -> None:
-    tessera.save({"w": torch.ones(10, device="cuda")}, tmp_path / "ck", gpu_direct=True)
+    tessera.save({"w": torch.ones(10, device="cuda")}, gpu_direct_storage(tmp_path / "ck"))
     before = _chunk_files(tmp_path / "ck")
     with pytest.raises(tessera.CheckpointExistsError):
-        tessera.save({"w": torch.zeros(10, device="cuda")}, tmp_path / "ck", gpu_direct=True)
+        tessera.save({"w": torch.zeros(10, device="cuda")}, gpu_direct_storage(tmp_path / "ck"))
     assert _chunk_files(tmp_path / "ck") == before
 
 

@@ -42,7 +42,12 @@ def _state() -> dict[str, Any]:
 @pytest.fixture
 def ckpt(tmp_path: Path) -> Path:
     root = tmp_path / "ckpt"
-    tessera.save(_state(), root, chunk_shapes={"w": [2, 3], "v": [4]}, metadata={"step": 100})
+    tessera.save(
+        _state(),
+        root,
+        options=tessera.SaveOptions(chunk_shapes={"w": [2, 3], "v": [4]}),
+        metadata={"step": 100},
+    )
     return root
 
 
@@ -62,7 +67,13 @@ def test_writer_lists_the_stored_crc_of_every_chunk_R3_19(tmp_path: Path) -> Non
     (the 0-d array's one chunk, and "" for an array of no chunks, included)."""
     for compression in (None, "zstd"):
         root = tmp_path / f"ck-{compression}"
-        tessera.save(_state(), root, chunk_shapes={"w": [2, 3], "v": [4]}, compression=compression)
+        tessera.save(
+            _state(),
+            root,
+            options=tessera.SaveOptions(
+                compression=tessera.Zstd() if compression else None, chunk_shapes={"w": [2, 3], "v": [4]}
+            ),
+        )
         assert assert_chunk_lists_are_stored_crcs(root) == 4 + 3 + 1 + 1 + 1
         entries = {e["path"]: e for e in read_json(root / "zarr.json")["attributes"]["tessera"]["entries"]}
         assert entries["empty"]["chunk_crc32c"] == ""

@@ -37,7 +37,11 @@ def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         }
         for i, name in enumerate(DTYPE_NAMES)
     }
-    tessera.save(state, root, chunk_bytes=16, compression=request.param)
+    tessera.save(
+        state,
+        root,
+        options=tessera.SaveOptions(compression=tessera.Zstd() if request.param else None, chunk_bytes=16),
+    )
     return root, state
 
 
@@ -108,7 +112,7 @@ def test_lost_chunk_is_nan_in_tensorstore_but_an_error_in_tessera_R5_7(ckpt: Pat
     """Why NaN is the fill value (R5.9): a stock reader turns a lost chunk into NaN, not zeros;
     Tessera refuses it (R5.7)."""
     t = torch.arange(1.0, 21.0).reshape(4, 5)
-    tessera.save({"w": t}, ckpt, chunk_bytes=20)  # one row per chunk
+    tessera.save({"w": t}, ckpt, options=tessera.SaveOptions(chunk_bytes=20))  # one row per chunk
     assert chunk_files(ckpt / "w") == ["c/0/0", "c/1/0", "c/2/0", "c/3/0"]
     (ckpt / "w" / "c" / "2" / "0").unlink()
     got = _ts_read(ckpt / "w")
@@ -126,7 +130,7 @@ def test_lost_chunk_is_nan_in_tensorstore_but_an_error_in_tessera_R5_7(ckpt: Pat
 def test_tessera_chunks_are_byte_identical_to_tensorstore_chunks_R6_5(tmp_path: Path) -> None:
     """Uncompressed chunks are fully determined by the spec: same bytes from either writer."""
     t = random_tensor("float32", (5, 7), seed=4)
-    tessera.save({"a": t}, tmp_path / "tessera", chunk_bytes=28 * 2)
+    tessera.save({"a": t}, tmp_path / "tessera", options=tessera.SaveOptions(chunk_bytes=28 * 2))
     entry = read_json(tmp_path / "tessera" / "a" / "zarr.json")
     _ts_write(tmp_path / "ts" / "a", t.numpy(), entry)
     keys = chunk_files(tmp_path / "tessera" / "a")

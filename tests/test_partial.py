@@ -58,12 +58,14 @@ def chunked(
     t = random_tensor("int32", (7, 5, 6), seed=9)
     state = {"t": t, "z": t.to(torch.float64)}
     if chunking is None:
-        tessera.save({"t": t}, root / "raw", chunk_bytes=40)
-        tessera.save(state, root / "zstd", chunk_bytes=40, compression="zstd")
+        tessera.save({"t": t}, root / "raw", options=tessera.SaveOptions(chunk_bytes=40))
+        tessera.save(
+            state, root / "zstd", options=tessera.SaveOptions(compression=tessera.Zstd(), chunk_bytes=40)
+        )
     else:
         with forced_chunks(chunking):
             tessera.save({"t": t}, root / "raw")
-            tessera.save(state, root / "zstd", compression="zstd")
+            tessera.save(state, root / "zstd", options=tessera.SaveOptions(compression=tessera.Zstd()))
     return root, t
 
 
@@ -124,7 +126,7 @@ def test_region_reads_only_overlapping_chunks_R14_2(
 
 def test_chunks_outside_the_region_may_be_damaged_R14_2(tmp_path: Path) -> None:
     t = torch.arange(40.0).reshape(8, 5)
-    tessera.save({"t": t}, tmp_path / "c", chunk_bytes=40)  # two rows per chunk
+    tessera.save({"t": t}, tmp_path / "c", options=tessera.SaveOptions(chunk_bytes=40))  # two rows per chunk
     flip_byte(tmp_path / "c" / "t" / "c" / "3" / "0", 3)
     (tmp_path / "c" / "t" / "c" / "2" / "0").unlink()
     ck = tessera.open(tmp_path / "c")
@@ -219,7 +221,7 @@ def model_ckpt(ckpt: Path) -> tuple[Path, dict[str, Any]]:
         "rng": b"\x01\x02",
         "step": 10,
     }
-    tessera.save(state, ckpt, chunk_bytes=16)
+    tessera.save(state, ckpt, options=tessera.SaveOptions(chunk_bytes=16))
     return ckpt, state
 
 
@@ -297,7 +299,7 @@ def test_checkpoint_handle_api(model_ckpt: tuple[Path, dict[str, Any]]) -> None:
 
 def test_numpy_region_comes_back_as_numpy(ckpt: Path) -> None:
     a = np.arange(24, dtype=np.int16).reshape(4, 6)
-    tessera.save({"a": a}, ckpt, chunk_bytes=12)
+    tessera.save({"a": a}, ckpt, options=tessera.SaveOptions(chunk_bytes=12))
     got = tessera.open(ckpt).read("a", [slice(1, 3), -1])
     assert isinstance(got, np.ndarray)
     np.testing.assert_array_equal(got, a[1:3, -1])
@@ -315,7 +317,7 @@ def test_numpy_region_comes_back_as_numpy(ckpt: Path) -> None:
 def test_read_into_a_view_writes_nothing_outside_it(ckpt: Path, view: tuple, region: list[Any]) -> None:
     """A destination that is a window of a bigger tensor: its neighbours stay untouched."""
     t = torch.arange(210, dtype=torch.int32).reshape(7, 5, 6)
-    tessera.save({"t": t}, ckpt, chunk_bytes=40)
+    tessera.save({"t": t}, ckpt, options=tessera.SaveOptions(chunk_bytes=40))
     big = torch.full((7, 5, 6), -1, dtype=torch.int32)
     tessera.open(ckpt).read_into("t", big[view], region)
     want = torch.full((7, 5, 6), -1, dtype=torch.int32)

@@ -58,7 +58,11 @@ def _blank(tree: Any) -> Any:
 def saved(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     state = _state()
     with forced_chunks(lambda shape: tuple(min(8, s) for s in shape[:1]) + tuple(shape[1:])):
-        tessera.save(state, tmp_path / "ck", compression=request.param)
+        tessera.save(
+            state,
+            tmp_path / "ck",
+            options=tessera.SaveOptions(compression=tessera.Zstd() if request.param else None),
+        )
     return tmp_path / "ck", state
 
 
@@ -176,7 +180,9 @@ def test_a_symlinked_chunk_directory_is_refused_after_its_siblings(tmp_path: Pat
     """Directories are resolved once per handle; one that is a link out is still refused when
     its parent and siblings were checked before."""
     t = random_tensor("int32", (6, 2), seed=14)
-    tessera.save({"t": t}, tmp_path / "ck", chunk_bytes=8)  # one row a chunk: t/c/0/0 ... t/c/5/0
+    tessera.save(
+        {"t": t}, tmp_path / "ck", options=tessera.SaveOptions(chunk_bytes=8)
+    )  # one row a chunk: t/c/0/0 ... t/c/5/0
     outside = tmp_path / "outside"
     (tmp_path / "ck" / "t" / "c" / "4").rename(outside)
     (tmp_path / "ck" / "t" / "c" / "4").symlink_to(outside, target_is_directory=True)
@@ -216,7 +222,7 @@ def test_a_flipped_byte_in_a_later_block_of_a_large_chunk(tmp_path: Path) -> Non
     """The real block size: a 20 MiB chunk is three blocks; the damage is in the third."""
     n = 5 * 2**20
     t = torch.arange(n, dtype=torch.float32)
-    tessera.save({"t": t}, tmp_path / "ck", chunk_bytes=4 * n)
+    tessera.save({"t": t}, tmp_path / "ck", options=tessera.SaveOptions(chunk_bytes=4 * n))
     chunk = tmp_path / "ck" / "t" / "c" / "0"
     assert chunk.stat().st_size == 4 * n + 4
     assert 2 * tessera.engine.read_strategies.BLOCK_BYTES < 17 * 2**20 < 4 * n
@@ -228,7 +234,7 @@ def test_a_flipped_byte_in_a_later_block_of_a_large_chunk(tmp_path: Path) -> Non
 @pytest.mark.parametrize("damage", ["short", "long", "missing", "directory"])
 def test_the_size_is_checked_on_the_one_open(tmp_path: Path, small_blocks: int, damage: str) -> None:
     t = random_tensor("int32", (20,), seed=5)
-    tessera.save({"t": t}, tmp_path / "ck", chunk_bytes=40)
+    tessera.save({"t": t}, tmp_path / "ck", options=tessera.SaveOptions(chunk_bytes=40))
     chunk = tmp_path / "ck" / "t" / "c" / "1"
     if damage == "short":
         chunk.write_bytes(chunk.read_bytes()[:-1])
@@ -256,7 +262,7 @@ def test_the_size_is_checked_on_the_one_open(tmp_path: Path, small_blocks: int, 
 
 def _many_arrays(root: Path) -> dict[str, torch.Tensor]:
     state = {f"t{i}": random_tensor("float32", (4, 3), seed=i) for i in range(12)}
-    tessera.save(state, root, chunk_bytes=24)
+    tessera.save(state, root, options=tessera.SaveOptions(chunk_bytes=24))
     return state
 
 
@@ -486,7 +492,9 @@ def gpu_saved(tmp_path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
         "b": random_tensor("bool", (33,), seed=9),
         "s": random_tensor("float64", (), seed=10),
     }
-    tessera.save(state, tmp_path / "ck", chunk_bytes=100_000)  # several chunks per array
+    tessera.save(
+        state, tmp_path / "ck", options=tessera.SaveOptions(chunk_bytes=100_000)
+    )  # several chunks per array
     yield tmp_path / "ck", state
 
 
@@ -530,7 +538,9 @@ def test_load_into_strided_and_region_cuda_destinations(gpu_saved: tuple[Path, d
 @CUDA
 def test_zstd_and_shared_chunks_into_cuda(tmp_path: Path) -> None:
     w = random_tensor("float32", (64, 50), seed=11)
-    tessera.save({"w": w}, tmp_path / "ck", compression="zstd", chunk_bytes=1000)
+    tessera.save(
+        {"w": w}, tmp_path / "ck", options=tessera.SaveOptions(compression=tessera.Zstd(), chunk_bytes=1000)
+    )
     ck = tessera.open(tmp_path / "ck")
     top = torch.zeros(33, 50, device="cuda")
     rest = torch.zeros(31, 50, device="cuda")
@@ -563,7 +573,7 @@ def test_the_load_waits_for_work_queued_on_the_destination(gpu_saved: tuple[Path
 @CUDA
 def test_a_corrupt_chunk_into_cuda_still_fails(tmp_path: Path) -> None:
     t = random_tensor("float32", (64, 64), seed=12)
-    tessera.save({"t": t}, tmp_path / "ck", chunk_bytes=4096)
+    tessera.save({"t": t}, tmp_path / "ck", options=tessera.SaveOptions(chunk_bytes=4096))
     flip_byte(tmp_path / "ck" / "t" / "c" / "3" / "0", 100)
     with pytest.raises(tessera.ChecksumMismatchError, match="t chunk c/3/0"):
         tessera.load(tmp_path / "ck", {"t": torch.zeros(64, 64, device="cuda")})

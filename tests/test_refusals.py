@@ -50,13 +50,13 @@ def _state() -> dict[str, Any]:
 @pytest.fixture
 def good(ckpt: Path) -> Path:
     """w: float32 [4, 6] in chunks [1, 6] (c/0/0 ... c/3/0); grp/v: int16 [5]; blob: bytes."""
-    tessera.save(_state(), ckpt, chunk_bytes=24)
+    tessera.save(_state(), ckpt, options=tessera.SaveOptions(chunk_bytes=24))
     return ckpt
 
 
 @pytest.fixture
 def good_zstd(ckpt: Path) -> Path:
-    tessera.save(_state(), ckpt, chunk_bytes=24, compression="zstd")
+    tessera.save(_state(), ckpt, options=tessera.SaveOptions(compression=tessera.Zstd(), chunk_bytes=24))
     return ckpt
 
 
@@ -560,7 +560,8 @@ def test_zstd_bomb_is_not_decompressed_R6_8(tmp_path: Path) -> None:
         f"""
         import resource, struct, sys, crc32c, torch, tessera
         root = {str(tmp_path / "ckpt")!r}
-        tessera.save({{"a": torch.zeros(16384)}}, root, compression="zstd", chunk_bytes=65536)
+        options = tessera.SaveOptions(compression=tessera.Zstd(), chunk_bytes=65536)
+        tessera.save({{"a": torch.zeros(16384)}}, root, options=options)
         frame = bytearray(struct.pack("<I", 0xFD2FB528) + b"\\x00\\x38")
         blocks = 2048  # 2048 run-length blocks of 128 KiB: 256 MiB
         for i in range(blocks):
@@ -939,7 +940,7 @@ def test_arbitrary_object_needs_pickle_keys_R8_6(ckpt: Path) -> None:
 
 def test_pickle_round_trip_with_both_opt_ins_R8_7(ckpt: Path) -> None:
     state = {"cfg": {"obj": Payload(7), "set": {1, 2}}, "w": torch.ones(2)}
-    tessera.save(state, ckpt, pickle_keys=["cfg/obj", "cfg/set"])
+    tessera.save(state, ckpt, options=tessera.SaveOptions(pickle_keys=["cfg/obj", "cfg/set"]))
     entry = entry_of(ckpt, "cfg/obj")
     assert (entry["kind"], entry["encoding"], entry["dtype"]) == ("object", "pickle", "uint8")
     with pytest.raises(tessera.UnsafeEncodingError, match="cfg/obj") as info:
@@ -954,7 +955,7 @@ def test_pickle_round_trip_with_both_opt_ins_R8_7(ckpt: Path) -> None:
 
 def test_loading_without_opt_in_never_runs_code_R8_7(ckpt: Path, tmp_path: Path) -> None:
     marker = tmp_path / "ran"
-    tessera.save({"evil": Evil(marker)}, ckpt, pickle_keys=["evil"])
+    tessera.save({"evil": Evil(marker)}, ckpt, options=tessera.SaveOptions(pickle_keys=["evil"]))
     assert pickle.loads(pickle.dumps(Evil(tmp_path / "probe"))) is None and (tmp_path / "probe").exists()
     with pytest.raises(tessera.UnsafeEncodingError):
         tessera.load(ckpt)
@@ -970,7 +971,7 @@ def test_loading_without_opt_in_never_runs_code_R8_7(ckpt: Path, tmp_path: Path)
 
 def test_pickle_keys_must_name_stored_keys_R8_6(ckpt: Path) -> None:
     with pytest.raises(tessera.InvalidKeyError, match="nope") as info:
-        tessera.save({"w": torch.ones(1)}, ckpt, pickle_keys=["nope"])
+        tessera.save({"w": torch.ones(1)}, ckpt, options=tessera.SaveOptions(pickle_keys=["nope"]))
     assert info.value.code == "bad_key"
     assert not ckpt.exists()
 
@@ -978,7 +979,7 @@ def test_pickle_keys_must_name_stored_keys_R8_6(ckpt: Path) -> None:
 def test_pickle_relabelled_as_bytes_is_returned_raw_R8_7(ckpt: Path, tmp_path: Path) -> None:
     """A pickle entry relabelled "bytes" comes back as its raw bytes: still never unpickled."""
     marker = tmp_path / "ran"
-    tessera.save({"evil": Evil(marker)}, ckpt, pickle_keys=["evil"])
+    tessera.save({"evil": Evil(marker)}, ckpt, options=tessera.SaveOptions(pickle_keys=["evil"]))
     edit_manifest(ckpt, lambda m: m["entries"][0].update(encoding="bytes"))
     raw = tessera.load(ckpt)["evil"]
     assert isinstance(raw, bytes) and raw.startswith(b"\x80")  # a pickle protocol header

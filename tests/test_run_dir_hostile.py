@@ -164,8 +164,7 @@ def test_a_committed_save_succeeds_when_latest_cannot_move_R10_3(
 ) -> None:
     full = RunDirectory(FaultyStorage(LocalStorage(run.root)).fail_replace(), keep_last=1)
     with pytest.warns(tessera.TesseraWarning, match="step-00000002 is committed, but could not move latest"):
-        result = full.save(_state(2), step=2, asynchronous=asynchronous)
-        manifest = result.wait() if isinstance(result, tessera.AsyncSave) else result
+        manifest = full.save_async(_state(2), step=2).wait() if asynchronous else full.save(_state(2), step=2)
     assert manifest.metadata == {"step": 2}
     assert run.latest() == run.root / "step-00000001"  # still the previous one, still loadable
     assert_tree_bit_equal(tessera.load(run.root / "step-00000002"), _state(2))

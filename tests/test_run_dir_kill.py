@@ -69,7 +69,7 @@ _CHILD = textwrap.dedent(
         time.sleep(0.002)
     for step in range(first, first + 2 * count, 2):
         (done / f"start-{step}").touch()
-        run.save(state(step), step=step, chunk_bytes=2048, threads=2)
+        run.save(state(step), step=step, options=tessera.SaveOptions(chunk_bytes=2048, threads=2))
         (done / f"step-{step}").touch()  # the save returned: committed, latest moved, retention ran
     """
 )

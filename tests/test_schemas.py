@@ -100,9 +100,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tessera.save(
         state,
         root,
-        chunk_bytes=16,
-        compression="zstd",
-        pickle_keys=["pickled"],
+        options=tessera.SaveOptions(compression=tessera.Zstd(), chunk_bytes=16, pickle_keys=["pickled"]),
         metadata={"step": 3, "config": {"x": [1, 2]}},
     )
     return root

@@ -170,7 +170,7 @@ def _save_rank(rank: int, world_size: int, path: Path) -> tuple[str, int, dict[s
     manifest = tessera.save(
         _rank_state(rank, world_size),
         path,
-        chunk_bytes=CHUNK_BYTES,
+        options=tessera.SaveOptions(chunk_bytes=CHUNK_BYTES),
         parallelism={"tp": tp, "dp": dp},
         metadata={"run": "sharded"},
     )
@@ -414,7 +414,7 @@ def test_resharding_loads_on_four_ranks_R14_8(
     g = _globals()
     plain = _nested({path: t.clone() for path, t in g.items()})
     plain.update({"step": 7, "rng": {0: _rng_state(0)}, "tp_rng": {0: _rng_state(100)}})
-    tessera.save(plain, tmp_path / "plain", chunk_bytes=CHUNK_BYTES)
+    tessera.save(plain, tmp_path / "plain", options=tessera.SaveOptions(chunk_bytes=CHUNK_BYTES))
     jobs = [
         (saved[4][0], 4, 4, 1),
         (tmp_path / "plain", 1, 4, 1),
@@ -458,7 +458,7 @@ def test_a_shard_reads_only_overlapping_chunks_R14_2_R14_8(tmp_path: Path) -> No
     """t is [16, 8] float32 in chunks of two rows (c/0/0 ... c/7/0). Each destination shard reads exactly
     the chunks its elements lie in: boxes, boxes across chunk edges, columns, flat ranges."""
     full = random_tensor("float32", (16, 8), seed=3)
-    tessera.save({"t": full}, tmp_path / "ck", chunk_bytes=64)
+    tessera.save({"t": full}, tmp_path / "ck", options=tessera.SaveOptions(chunk_bytes=64))
     shards: list[tuple[ShardedTensor, set[int]]] = [
         *[(ShardedTensor(torch.empty(4, 8), (16, 8), (4 * r, 0)), {2 * r, 2 * r + 1}) for r in range(4)],
         (ShardedTensor(torch.empty(4, 8), (16, 8), (3, 0)), {1, 2, 3}),  # straddles chunk edges
@@ -915,7 +915,7 @@ def _refusal_rank(rank: int, world_size: int, root: Path) -> list[tuple[str, str
     out = []
     for name, state in cases.items():
         try:
-            tessera.save(state, root / name, chunk_bytes=CHUNK_BYTES)
+            tessera.save(state, root / name, options=tessera.SaveOptions(chunk_bytes=CHUNK_BYTES))
             out.append(("saved", name))
         except tessera.TesseraError as exc:
             out.append((type(exc).__name__, str(exc)))
@@ -973,7 +973,7 @@ class _DiesAfterFirstChunk(StorageWrapper):
 
 def _failing_rank(rank: int, world_size: int, root: Path, log: Path) -> list[Any]:
     recording = RecordingStorage(LocalStorage(root))
-    tessera.RunDirectory(recording).save(_replicated(1), step=1, chunk_bytes=32)
+    tessera.RunDirectory(recording).save(_replicated(1), step=1, options=tessera.SaveOptions(chunk_bytes=32))
     written = [c.path or "" for c in recording.ops("write_file")]
     (log / f"written-by-{rank}").write_text("\n".join(written))  # rank 1 will not return
     out: list[Any] = []
@@ -984,7 +984,7 @@ def _failing_rank(rank: int, world_size: int, root: Path, log: Path) -> list[Any
     for step, fault in faults.items():
         run = tessera.RunDirectory(fault if rank == 1 else LocalStorage(root))
         try:
-            run.save(_replicated(step), step=step, chunk_bytes=32)
+            run.save(_replicated(step), step=step, options=tessera.SaveOptions(chunk_bytes=32))
             out.append("saved")
         except tessera.TesseraError as exc:
             out.append(type(exc).__name__)
@@ -1071,7 +1071,7 @@ def _cache_rank(rank: int, world_size: int, root: Path) -> list[Any]:
             tessera.save(
                 _cache_state(rank, world_size, layout, save),
                 root / f"s{save}",
-                chunk_bytes=8,
+                options=tessera.SaveOptions(chunk_bytes=8),
                 plan_cache=cache,
                 metadata={"save": save},
             )

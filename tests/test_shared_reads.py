@@ -75,7 +75,11 @@ def _load_together(rank: int, world_size: int, path: str, together: bool) -> tup
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("shared") / "ck"
-    tessera.save({k: _full(k) for k in ("w", "r", "f")}, path, chunk_bytes=SHAPE[1] * 2 * 8)  # 8 rows a chunk
+    tessera.save(
+        {k: _full(k) for k in ("w", "r", "f")},
+        path,
+        options=tessera.SaveOptions(chunk_bytes=SHAPE[1] * 2 * 8),
+    )  # 8 rows a chunk
     return path
 
 

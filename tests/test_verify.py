@@ -25,7 +25,7 @@ def good(ckpt: Path) -> Path:
         "z": torch.empty(0, 3),
         "v": {"k": [1, 2]},
     }
-    tessera.save(state, ckpt, chunk_bytes=16)
+    tessera.save(state, ckpt, options=tessera.SaveOptions(chunk_bytes=16))
     return ckpt
 
 
@@ -42,7 +42,11 @@ def test_good_checkpoint_R11_9(good: Path) -> None:
 @pytest.mark.parametrize("compression", [None, "zstd"])
 def test_every_problem_is_reported_at_once_R11_9(ckpt: Path, compression: str | None) -> None:
     state = {"a": torch.arange(24.0).reshape(6, 4), "g": {"b": torch.arange(10)}}
-    tessera.save(state, ckpt, chunk_bytes=16, compression=compression)
+    tessera.save(
+        state,
+        ckpt,
+        options=tessera.SaveOptions(compression=tessera.Zstd() if compression else None, chunk_bytes=16),
+    )
     flip_byte(ckpt / "a" / "c" / "1" / "0", 2)
     flip_byte(ckpt / "a" / "c" / "4" / "0", -1 % (ckpt / "a" / "c" / "4" / "0").stat().st_size)
     flip_byte(ckpt / "g" / "b" / "c" / "3", 0)

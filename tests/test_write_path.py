@@ -17,6 +17,7 @@ import pytest
 import tessera
 import tessera.storage.local
 import torch
+from tessera.engine.gpu.direct_io import gpu_direct_storage
 from tessera.format.chunk_codec import encode_chunk
 from tessera.format.dtypes import dtype_by_name
 from tessera.format.layout import ArrayLayout
@@ -47,7 +48,7 @@ def test_large_chunks_read_back_by_stock_readers_R2_1(tmp_path: Path) -> None:
     zarr = pytest.importorskip("zarr")
     ts = pytest.importorskip("tensorstore")
     weight = torch.randn(1500, 1700)
-    tessera.save({"w": weight}, tmp_path / "ckpt", chunk_bytes=6 * 2**20)
+    tessera.save({"w": weight}, tmp_path / "ckpt", options=tessera.SaveOptions(chunk_bytes=6 * 2**20))
     layout = tessera.open(tmp_path / "ckpt").entry("w").layout  # an array entry
     assert layout.chunk_nbytes > 4 * 2**20 and layout.chunk_count > 1
     expected = weight.numpy()
@@ -65,7 +66,7 @@ def test_a_failed_fsync_leaves_the_save_uncommitted_R9_8(tmp_path: Path) -> None
     root = tmp_path / "ckpt"
     storage = RecordingStorage(FaultyStorage(LocalStorage(root)).fail_sync())
     with pytest.raises(tessera.StorageError, match="injected fault") as info:
-        tessera.save({"w": torch.arange(1000.0)}, storage, chunk_bytes=1024)
+        tessera.save({"w": torch.arange(1000.0)}, storage, options=tessera.SaveOptions(chunk_bytes=1024))
     assert info.value.code == "io_error"
     assert [c.op for c in storage.ops("sync", "publish_root", "remove_unpublished")] == [
         "sync",
@@ -91,7 +92,7 @@ def test_save_from_gpu_tensors_bit_exact(tmp_path: Path) -> None:
         "s": tessera.ShardedTensor(torch.randn(100, 40, device=device)[:, 10:30], (100, 20), (0, 0)),
     }
     expected = {k: _bits(v.local if isinstance(v, tessera.ShardedTensor) else v) for k, v in state.items()}
-    tessera.save(state, tmp_path / "ckpt", chunk_bytes=2**16)
+    tessera.save(state, tmp_path / "ckpt", options=tessera.SaveOptions(chunk_bytes=2**16))
     loaded = tessera.load(tmp_path / "ckpt")
     for key, bits in expected.items():
         assert torch.equal(_bits(loaded[key]), bits), key
@@ -106,7 +107,8 @@ def _flat_range_rank(rank: int, world_size: int, root: Path, device: str, gpu_di
     state = {
         "w": tessera.ShardedTensor(local, (64, 48), (0, 0), box_shape=(64, 48), flat_range=(start, stop))
     }
-    tessera.save(state, root, chunk_bytes=48 * 4 * 8, gpu_direct=gpu_direct)
+    location = gpu_direct_storage(root) if gpu_direct else root
+    tessera.save(state, location, options=tessera.SaveOptions(chunk_bytes=48 * 4 * 8))
 
 
 @pytest.mark.parametrize(

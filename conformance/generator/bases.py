@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import tessera
+
 from .data import tensor
 from .vector import VectorWriter
 
@@ -32,7 +34,5 @@ def base_state(*, blob: bool = False) -> dict[str, Any]:
 
 def save_base(vector: VectorWriter, *, blob: bool = False, zstd: bool = False) -> None:
     """Save the base state into ``vector`` (with an object ``blob``, with zstd level 3)."""
-    options: dict[str, Any] = {"chunk_shapes": {"w": [2, 3]}}
-    if zstd:
-        options.update(compression="zstd", zstd_level=3)
-    vector.save(base_state(blob=blob), **options)
+    options = tessera.SaveOptions(chunk_shapes={"w": [2, 3]}, compression=tessera.Zstd(3) if zstd else None)
+    vector.save(base_state(blob=blob), options=options)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import tessera
 from numcodecs import Zstd
 
 from .bases import GOOD_KEYS, save_base
@@ -112,7 +113,7 @@ def _chunk_vector(out: Path, fault: _ChunkFault) -> None:
 
 def _bool_byte(out: Path) -> None:
     v = VectorWriter(out, "invalid", "bool-byte")
-    v.save({"mask": tensor("bool", (6,), 140)}, chunk_shapes={"mask": [3]})
+    v.save({"mask": tensor("bool", (6,), 140)}, options=tessera.SaveOptions(chunk_shapes={"mask": [3]}))
     path = v.checkpoint / "mask" / "c" / "1"
     body = bytearray(chunk_body(path))
     body[1] = 0x02

@@ -268,9 +268,8 @@ def _rank_main(rank: int, world: int, port: int, staging: str, names: list[str])
             tessera.save(
                 spec.state(rank, world),
                 Path(staging) / name,
-                chunk_shapes=spec.chunk_shapes,
+                options=tessera.SaveOptions(chunk_shapes=spec.chunk_shapes, threads=1),
                 parallelism=spec.parallelism,
-                threads=1,
             )
         dist.destroy_process_group()
     except BaseException:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tessera
 from numcodecs import Zstd
 
 from ..protocol.arrays import DTYPE_NAMES, dtype_rules
@@ -57,7 +58,7 @@ def _grid(out: Path, name: str, title: str, rules: list[str], state: dict[str, A
 
 def _dtype(out: Path, name: str, seed: int) -> None:
     v = VectorWriter(out, "valid", f"dtype-{name}")
-    v.save({"x": tensor(name, (5, 3), seed)}, chunk_shapes={"x": [2, 2]})
+    v.save({"x": tensor(name, (5, 3), seed)}, options=tessera.SaveOptions(chunk_shapes={"x": [2, 2]}))
     probes = [v.read(), v.verify()]
     if name == "bfloat16":
         probes.insert(1, v.read("region", [(("x",), [(1, 4), (1, 3)])], rules=_REGIONS, features=["regions"]))
@@ -118,7 +119,7 @@ def _edges_1d(out: Path) -> None:
 
 def _edges_3d(out: Path) -> None:
     v = VectorWriter(out, "valid", "edges-3d")
-    v.save({"x": tensor("int16", (5, 4, 3), 28)}, chunk_shapes={"x": [2, 3, 2]})
+    v.save({"x": tensor("int16", (5, 4, 3), 28)}, options=tessera.SaveOptions(chunk_shapes={"x": [2, 3, 2]}))
     region = v.read("region", [(("x",), [(1, 4), (2, 4), (0, 3)])], rules=_REGIONS, features=["regions"])
     v.finish(
         "an int16 [5, 4, 3] in chunks [2, 3, 2]: edge chunks along every dimension",
@@ -173,7 +174,10 @@ def _rank_6(out: Path) -> None:
 
 def _regions(out: Path) -> None:
     v = VectorWriter(out, "valid", "regions")
-    v.save({"w": tensor("float32", (7, 9), 33), "v": tensor("int64", (5,), 34)}, chunk_shapes={"w": [3, 4]})
+    v.save(
+        {"w": tensor("float32", (7, 9), 33), "v": tensor("int64", (5,), 34)},
+        options=tessera.SaveOptions(chunk_shapes={"w": [3, 4]}),
+    )
     w = ("w",)
     boxes: dict[str, list[tuple[tuple[str, ...], list[tuple[int, int]] | None]]] = {
         "region-inside": [(w, [(0, 2), (1, 3)])],
@@ -216,7 +220,9 @@ _ZSTD_CHUNKS = {"w": [4, 4], "ids": [4], "mask": [3], "h": [2, 2], "zeros": [64]
 
 def _zstd_3(out: Path) -> None:
     v = VectorWriter(out, "valid", "zstd-3")
-    v.save(_zstd_state(40), compression="zstd", zstd_level=3, chunk_shapes=_ZSTD_CHUNKS)
+    v.save(
+        _zstd_state(40), options=tessera.SaveOptions(compression=tessera.Zstd(3), chunk_shapes=_ZSTD_CHUNKS)
+    )
     region = v.read("region", [(("w",), [(1, 5), (3, 5)])], rules=_REGIONS, features=["regions"])
     v.finish(
         "zstd level 3 on float32, int64, bool, bfloat16 and an all-zero array, with edge chunks",
@@ -227,7 +233,9 @@ def _zstd_3(out: Path) -> None:
 
 def _zstd_negative(out: Path) -> None:
     v = VectorWriter(out, "valid", "zstd-negative")
-    v.save(_zstd_state(50), compression="zstd", zstd_level=-5, chunk_shapes=_ZSTD_CHUNKS)
+    v.save(
+        _zstd_state(50), options=tessera.SaveOptions(compression=tessera.Zstd(-5), chunk_shapes=_ZSTD_CHUNKS)
+    )
     v.finish(
         "zstd at the negative level -5: readers accept any integer level",
         ["R6.3", "R6.1", "R3.7"],
@@ -237,7 +245,10 @@ def _zstd_negative(out: Path) -> None:
 
 def _zstd_raw_blocks(out: Path) -> None:
     v = VectorWriter(out, "valid", "zstd-raw-blocks")
-    v.save({"w": tensor("float32", (4, 6), 55)}, compression="zstd", zstd_level=3, chunk_shapes={"w": [2, 3]})
+    v.save(
+        {"w": tensor("float32", (4, 6), 55)},
+        options=tessera.SaveOptions(compression=tessera.Zstd(3), chunk_shapes={"w": [2, 3]}),
+    )
     for chunk in sorted((v.checkpoint / "w" / "c").glob("*/*")):
         decoded = bytes(Zstd().decode(chunk_body(chunk)))
         write_chunk(chunk, zstd_frame(decoded, len(decoded)))

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import tessera
+
 from .data import tensor
 from .vector import VectorWriter
 
@@ -67,7 +69,7 @@ def _objects(out: Path) -> None:
         "view": memoryview(b"hello"),
         "big": bytes(i * 7 % 251 for i in range(1000)),
     }
-    v.save(state, chunk_shapes={"big": [300]})
+    v.save(state, options=tessera.SaveOptions(chunk_shapes={"big": [300]}))
     v.finish(
         "byte objects: 16 bytes, empty, a bytearray, a memoryview, and 1000 bytes in chunks of 300",
         ["R8.4", "R3.15", "R5.6"],
@@ -110,7 +112,10 @@ def _values(out: Path) -> None:
 
 def _pickle(out: Path) -> None:
     v = VectorWriter(out, "valid", "pickle")
-    v.save({"w": tensor("float32", (3,), 101), "obj": {1, 2, 3}, "step": 7}, pickle_keys=["obj"])
+    v.save(
+        {"w": tensor("float32", (3,), 101), "obj": {1, 2, 3}, "step": 7},
+        options=tessera.SaveOptions(pickle_keys=["obj"]),
+    )
     others = [(("w",), None), (("step",), None)]
     v.finish(
         "a pickled object: reading it without opt-in fails (unsafe_encoding); the other keys read",

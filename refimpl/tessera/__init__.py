@@ -2,7 +2,8 @@
 
 Each global tensor is a Zarr v3 array chunked by global offsets, with a CRC32C
 on every chunk; the root ``zarr.json`` holds the manifest and is written last,
-so its presence is the commit. ``save``, ``load`` and ``open`` are the API;
+so its presence is the commit. ``save`` (with :class:`SaveOptions`), ``save_async``,
+``load`` and ``open`` are the API;
 ``spec/tessera-v1.md`` is the format.
 
 ``import tessera`` imports neither torch nor NumPy: each public name below is
@@ -47,12 +48,12 @@ if TYPE_CHECKING:
     from .api.load import LoadResult, Strict, load
     from .api.run_dir import RunDirectory
     from .api.save import save
-    from .api.save_async import AsyncSave, AsyncSaver
+    from .api.save_async import AsyncSave, AsyncSaver, save_async
     from .api.verify import VerifyReport, verify
     from .engine.gpu.direct_io import gpu_direct_storage
     from .format.limits import ReaderLimits
     from .format.manifest import FORMAT_VERSION, Manifest
-    from .planning import PlanCache
+    from .planning import PlanCache, SaveOptions, Zstd
     from .state import ShardedObject, ShardedTensor
 
 _LAZY = {
@@ -65,14 +66,17 @@ _LAZY = {
     "PlanCache": (".planning", "PlanCache"),
     "ReaderLimits": (".format.limits", "ReaderLimits"),
     "RunDirectory": (".api.run_dir", "RunDirectory"),
+    "SaveOptions": (".planning", "SaveOptions"),
     "ShardedObject": (".state", "ShardedObject"),
     "ShardedTensor": (".state", "ShardedTensor"),
     "Strict": (".api.load", "Strict"),
-    "gpu_direct_storage": (".engine.gpu.direct_io", "gpu_direct_storage"),
     "VerifyReport": (".api.verify", "VerifyReport"),
+    "Zstd": (".planning", "Zstd"),
+    "gpu_direct_storage": (".engine.gpu.direct_io", "gpu_direct_storage"),
     "load": (".api.load", "load"),
     "open": (".api.checkpoint", "open_checkpoint"),
     "save": (".api.save", "save"),
+    "save_async": (".api.save_async", "save_async"),
     "verify": (".api.verify", "verify"),
 }
 """Each public name imported on first use: the module that defines it, and its name there."""
@@ -101,6 +105,7 @@ __all__ = [
     "PlanCache",
     "ReaderLimits",
     "RunDirectory",
+    "SaveOptions",
     "SchemaViolationError",
     "ShardedObject",
     "ShardedTensor",
@@ -115,10 +120,12 @@ __all__ = [
     "UnsupportedLocationError",
     "UnsupportedVersionError",
     "VerifyReport",
+    "Zstd",
     "__version__",
     "gpu_direct_storage",
     "load",
     "open",
     "save",
+    "save_async",
     "verify",
 ]

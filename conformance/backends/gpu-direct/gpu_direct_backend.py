@@ -1,7 +1,7 @@
 """The reference backend with its tensors on a GPU, through GPU-direct I/O (PROTOCOL.md P20).
 
-Every tensor of a write request is moved to the CUDA device before ``tessera.save(...,
-gpu_direct=True)``, so chunk bytes go from device memory to their files through KvikIO and their
+Every tensor of a write request is moved to the CUDA device before ``tessera.save(state,
+gpu_direct_storage(root))``, so chunk bytes go from device memory to their files through KvikIO and their
 checksums are computed on the GPU; every tensor read is read into device memory from a checkpoint
 opened on ``tessera.gpu_direct_storage(root)``, checked there, and only then copied to the host
 to answer (P19). Compressed arrays take the host path inside tessera (zstd runs on the CPU); the
@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 import tessera
 import torch
-from tessera.engine.gpu.direct_io import kvikio_files
+from tessera.engine.gpu.direct_io import gpu_direct_storage, kvikio_files
 from tessera.format import Key, ObjectEntry, TensorEntry
 
 from conformance.backends.reference.backend import ReferenceBackend, Request
@@ -39,7 +39,7 @@ class GpuDirectBackend(ReferenceBackend):
         return super().tensor(entry).to(self.device)
 
     def save(self, state: dict[Any, Any], root: Path, options: dict[str, Any]) -> None:
-        tessera.save(state, root, gpu_direct=True, **options)
+        tessera.save(state, gpu_direct_storage(root), **options)
 
     def open(self, root: Path) -> tessera.Checkpoint:
         return tessera.open(tessera.gpu_direct_storage(root))

@@ -84,9 +84,14 @@ class ReferenceBackend:
     def write(self, request: Request) -> Answer:
         entries = request["entries"]
         state = unflatten([(tuple(e["key"]), self.leaf(e)) for e in entries], map(tuple, request["lists"]))
-        options: dict[str, Any] = {"metadata": request["metadata"], "chunk_shapes": chunk_shapes(entries)}
-        if request["compression"] is not None:
-            options.update(compression="zstd", zstd_level=request["compression"]["level"])
+        compression = request["compression"]
+        options: dict[str, Any] = {
+            "metadata": request["metadata"],
+            "options": tessera.SaveOptions(
+                chunk_shapes=chunk_shapes(entries),
+                compression=tessera.Zstd(compression["level"]) if compression is not None else None,
+            ),
+        }
         with self.process_group(request):
             self.save(state, Path(request["checkpoint"]), options)
         return {"ok": True}

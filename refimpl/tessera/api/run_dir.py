@@ -26,7 +26,9 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Unpack
+
+import torch.distributed as dist
 
 from ..distributed.collective import collective_for
 from ..errors import (
@@ -38,6 +40,8 @@ from ..errors import (
     UncommittedCheckpointError,
 )
 from ..format.manifest import Manifest
+from ..planning.cache import PlanCache
+from ..planning.options import SaveOptions
 from ..storage.base import Lock, Storage
 from ..storage.local import LocalStorage
 from ..storage.resolve import Location, storage_for
@@ -55,8 +59,8 @@ from .run_layout import (
     release_step,
     step_of,
 )
-from .save import save
-from .save_async import AsyncSave, default_saver, snapshot_options
+from .save_arguments import DeprecatedSaveKeywords
+from .save_async import AsyncSave, SaveCall, default_saver
 
 __all__ = ["CheckpointInfo", "RunDirectory", "LATEST", "LOCK_WAIT_SECONDS", "POINTER_MAX_BYTES"]
 
@@ -113,48 +117,51 @@ class RunDirectory:
             raise ValueError(f"a step is a non-negative int, not {step}")
         return f"step-{step:08d}"
 
-    @overload
     def save(
         self,
         state_dict: Mapping[Any, Any],
         step: int,
         *,
-        asynchronous: Literal[False] = False,
-        **options: Any,
-    ) -> Manifest: ...
+        options: SaveOptions | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        plan_cache: PlanCache | None = None,
+        parallelism: Mapping[str, Any] | None = None,
+        progress: bool = False,
+        **deprecated: Unpack[DeprecatedSaveKeywords],
+    ) -> Manifest:
+        """Save the step (``tessera.save``'s arguments; ``metadata`` gains ``step``), move ``latest``
+        to it, apply retention; the manifest. Waits for the run's asynchronous saves first
+        (:meth:`wait`), so that ``latest`` moves in call order."""
+        metadata = {"step": step, **(metadata or {})}
+        call = SaveCall.of(
+            "RunDirectory.save", options, deprecated, metadata, plan_cache, parallelism, progress
+        )
+        self.wait()
+        return self._save_now(state_dict, self.name_of(step), process_group, call)
 
-    @overload
-    def save(
-        self, state_dict: Mapping[Any, Any], step: int, *, asynchronous: Literal[True], **options: Any
-    ) -> AsyncSave: ...
-
-    @overload
-    def save(
-        self, state_dict: Mapping[Any, Any], step: int, *, asynchronous: bool, **options: Any
-    ) -> Manifest | AsyncSave: ...
-
-    def save(
-        self, state_dict: Mapping[Any, Any], step: int, *, asynchronous: bool = False, **options: Any
-    ) -> Manifest | AsyncSave:
-        """Save the step's checkpoint, then move ``latest`` to it, then apply retention.
-
-        With ``asynchronous=True`` the state is copied to host memory and the rest happens in
-        the background (as ``tessera.save(..., asynchronous=True)``, on the same saver), so
-        ``latest`` names the previous checkpoint until this one is committed; the handle is
-        returned. A synchronous save first waits for the asynchronous ones (:meth:`wait`), so
-        that ``latest`` moves in call order.
-        """
-        metadata = {"step": step, **options.pop("metadata", {})}
+    def save_async(
+        self,
+        state_dict: Mapping[Any, Any],
+        step: int,
+        *,
+        options: SaveOptions | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        plan_cache: PlanCache | None = None,
+        parallelism: Mapping[str, Any] | None = None,
+        progress: bool = False,
+        **deprecated: Unpack[DeprecatedSaveKeywords],
+    ) -> AsyncSave:
+        """:meth:`save` in the background (as ``tessera.save_async``, on its saver): the handle, once
+        the state is in host memory; ``latest`` names the previous checkpoint until this commits."""
+        metadata = {"step": step, **(metadata or {})}
+        call = SaveCall.of(
+            "RunDirectory.save_async", options, deprecated, metadata, plan_cache, parallelism, progress
+        )
         name = self.name_of(step)
-        if not asynchronous:
-            self.wait()
-            return self._save_now(state_dict, name, metadata=metadata, **options)
-        saver = default_saver(options.pop("process_group", None))
-        options = snapshot_options({**options, "metadata": metadata})
-        handle = saver.submit(
-            state_dict,
-            self.storage.child(name),
-            lambda staged, group: self._save_now(staged, name, process_group=group, **options),
+        handle = default_saver(process_group).submit(
+            state_dict, self._where(name), lambda staged, group: self._save_now(staged, name, group, call)
         )
         self._last_async = handle
         return handle
@@ -169,16 +176,21 @@ class RunDirectory:
         if handle is not None and not handle.observed:
             handle.wait()
 
-    def _save_now(self, state_dict: Mapping[Any, Any], name: str, **options: Any) -> Manifest:
-        """The save of step ``name`` under its lock, then ``latest`` and retention, all on the
-        coordinator.
+    def _save_now(
+        self,
+        state_dict: Mapping[Any, Any],
+        name: str,
+        process_group: dist.ProcessGroup | None,
+        call: SaveCall,
+    ) -> Manifest:
+        """The save of step ``name`` under its lock, then ``latest`` and retention, all on the coordinator.
 
         Under torch.distributed only the coordinator takes the lock, moves the pointer and
         deletes; the other ranks wait for it, so that every rank sees the new ``latest`` on
         return. Once the checkpoint is committed nothing raises: a failure to move ``latest``
         or to apply retention is a :class:`~tessera.TesseraWarning` on every rank.
         """
-        collective = collective_for(options.get("process_group"))
+        collective = collective_for(process_group)
         lock: Lock | None = None
         error: TesseraError | None = None
         if collective.rank == 0:
@@ -190,8 +202,7 @@ class RunDirectory:
         if error is not None:
             raise error
         try:
-            manifest = save(state_dict, self.storage.child(name), **options)
-            assert isinstance(manifest, Manifest), "a synchronous save returns the manifest"
+            manifest = call.run(state_dict, call.storage(self.storage.child(name)), process_group)
             problem: str | None = None
             if collective.rank == 0:
                 problem = self._after_commit(name)

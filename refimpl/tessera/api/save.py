@@ -16,18 +16,18 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import torch.distributed as dist
 
 from ..distributed.collective import collective_for
-from ..engine.chunk_writer import write_rank
+from ..distributed.piece_exchange import exchange_pieces
+from ..engine.chunk_writer import write_chunks
 from ..engine.gpu.direct_io import gpu_direct_storage
 from ..errors import (
     CollectiveError,
-    GpuDirectUnavailableError,
     InvalidKeyError,
     SchemaViolationError,
     TesseraError,
@@ -42,14 +42,12 @@ from ..planning.chunk_crcs import chunk_lists, only_hex_digits_differ, with_chun
 from ..planning.contents import manifest_contents
 from ..planning.global_plan import GlobalPlan, RankPlan, make_global_plan
 from ..planning.local_plan import LeafSpec, LocalPlan, make_local_plan
-from ..planning.options import DEFAULT_CHUNK_BYTES, SaveOptions
+from ..planning.options import SaveOptions
 from ..state.flatten import check_state_dict, flatten, is_json
 from ..storage.base import Storage
 from ..storage.resolve import Location, storage_for
 from ..version import __version__
-
-if TYPE_CHECKING:
-    from .save_async import AsyncSave
+from .save_arguments import DeprecatedSaveKeywords, save_options
 
 __all__ = ["WRITER", "claim_document", "save"]
 
@@ -59,84 +57,46 @@ T = TypeVar("T")
 
 def save(
     state_dict: Mapping[Any, Any],
-    path: Location,
+    location: Location,
     *,
+    options: SaveOptions | None = None,
     metadata: Mapping[str, Any] | None = None,
-    pickle_keys: Collection[str] = (),
-    compression: Literal["zstd"] | None = None,
-    zstd_level: int = 3,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    chunk_shapes: Mapping[str, Sequence[int]] | None = None,
-    threads: int | None = None,
-    progress: bool = False,
     process_group: dist.ProcessGroup | None = None,
     plan_cache: PlanCache | None = None,
     parallelism: Mapping[str, Any] | None = None,
-    asynchronous: bool = False,
-    gpu_direct: bool = False,
-) -> Manifest | AsyncSave:
-    """Save a nested state dict as a committed checkpoint at ``path`` (a new or empty directory).
+    progress: bool = False,
+    **deprecated: Unpack[DeprecatedSaveKeywords],
+) -> Manifest:
+    """Save a nested state dict as a committed checkpoint at ``location``; the committed manifest.
 
-    Under ``torch.distributed`` every rank of ``process_group`` (default: the
-    world) calls ``save`` with the same path and its own state dict, in which
-    ``ShardedTensor``, ``ShardedObject`` and ``DTensor`` values say what part
-    of each global tensor the rank holds; plain values are replicas and are
-    written once. ``metadata`` (any JSON object) and ``parallelism`` (the
-    layout, e.g. ``{"tp": 2, "dp": 2}``, provenance only) are taken from rank
-    0. ``pickle_keys`` names the keys whose values may be pickled; any other
-    non-tensor, non-JSON value is refused. ``chunk_shapes`` fixes the chunk
-    shape of the arrays it names by path, in place of the writer's choice of
-    about ``chunk_bytes`` per chunk (for tools that must keep a given grid). ``plan_cache`` reuses the global
-    plan of an earlier save with the same layout. Returns the committed
-    manifest on every rank. Raises :class:`~tessera.CheckpointExistsError`
-    if the path was already claimed, :class:`~tessera.ShardingError` if the
-    ranks' shards do not tile their tensors.
+    ``location`` is a new or empty directory (a path or a ``file://`` URL), a URL of a
+    registered scheme, or a :class:`~tessera.storage.base.Storage` object: GPU-direct I/O is a
+    storage with device I/O (:func:`~tessera.engine.gpu.direct_io.gpu_direct_storage`), whose
+    chunks of GPU tensors go from device memory to their files through cuFile, checksummed on
+    the GPU (the files are the same). ``options`` (:class:`~tessera.SaveOptions`) says how the
+    state is stored: chunk size and shapes, compression, the keys that may be pickled, threads.
 
-    With ``asynchronous=True`` the state is copied to host memory and an
-    :class:`~tessera.AsyncSave` is returned at once; the writing and the commit
-    go on in the background, and ``wait()`` returns the manifest or raises
-    (:class:`~tessera.AsyncSaver`: one per process group, one save in flight).
+    Under ``torch.distributed`` every rank of ``process_group`` (default: the world) calls
+    ``save`` with the same location and its own state dict, in which ``ShardedTensor``,
+    ``ShardedObject`` and ``DTensor`` values say what part of each global tensor the rank holds;
+    plain values are replicas and are written once. ``metadata`` (any JSON object) and
+    ``parallelism`` (the layout, e.g. ``{"tp": 2, "dp": 2}``, provenance only) are taken from
+    rank 0. ``plan_cache`` reuses the global plan of an earlier save with the same layout;
+    ``progress`` shows a progress bar on rank 0's terminal. Returns the committed manifest on
+    every rank. Raises :class:`~tessera.CheckpointExistsError` if the location was already
+    claimed, :class:`~tessera.ShardingError` if the ranks' shards do not tile their tensors.
 
-    With ``gpu_direct=True`` the chunks of GPU tensors go from device memory to
-    their files through cuFile (KvikIO; GPUDirect Storage where the driver is
-    there, its POSIX compatibility mode elsewhere), their checksums computed on
-    the GPU; the files are the same. Raises
-    :class:`~tessera.GpuDirectUnavailableError` without KvikIO or CUDA.
+    To save in the background, see :func:`~tessera.save_async`. The keywords ``compression``,
+    ``zstd_level``, ``chunk_bytes``, ``chunk_shapes``, ``threads``, ``pickle_keys`` and
+    ``gpu_direct`` are deprecated aliases of ``options`` and of the storage (CHANGELOG.md).
     """
     check_state_dict(state_dict)
-    if asynchronous and gpu_direct:
-        raise GpuDirectUnavailableError(
-            "an asynchronous save writes from its snapshot in host memory; gpu_direct=True "
-            "applies to synchronous saves"
-        )
-    if asynchronous:
-        from .save_async import default_saver  # it imports this module
-
-        return default_saver(process_group).save(
-            state_dict,
-            path,
-            metadata=metadata,
-            pickle_keys=pickle_keys,
-            compression=compression,
-            zstd_level=zstd_level,
-            chunk_bytes=chunk_bytes,
-            chunk_shapes=chunk_shapes,
-            threads=threads,
-            progress=progress,
-            plan_cache=plan_cache,
-            parallelism=parallelism,
-        )
+    options, gpu_direct = save_options(options, deprecated, "save")
     collective = collective_for(process_group)
-    options = SaveOptions(
-        chunk_bytes=chunk_bytes,
-        zstd_level=zstd_level if compression == "zstd" else None,
-        pickle_keys=pickle_keys,
-        chunk_shapes={path: tuple(shape) for path, shape in (chunk_shapes or {}).items()},
-    )
-    storage, error = _attempt(lambda: gpu_direct_storage(path) if gpu_direct else storage_for(path))
+    storage, error = _attempt(lambda: storage_for(gpu_direct_storage(location) if gpu_direct else location))
     local = None
     if error is None:
-        local, error = _attempt(lambda: _local_plan(state_dict, options, compression, metadata, parallelism))
+        local, error = _attempt(lambda: _local_plan(state_dict, options, metadata, parallelism))
     digest = local.layout_digest(options, collective.world_size) if local else None
     reusable = plan_cache is not None and digest is not None and plan_cache.holds(digest)
     reports = collective.gather(_Report.of(error, digest, local, not reusable), "gathering the local plans")
@@ -145,35 +105,47 @@ def save(
         reports = collective.gather(_Report.of(error, digest, local, True), "gathering the local plans")
     instructions = None
     pending: _Pending | None = None
-    if collective.rank == 0:
-        assert reports is not None
+    if reports is not None:  # the coordinator
         instructions, pending = _coordinate(
             reports, options, storage, metadata, parallelism, plan_cache, collective.world_size
         )
     instruction: _Instruction = collective.scatter(instructions, "handing out the global plan")
     if instruction.error is not None:
         raise instruction.error
-    assert local is not None and digest is not None and storage is not None
-    rank_plan = instruction.rank_plan
-    if rank_plan is None:
-        assert plan_cache is not None and plan_cache.rank_plan is not None
-        rank_plan = plan_cache.rank_plan
-        plan_cache.hits += 1
-    elif plan_cache is not None:
-        plan_cache.digest, plan_cache.rank_plan = digest, rank_plan
-    crcs, error = _attempt(lambda: write_rank(rank_plan, local, storage, collective, threads, progress))
+    if local is None or storage is None:
+        raise CollectiveError("the coordinator went on with a save that failed on this rank")
+    rank_plan = _rank_plan(instruction, digest, plan_cache)
+    show = progress and collective.rank == 0
+    crcs, error = _attempt(
+        lambda: write_chunks(
+            rank_plan, exchange_pieces(rank_plan, local, collective), storage, options.threads, show
+        )
+    )
     statuses = collective.gather((error, crcs), "reporting durable data and chunk CRCs")
     outcome: _Outcome | None = None
-    if collective.rank == 0:
-        assert statuses is not None and pending is not None
+    if statuses is not None and pending is not None:  # the coordinator, which claimed the location
         outcome = _commit(statuses, storage, pending)
     outcome = collective.broadcast(outcome, "announcing the commit")
     if error is not None:
         raise error
     if outcome.error is not None:
         raise outcome.error
-    assert outcome.manifest is not None
+    if outcome.manifest is None:
+        raise CollectiveError("the coordinator announced a commit without its manifest")
     return outcome.manifest
+
+
+def _rank_plan(instruction: _Instruction, digest: bytes | None, cache: PlanCache | None) -> RankPlan:
+    """This rank's plan: the coordinator's (kept in the cache for the next save), or the cached
+    one where the coordinator found every rank's layout unchanged."""
+    if instruction.rank_plan is not None:
+        if cache is not None and digest is not None:
+            cache.digest, cache.rank_plan = digest, instruction.rank_plan
+        return instruction.rank_plan
+    if cache is None or cache.rank_plan is None:
+        raise CollectiveError("the coordinator reused a cached plan that this rank does not hold")
+    cache.hits += 1
+    return cache.rank_plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,12 +209,9 @@ def _attempt(step: Callable[[], T]) -> tuple[T | None, TesseraError | None]:
 def _local_plan(
     state_dict: Mapping[Any, Any],
     options: SaveOptions,
-    compression: str | None,
     metadata: Mapping[str, Any] | None,
     parallelism: Mapping[str, Any] | None,
 ) -> LocalPlan:
-    if compression not in (None, "zstd"):
-        raise SchemaViolationError(f"compression must be None or 'zstd', got {compression!r}")
     for name, value in (("metadata", metadata), ("parallelism", parallelism)):
         if value is not None and not (isinstance(value, Mapping) and is_json(dict(value))):
             raise SchemaViolationError(f"{name} must be a JSON object (str keys, finite numbers)")
@@ -255,16 +224,18 @@ def _must_resend(reports: list[_Report] | None, cache: PlanCache | None) -> bool
         return False
     if all(r.arrays is not None for r in reports):
         return False
-    return not _reusable(reports, cache)
+    return _reusable(reports, cache) is None
 
 
-def _reusable(reports: list[_Report], cache: PlanCache | None) -> bool:
-    return (
+def _reusable(reports: list[_Report], cache: PlanCache | None) -> GlobalPlan | None:
+    """The cached global plan, if every rank's layout is the one it was made for."""
+    if (
         cache is not None
-        and cache.plan is not None
         and all(r.arrays is None for r in reports)
         and tuple(r.digest for r in reports) == cache.all_digests
-    )
+    ):
+        return cache.plan
+    return None
 
 
 def _coordinate(
@@ -314,12 +285,13 @@ def _coordinate(
 def _global_plan(
     reports: list[_Report], options: SaveOptions, cache: PlanCache | None
 ) -> tuple[GlobalPlan, list[RankPlan | None]]:
-    if cache is not None and _reusable(reports, cache):
-        assert cache.plan is not None
-        return cache.plan, [None] * len(reports)
+    cached = _reusable(reports, cache)
+    if cached is not None:
+        return cached, [None] * len(reports)
     arrays = [r.arrays for r in reports if r.arrays is not None]
     digests = tuple(r.digest for r in reports if r.digest is not None)
-    assert len(arrays) == len(digests) == len(reports), "no rank failed, so every rank sent its layout"
+    if not len(arrays) == len(digests) == len(reports):
+        raise CollectiveError("a rank sent no layout although none failed and no cached plan fits")
     plan = make_global_plan(arrays, options)
     if cache is not None:
         cache.plan, cache.all_digests = plan, digests

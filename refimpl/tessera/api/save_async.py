@@ -20,35 +20,112 @@ while training goes on:
 from __future__ import annotations
 
 import copy
-import inspect
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Unpack
 
 import torch.distributed as dist
 
 from ..distributed.collective import collective_for
+from ..engine.gpu.direct_io import gpu_direct_storage
 from ..errors import CollectiveError
 from ..format.manifest import Manifest
+from ..planning.cache import PlanCache
+from ..planning.options import SaveOptions
 from ..state.snapshot import HostBuffers
 from ..storage.base import Storage
-from ..storage.resolve import Location
+from ..storage.resolve import Location, storage_for
 from .save import save
+from .save_arguments import DeprecatedSaveKeywords, save_options
 
-__all__ = ["AsyncSave", "AsyncSaver", "Job", "default_saver", "snapshot_options"]
+__all__ = ["AsyncSave", "AsyncSaver", "Job", "SaveCall", "default_saver", "save_async"]
 
 Job = Callable[[dict[Any, Any], "dist.ProcessGroup | None"], Manifest]
 """What runs in the background: ``job(staged_state_dict, process_group)``, returning the manifest."""
 
-_OPTIONS = frozenset(inspect.signature(save).parameters) - {
-    "state_dict",
-    "path",
-    "process_group",
-    "asynchronous",
-}
+
+def save_async(
+    state_dict: Mapping[Any, Any],
+    location: Location,
+    *,
+    options: SaveOptions | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    process_group: dist.ProcessGroup | None = None,
+    plan_cache: PlanCache | None = None,
+    parallelism: Mapping[str, Any] | None = None,
+    progress: bool = False,
+    **deprecated: Unpack[DeprecatedSaveKeywords],
+) -> AsyncSave:
+    """Copy the state to host memory, then save it as :func:`~tessera.save` would, in the
+    background; the handle, at once: ``wait()`` returns the committed manifest or raises.
+
+    Takes ``tessera.save``'s arguments. The saves of one process group go through one
+    :class:`AsyncSaver` kept for the process's life (one save in flight: the next call waits
+    for the previous one's slot). The location is resolved now, so that an unsupported URL
+    or GPU-direct I/O without a GPU fails here, before anything is copied or written. A storage
+    with device I/O (``gpu_direct_storage``) is accepted: the snapshot is in host memory, so
+    the chunks take the host path into the same files.
+    """
+    call = SaveCall.of("save_async", options, deprecated, metadata, plan_cache, parallelism, progress)
+    return default_saver(process_group)._start(state_dict, location, call)
+
+
+@dataclass(frozen=True, slots=True)
+class SaveCall:
+    """A save's arguments but the state dict, the location and the process group, checked and
+    copied, for a save that runs later: on the background thread, or for a run directory's step.
+
+    Made by :meth:`of` in the public entry point itself (its deprecation warnings point at the
+    entry point's caller); ``metadata`` and ``parallelism`` are deep copies, since the caller
+    may change its own as soon as the call returns; ``options`` is frozen; the plan cache is
+    shared on purpose (the save fills it for the next one).
+    """
+
+    options: SaveOptions
+    gpu_direct: bool
+    """The deprecated ``gpu_direct=True``: the location as a storage with device I/O."""
+    metadata: Mapping[str, Any] | None
+    plan_cache: PlanCache | None
+    parallelism: Mapping[str, Any] | None
+    progress: bool
+
+    @classmethod
+    def of(
+        cls,
+        caller: str,
+        options: SaveOptions | None,
+        deprecated: Mapping[str, Any],
+        metadata: Mapping[str, Any] | None,
+        plan_cache: PlanCache | None,
+        parallelism: Mapping[str, Any] | None,
+        progress: bool,
+    ) -> SaveCall:
+        """Check the arguments of ``caller`` (raises ``TypeError``/``ValueError``) and copy them."""
+        checked, gpu_direct = save_options(options, deprecated, caller, stacklevel=4)
+        copies = copy.deepcopy(metadata), copy.deepcopy(parallelism)
+        return cls(checked, gpu_direct, copies[0], plan_cache, copies[1], progress)
+
+    def storage(self, location: Location) -> Storage:
+        """The storage of ``location`` (with device I/O for the deprecated ``gpu_direct=True``)."""
+        return storage_for(gpu_direct_storage(location) if self.gpu_direct else location)
+
+    def run(
+        self, state_dict: Mapping[Any, Any], storage: Storage, group: dist.ProcessGroup | None
+    ) -> Manifest:
+        """``tessera.save`` with these arguments."""
+        return save(
+            state_dict,
+            storage,
+            options=self.options,
+            metadata=self.metadata,
+            process_group=group,
+            plan_cache=self.plan_cache,
+            parallelism=self.parallelism,
+            progress=self.progress,
+        )
 
 
 class AsyncSave:
@@ -60,13 +137,14 @@ class AsyncSave:
 
     def __init__(
         self,
-        path: Path,
+        location: str,
         future: Future[Manifest],
         blocked_seconds: float,
         waited_seconds: float,
         staged_bytes: int,
     ) -> None:
-        self.path = path
+        self.location = location
+        """Where the checkpoint goes, as messages print it (the storage's ``location``)."""
         self.blocked_seconds = blocked_seconds
         self.waited_seconds = waited_seconds
         self.staged_bytes = staged_bytes
@@ -90,20 +168,18 @@ class AsyncSave:
             raise error
         return self._future.result()
 
-    def _deliver(self, how: str | None = None) -> BaseException:
-        """The error of a finished, failed save, marked observed, for a later call to raise (noted how)."""
-        error = self._future.exception()
-        assert error is not None
+    def _deliver(self, error: BaseException, how: str | None = None) -> BaseException:
+        """``error``, this finished save's failure, marked observed, for a later call to raise (noted how)."""
         self._observed = True
         if how is not None:
-            error.add_note(f"the asynchronous save to {self.path} failed; {how}")
+            error.add_note(f"the asynchronous save to {self.location} failed; {how}")
         return error
 
 
 class AsyncSaver:
     """Saves that return once the state is copied to host memory, and write and commit in the background.
 
-    ``save`` takes ``tessera.save``'s keyword options; ``process_group`` is fixed here, once. At most
+    ``save`` takes ``tessera.save``'s arguments but ``process_group``, fixed here, once. At most
     ``max_in_flight`` saves are in flight; the next ``save`` waits for the oldest. Each in-flight save
     holds a set of host buffers, reused by later saves. Use from one thread; under
     ``torch.distributed`` every rank of the group calls ``save`` for the same checkpoints in the same order.
@@ -119,7 +195,7 @@ class AsyncSaver:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tessera-async-save")
         self._free = [HostBuffers() for _ in range(max_in_flight)]
         self._in_flight: deque[tuple[AsyncSave, HostBuffers]] = deque()
-        self._failed: list[AsyncSave] = []
+        self._failed: list[tuple[AsyncSave, BaseException]] = []
         self._calls = 0
         self._closed = False
 
@@ -133,22 +209,44 @@ class AsyncSaver:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def save(self, state_dict: Mapping[Any, Any], path: Location, **options: Any) -> AsyncSave:
-        """Snapshot ``state_dict``, then save it to ``path`` in the background (see ``tessera.save``).
+    def save(
+        self,
+        state_dict: Mapping[Any, Any],
+        location: Location,
+        *,
+        options: SaveOptions | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        plan_cache: PlanCache | None = None,
+        parallelism: Mapping[str, Any] | None = None,
+        progress: bool = False,
+        **deprecated: Unpack[DeprecatedSaveKeywords],
+    ) -> AsyncSave:
+        """Snapshot ``state_dict``, then save it to ``location`` in the background (see ``tessera.save``).
 
         Raises here an earlier save's failure that no one has seen yet (and starts nothing), and
-        errors of the call itself (unknown options, a state dict that is not a dict); what the
-        writer finds wrong comes from ``wait()``, like its I/O errors.
+        errors of the call itself (wrong arguments, a location no storage supports, a state dict
+        that is not a dict); what the writer finds wrong comes from ``wait()``, like its I/O errors.
         """
-        options = snapshot_options(options)
-        return self.submit(state_dict, path, lambda staged, group: _write(staged, path, group, options))
+        call = SaveCall.of(
+            "AsyncSaver.save", options, deprecated, metadata, plan_cache, parallelism, progress
+        )
+        return self._start(state_dict, location, call)
 
-    def submit(self, state_dict: Mapping[Any, Any], path: Location, job: Job) -> AsyncSave:
+    def _start(self, state_dict: Mapping[Any, Any], location: Location, call: SaveCall) -> AsyncSave:
+        """``save`` once its arguments are checked (``save_async`` calls it too), with the location
+        resolved now: an unsupported URL, or device I/O without a GPU, fails before any copy."""
+        storage = call.storage(location)
+        return self.submit(
+            state_dict, storage.location, lambda staged, group: call.run(staged, storage, group)
+        )
+
+    def submit(self, state_dict: Mapping[Any, Any], location: str, job: Job) -> AsyncSave:
         """Snapshot ``state_dict``, then run ``job(snapshot, process_group)`` in the background.
 
         ``save`` is this with the writer as ``job``; a job may do more once the checkpoint is
         committed (a run directory moves ``latest``). ``process_group`` is the saver's own gloo
-        group (``None`` in one process): the job must use no other.
+        group (``None`` in one process): the job must use no other. ``location`` says where the
+        checkpoint goes, for the handle and the messages.
         """
         start = time.perf_counter()
         if self._closed:
@@ -161,7 +259,8 @@ class AsyncSaver:
         unseen = self._unseen_failures()
         if unseen:
             self._failed.extend(unseen[1:])
-            raise unseen[0]._deliver("raised by the next save, which was not started")
+            failed, error = unseen[0]
+            raise failed._deliver(error, "raised by the next save, which was not started")
         group = self._save_group()
         buffers = self._free.pop()
         try:
@@ -170,8 +269,7 @@ class AsyncSaver:
             self._free.append(buffers)
             raise
         future = self._thread.submit(_run, job, staged, group, call)
-        where = Path(path.location if isinstance(path, Storage) else path)
-        handle = AsyncSave(where, future, time.perf_counter() - start, waited, nbytes)
+        handle = AsyncSave(location, future, time.perf_counter() - start, waited, nbytes)
         self._in_flight.append((handle, buffers))
         return handle
 
@@ -188,23 +286,26 @@ class AsyncSaver:
             self._free.clear()
         unseen = self._unseen_failures()
         if unseen:
-            error = unseen[0]._deliver("raised by close()")
-            for other in unseen[1:]:
-                error.add_note(f"the asynchronous save to {other.path} failed too: {other._deliver()!r}")
+            handle, first = unseen[0]
+            error = handle._deliver(first, "raised by close()")
+            for other, failure in unseen[1:]:
+                error.add_note(
+                    f"the asynchronous save to {other.location} failed too: {other._deliver(failure)!r}"
+                )
             raise error
 
     def _retire_oldest(self) -> None:
         """Wait for the oldest save in flight: its buffers are free again, its failure kept to raise."""
         handle, buffers = self._in_flight[0]
-        failed = handle._future.exception() is not None
+        error = handle._future.exception()
         self._in_flight.popleft()
         self._free.append(buffers)
-        if failed:
-            self._failed.append(handle)
+        if error is not None:
+            self._failed.append((handle, error))
 
-    def _unseen_failures(self) -> list[AsyncSave]:
+    def _unseen_failures(self) -> list[tuple[AsyncSave, BaseException]]:
         """The failed saves retired so far whose error no one has seen (``wait`` may have shown some)."""
-        unseen = [handle for handle in self._failed if not handle.observed]
+        unseen = [(handle, error) for handle, error in self._failed if not handle.observed]
         self._failed.clear()
         return unseen
 
@@ -234,32 +335,11 @@ def _run(job: Job, staged: dict[Any, Any], group: dist.ProcessGroup | None, call
     return job(staged, group)
 
 
-def _write(
-    state_dict: dict[Any, Any], path: Location, group: dist.ProcessGroup | None, options: Any
-) -> Manifest:
-    manifest = save(state_dict, path, process_group=group, **options)
-    assert isinstance(manifest, Manifest), "a synchronous save returns the manifest"
-    return manifest
-
-
-def snapshot_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """``tessera.save``'s keyword options for a background save: checked now, and deep-copied,
-    since the caller may change its own (a metadata dict) as soon as ``save`` returns."""
-    unknown = sorted(set(options) - _OPTIONS)
-    if unknown:
-        hint = (
-            " (an AsyncSaver's process group is fixed when it is made)" if "process_group" in unknown else ""
-        )
-        raise TypeError(f"save() got unexpected keyword arguments {unknown}{hint}")
-    # The plan cache is the one option that must stay shared: the save fills it for the next one.
-    return {k: v if k == "plan_cache" else copy.deepcopy(v) for k, v in options.items()}
-
-
 _DEFAULT_SAVERS: dict[dist.ProcessGroup | None, AsyncSaver] = {}
 
 
 def default_saver(process_group: dist.ProcessGroup | None = None) -> AsyncSaver:
-    """The saver of ``tessera.save(..., asynchronous=True)`` for ``process_group``: one per group, kept
+    """The saver of ``tessera.save_async`` for ``process_group``: one per group, kept
     for the process's life (its thread finishes the saves in flight when the interpreter exits)."""
     saver = _DEFAULT_SAVERS.get(process_group)
     if saver is None or saver.closed:

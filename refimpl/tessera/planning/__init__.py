@@ -7,6 +7,6 @@ tensors, and every chunk gets exactly one writer.
 """
 
 from .cache import PlanCache
-from .options import DEFAULT_CHUNK_BYTES, SaveOptions
+from .options import DEFAULT_CHUNK_BYTES, SaveOptions, Zstd
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "PlanCache", "SaveOptions"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "PlanCache", "SaveOptions", "Zstd"]

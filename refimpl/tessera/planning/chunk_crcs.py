@@ -3,7 +3,7 @@
 A chunk's CRC is known only once the chunk is written, so the manifest's chunk
 lists are the last thing the coordinator fills in before it publishes the root:
 every rank returns the CRCs of the chunks it wrote, 4 bytes each in the order of
-its rank plan (:func:`~tessera.engine.chunk_writer.write_rank`), and the coordinator, who
+its rank plan (:func:`~tessera.engine.chunk_writer.write_chunks`), and the coordinator, who
 holds every rank's plan, puts each at its chunk's index. Each chunk has exactly
 one owner in the plan (R16.8): a replicated array or a chunk assembled from
 pieces moved between ranks is reported once, by the rank that wrote it. The work
@@ -27,7 +27,7 @@ __all__ = ["chunk_lists", "only_hex_digits_differ", "with_chunk_lists"]
 
 def chunk_lists(ranks: Sequence[RankPlan], reported: Sequence[bytes | None]) -> dict[str, np.ndarray]:
     """The CRC of every chunk of every array, by array path, in C order of the chunk index;
-    ``reported[r]`` is what rank ``r``'s :func:`~tessera.engine.chunk_writer.write_rank` returned.
+    ``reported[r]`` is what rank ``r``'s :func:`~tessera.engine.chunk_writer.write_chunks` returned.
     Raises :class:`CollectiveError` unless every chunk is reported exactly once."""
     flats: dict[str, list[int]] = {}
     crcs: dict[str, list[int]] = {}

@@ -240,7 +240,8 @@ def _array(
         int(np.median([n for n in sizes if n])) if any(sizes) else 0,
         options.chunk_bytes,
     )
-    layout = ArrayLayout(dtype, first.shape, chunk_shape, options.zstd_level)
+    zstd_level = options.compression.level if options.compression is not None else None
+    layout = ArrayLayout(dtype, first.shape, chunk_shape, zstd_level)
     entry: TensorEntry | ObjectEntry
     if first.kind == "tensor":
         entry = TensorEntry(first.key, layout, "numpy" if first.tag == "numpy" else "torch")

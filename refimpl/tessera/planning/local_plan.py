@@ -91,7 +91,7 @@ class LocalPlan:
     def layout_digest(self, options: SaveOptions, world_size: int) -> bytes:
         """Identifies the arrays' layout (not their bytes, not the JSON values): a plan cache key."""
         chunk_shapes = sorted(options.chunk_shapes.items())
-        key = (self.arrays, options.chunk_bytes, options.zstd_level, chunk_shapes, world_size)
+        key = (self.arrays, options.chunk_bytes, options.compression, chunk_shapes, world_size)
         return hashlib.blake2b(pickle.dumps(key), digest_size=16).digest()
 
 

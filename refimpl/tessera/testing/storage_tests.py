@@ -35,6 +35,7 @@ from ..api.run_dir import RunDirectory
 from ..api.save import save
 from ..api.verify import verify
 from ..errors import CheckpointExistsError, InvalidKeyError, LimitExceededError, StorageError, TesseraError
+from ..planning.options import SaveOptions
 from ..storage.base import CLAIM_FILE, ROOT_METADATA, FileMissingError, ReadNext, Storage
 
 __all__ = ["MakeStorage", "StorageTests"]
@@ -331,7 +332,7 @@ class StorageTests:
 
     def test_checkpoint_round_trip(self, storage: Storage) -> None:
         state = _state()
-        save(state, storage, chunk_bytes=64, metadata={"kit": True})
+        save(state, storage, options=SaveOptions(chunk_bytes=64), metadata={"kit": True})
         loaded = load(storage)
         assert set(loaded) == set(state)
         for key in ("w", "b", "h"):
