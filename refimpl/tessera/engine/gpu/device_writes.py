@@ -14,6 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import crc32c
 import numpy as np
@@ -24,7 +25,8 @@ from ...format.layout import ArrayLayout, ChunkIndex
 from ...planning.global_plan import ArrayTask, ChunkWrite, Source
 from ...state.tensors import as_torch
 from ..write_strategies import ChunkFile, Held
-from .crc32c import device_crc32c, device_crc32c_many
+from .crc32c import device_crc32c
+from .crc_batch import CrcBatch
 from .streams import thread_stream
 
 __all__ = ["DeviceAssembled", "DeviceContiguous", "choose_on_device", "device_body", "device_checksums"]
@@ -45,21 +47,19 @@ def device_body(
 
 def device_checksums(arrays: Iterable[ArrayTask], data_of: Callable[[Source], Held]) -> dict[ChunkWrite, int]:
     """The CRC32C of the data of every chunk written straight from a GPU tensor's memory (not
-    yet of its edge padding), computed before the writes start in one batch per device. One
-    launch and wait per chunk in the writing threads cost each write about 120 µs, and the
-    threads contended for the GIL around them."""
-    bodies: dict[torch.device, list[tuple[ChunkWrite, torch.Tensor]]] = {}
+    yet of its edge padding), computed before the writes start, in one batch per device
+    (:class:`~.crc_batch.CrcBatch`, the batcher reads use too). The caller's stream must have
+    been synchronized: the batch runs on this thread's own stream."""
+    batch = CrcBatch()
+    checksums: dict[ChunkWrite, int] = {}
     for array in arrays:
         if array.layout.zstd_level is not None:
             continue
         for chunk in array.chunks:
             found = device_body(array.layout, chunk.index, [data_of(s) for s in chunk.sources])
             if found is not None:
-                bodies.setdefault(found[0].device, []).append((chunk, found[0]))
-    checksums: dict[ChunkWrite, int] = {}
-    for listed in bodies.values():
-        crcs = device_crc32c_many([body for _, body in listed])
-        checksums.update(zip([chunk for chunk, _ in listed], crcs, strict=True))
+                batch.add(found[0], partial(checksums.__setitem__, chunk))
+    batch.run()
     return checksums
 
 
