@@ -24,7 +24,7 @@ def _state() -> dict[str, Any]:
 
 def test_the_commit_order_as_the_storage_sees_it_R9_1_R9_8(tmp_path: Path) -> None:
     storage = RecordingStorage(LocalStorage(tmp_path / "ck"))
-    tessera.save(_state(), storage, chunk_bytes=40, threads=4)
+    tessera.save(_state(), storage, options=tessera.SaveOptions(chunk_bytes=40, threads=4))
     ops = [c.op for c in storage.calls if c.op in ("claim", "write_file", "sync", "publish_root")]
     assert ops[0] == "claim" and ops[-2:] == ["sync", "publish_root"]
     assert set(ops[1:-2]) == {"write_file"} and len(ops) > 8
@@ -40,7 +40,7 @@ def test_a_failed_or_torn_chunk_write_leaves_nothing_R9_7(tmp_path: Path, torn: 
     root = tmp_path / "ck"
     storage = FaultyStorage(LocalStorage(root)).fail_write(nth=2, matching=CHUNKS, torn=torn)
     with pytest.raises(tessera.StorageError, match="injected fault"):
-        tessera.save(_state(), storage, chunk_bytes=40, threads=1)
+        tessera.save(_state(), storage, options=tessera.SaveOptions(chunk_bytes=40, threads=1))
     assert not root.exists()
 
 
@@ -53,7 +53,7 @@ def test_a_failed_claim_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_a_truncated_chunk_is_an_io_error_on_load_and_a_problem_for_verify(tmp_path: Path) -> None:
-    tessera.save(_state(), tmp_path / "ck", chunk_bytes=40)
+    tessera.save(_state(), tmp_path / "ck", options=tessera.SaveOptions(chunk_bytes=40))
     short = FaultyStorage(LocalStorage(tmp_path / "ck")).short_read("w/c/1/*")
     with pytest.raises(tessera.StorageError, match="truncated file") as info:
         tessera.load(short)
@@ -72,7 +72,8 @@ def test_a_power_cut_at_any_call_leaves_nothing_or_the_whole_checkpoint_R9_8() -
         medium = Medium()
         inner = MemoryStorage(medium, "mem://ck")
         try:
-            tessera.save(_state(), FaultyStorage(inner).lose_unsynced(power_cut_after=cut), chunk_bytes=40)
+            cut_off = FaultyStorage(inner).lose_unsynced(power_cut_after=cut)
+            tessera.save(_state(), cut_off, options=tessera.SaveOptions(chunk_bytes=40))
         except tessera.StorageError as exc:
             assert "power went off" in str(exc)
         try:

@@ -49,10 +49,17 @@ def build(out: Path) -> None:
         builder(out)
 
 
-def _grid(out: Path, name: str, title: str, rules: list[str], state: dict[str, Any], **options: Any) -> None:
+def _grid(
+    out: Path,
+    name: str,
+    title: str,
+    rules: list[str],
+    state: dict[str, Any],
+    chunk_shapes: dict[str, list[int]],
+) -> None:
     """A vector of one or a few tensors on a given grid: read every entry, verify."""
     v = VectorWriter(out, "valid", name)
-    v.save(state, **options)
+    v.save(state, options=tessera.SaveOptions(chunk_shapes=chunk_shapes))
     v.finish(title, rules, [v.read(), v.verify()])
 
 

@@ -410,7 +410,7 @@ class StorageTests:
         run = make_storage("run")
         self.require_run_directories(run)
         step = run.child("step-1")
-        save(_state(), step, chunk_bytes=64)
+        save(_state(), step, options=SaveOptions(chunk_bytes=64))
         run.remove_checkpoint("step-1")
         assert run.kind("step-1") is None
         run.remove_checkpoint("step-1")  # already gone: no error
