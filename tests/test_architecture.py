@@ -137,3 +137,36 @@ def test_no_import_cycles() -> None:
 def test_no_module_is_over_450_lines(name: str) -> None:
     lines = len(MODULES[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{name} has {lines} lines: split it by job (at most {MAX_LINES})"
+
+
+READ_SIDE = {
+    "tessera.api.checkpoint",
+    "tessera.api.load",
+    "tessera.api.verify",
+    "tessera.distributed.shared_reads",
+    "tessera.engine.chunk_reads",
+    "tessera.engine.read_engine",
+    "tessera.engine.read_strategies",
+    "tessera.engine.read_targets",
+}
+"""The read path's own modules (the handle, loading, loading together, the read engine)."""
+
+
+def _reachable(start: str) -> set[str]:
+    seen: set[str] = set()
+    stack = [start]
+    while stack:
+        for target in GRAPH[stack.pop()]:
+            if target not in seen:
+                seen.add(target)
+                stack.append(target)
+    return seen
+
+
+@pytest.mark.parametrize("entry", ["tessera.api.save", "tessera.api.save_async"])
+def test_the_write_path_never_imports_the_read_side(entry: str) -> None:
+    """A save checks its own root with ``format.root`` (the function readers use), not by
+    importing the reader: so the write path can be read, changed and benchmarked alone."""
+    assert set(MODULES) >= READ_SIDE, "a read-side module was renamed: update READ_SIDE"
+    reached = sorted(_reachable(entry) & READ_SIDE)
+    assert not reached, f"{entry} imports the read side: {reached}"
