@@ -2,15 +2,15 @@
 
 The layers, lowest first (the README's "Architecture" section names each one's job):
 
-0. ``errors`` and ``util``: the error classes, thread pools, progress bars;
-1. ``format``: the on-disk format as pure data (spec sections 2-8, 11, 13);
-2. ``state``: what a user's state dict holds (flattening, sharded values, DTensor);
-3. ``planning``: who writes which chunk, as data, with no I/O;
-4. ``storage``: where files live (the storage interface and its implementations);
-5. ``engine``: moving chunk bytes between storage and memory (staging, GPU copies and CRCs);
-6. ``distributed``: the collective steps between ranks (plans, pieces, loading together);
-7. ``api``: ``save``, ``save_async``, ``load``, ``open``, ``verify``, run directories;
-8. ``cli``: the ``tessera`` command; ``testing``: the storage test kit and the recording and
+1. ``errors``, ``version`` and ``util``: the error classes, thread pools, progress bars;
+2. ``format``: the on-disk format as pure data (spec sections 2-8, 11, 13);
+3. ``state``: what a user's state dict holds (flattening, sharded values, DTensor);
+4. ``planning``: who writes which chunk, as data, with no I/O;
+5. ``storage``: where files live (the storage interface and its implementations);
+6. ``engine``: moving chunk bytes between storage and memory (staging, GPU copies and CRCs);
+7. ``distributed``: the collective steps between ranks (plans, pieces, loading together);
+8. ``api``: ``save``, ``save_async``, ``load``, ``open``, ``verify``, run directories;
+9. ``cli``: the ``tessera`` command; ``testing``: the storage test kit and the recording and
    fault-injecting storages (the only module importing pytest; ``import tessera`` never
    imports it).
 
@@ -29,18 +29,18 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "refimpl" / "tessera"
 
 LAYERS = {
-    "errors": 0,
-    "version": 0,
-    "util": 0,
-    "format": 1,
-    "state": 2,
-    "planning": 3,
-    "storage": 4,
-    "engine": 5,
-    "distributed": 6,
-    "api": 7,
-    "cli": 8,
-    "testing": 8,
+    "errors": 1,
+    "version": 1,
+    "util": 1,
+    "format": 2,
+    "state": 3,
+    "planning": 4,
+    "storage": 5,
+    "engine": 6,
+    "distributed": 7,
+    "api": 8,
+    "cli": 9,
+    "testing": 9,
 }
 """The layer of each top-level module or subpackage of ``tessera``; the package's own
 ``__init__`` sits above them all (it re-exports the API)."""
