@@ -332,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(anchors, flush=True)
     step = make_step(args.step, sd, device)
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)  # as bench_save_load.py does
     workdir = Path(tempfile.mkdtemp(prefix="tessera-async-", dir=args.dir))
     notes = [anchors, f"training step meanwhile: {args.step}"]
     try:

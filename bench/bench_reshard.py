@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in specs_:
         how = "flat ranges" if s.flat else "rows"
         print(f"  {s.key}: {str(s.dtype).removeprefix('torch.')} {list(s.shape)}, {how}")
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)  # as bench_save_load.py does
     workdir = Path(tempfile.mkdtemp(prefix="tessera-reshard-", dir=args.dir))
     try:
         paths = {label: str(workdir / f"chunk-{label}") for label in labels}

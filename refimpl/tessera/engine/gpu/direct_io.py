@@ -49,8 +49,8 @@ def _import_kvikio() -> Any:
         import kvikio.defaults  # noqa: PLC0415 - a submodule the package does not import
     except ImportError as exc:
         raise GpuDirectUnavailableError(
-            f"gpu_direct=True needs KvikIO, which is not importable ({exc}); install kvikio-cu12 or "
-            "kvikio-cu13 to match the CUDA of your torch, or save and load without gpu_direct"
+            f"GPU-direct I/O needs KvikIO, which is not importable ({exc}); install kvikio-cu12 or "
+            "kvikio-cu13 to match the CUDA of your torch, or save and load through a plain path"
         ) from None
     return kvikio
 
@@ -105,7 +105,7 @@ class KvikioFiles:
 
     def __init__(self) -> None:
         if not torch.cuda.is_available():
-            raise GpuDirectUnavailableError("gpu_direct=True needs a CUDA device; torch sees none")
+            raise GpuDirectUnavailableError("GPU-direct I/O needs a CUDA device; torch sees none")
         self._kvikio = _import_kvikio()
         configure_kvikio()
 
