@@ -256,6 +256,12 @@ def _decode(template: Any, saved: Any, where: str) -> Any:
             raise TensorMismatchError(
                 f"{where}: the checkpoint holds a {type(saved).__name__}, not a mapping"
             )
+        kind = template.get("bit_generator")
+        if kind is not None and saved.get("bit_generator") != kind:
+            raise TensorMismatchError(
+                f"{where}: the checkpoint holds a {saved.get('bit_generator')} state, "
+                f"this run's generator is a {kind}"
+            )
         missing, extra = sorted(set(template) - set(saved)), sorted(set(saved) - set(template))
         if missing or extra:
             raise KeyMismatchError(
@@ -273,10 +279,6 @@ def _decode(template: Any, saved: Any, where: str) -> Any:
                 f"this run's generator has {expected.dtype} {list(expected.shape)}"
             )
         return torch.from_numpy(array.copy()) if isinstance(template, torch.Tensor) else array.copy()
-    if isinstance(template, str) and saved != template and where.endswith("bit_generator"):
-        raise TensorMismatchError(
-            f"{where}: the checkpoint holds a {saved} state, this run's generator is {template}"
-        )
     if isinstance(template, int) and not isinstance(template, bool) and isinstance(saved, (int, str)):
         return int(saved)
     if isinstance(template, list):
