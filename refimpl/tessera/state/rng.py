@@ -58,6 +58,10 @@ class RNGState:
     generators) to include besides the global ones; the same names must be given on resume.
     ``process_group`` is the group whose rank numbers the cells (the default group when
     ``torch.distributed`` is initialized, else a single rank 0).
+
+    At another world size (see the module docstring): a saved rank gets its own state back; a
+    rank the checkpoint lacks gets one derived from rank 0's saved state and its rank, with a
+    ``TesseraWarning``; with fewer ranks, rank 0 warns that the extra states are not used.
     """
 
     def __init__(
