@@ -151,7 +151,7 @@ def test_cuda_states_without_cuda_are_reported_not_restored(tmp_path: Path) -> N
     tessera.save({"rng": state}, tmp_path / "ck")
     expected = _draws(gens)
     _scramble(gens)
-    with pytest.warns(TesseraWarning, match="CUDA generator states but CUDA is not initialized"):
+    with pytest.warns(TesseraWarning, match="CUDA generator states but CUDA is not available or not init"):
         RNGState(gens).load_state_dict(tessera.load(tmp_path / "ck")["rng"])
     assert _draws(gens) == expected
 
@@ -199,6 +199,16 @@ def _resume_at(rank: int, world_size: int, path: Path) -> tuple[list[float], lis
     return draws[0], draws[1], [str(w.message) for w in caught if issubclass(w.category, TesseraWarning)]
 
 
+def _template_load_at(rank: int, world_size: int, path: Path) -> str:
+    """Load with state_dict() as the template: what happened on this rank."""
+    rng = RNGState(_generators(0))
+    try:
+        rng.load_state_dict(tessera.load(path, {"rng": rng.state_dict()})["rng"])
+    except KeyMismatchError as exc:
+        return f"refused: {exc}"
+    return "restored"
+
+
 def test_four_ranks_resume_at_four_and_at_two(tmp_path: Path) -> None:
     """Saved at 4 ranks: at 4 every rank continues its own draws; at 2, ranks 0-1 continue theirs
     and rank 0 warns that ranks 2-3's states are not used."""
@@ -233,3 +243,9 @@ def test_two_ranks_resume_at_four_derive_the_new_ranks(tmp_path: Path) -> None:
             "resume, but not the draws of an uninterrupted run)"
         ] * 2
     assert len({tuple(first) for first, _, _ in at_four}) == 4
+
+    # Through a template, each rank reads only its own cells: ranks 2-3 have none, and are refused.
+    outcomes = run_ranks(4, _template_load_at, tmp_path / "ck2")
+    assert outcomes[:2] == ["restored", "restored"]
+    for rank in (2, 3):
+        assert outcomes[rank].endswith(f"ck2 has no key 'rng/python/~{rank}'"), outcomes[rank]

@@ -145,15 +145,22 @@ class RNGState:
             live["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
         return live
 
-    def _restore(self, saved: Mapping[str, Any]) -> None:
-        """Set every generator from this rank's saved cells, all checked against the live
-        generators first; CUDA states are restored where both the run and the checkpoint have them."""
+    def _checked(self, saved: Mapping[str, Any]) -> tuple[dict[str, Any], Any, bool]:
+        """``saved`` (one rank's cells) checked against the live generators and in their types;
+        the CUDA states to restore (``None`` unless both the run and the checkpoint have them);
+        whether this run's CUDA generators are live."""
         live = self._live()
         live_cuda = live.pop("cuda", None)
         states = _decode(live, {k: v for k, v in saved.items() if k != "cuda"}, "rng")
         cuda = None
         if live_cuda is not None and "cuda" in saved:
             cuda = _decode(live_cuda, saved["cuda"], "rng/cuda")
+        return states, cuda, live_cuda is not None
+
+    def _restore(self, saved: Mapping[str, Any]) -> None:
+        """Set every generator from this rank's saved cells, all checked first; CUDA states are
+        restored where both the run and the checkpoint have them, and a warning says where not."""
+        states, cuda, live_cuda = self._checked(saved)
         python = states["python"]
         random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
         legacy = states["numpy"]
@@ -174,12 +181,12 @@ class RNGState:
                 torch.cuda.set_rng_state(cuda_state, device)
         elif "cuda" in saved:
             warnings.warn(
-                "RNGState: the checkpoint holds CUDA generator states but CUDA is not initialized "
-                "here: they were not restored (initialize CUDA, e.g. torch.cuda.init(), before loading)",
+                "RNGState: the checkpoint holds CUDA generator states but CUDA is not available or not "
+                "initialized here: they were not restored (call torch.cuda.init() before loading)",
                 TesseraWarning,
                 stacklevel=3,
             )
-        elif live_cuda is not None:
+        elif live_cuda:
             warnings.warn(
                 "RNGState: the checkpoint holds no CUDA generator states (CUDA was not initialized "
                 "when it was saved): this run's CUDA generators keep their current states",
@@ -189,6 +196,7 @@ class RNGState:
 
     def _derive(self, rank0: Mapping[str, Any], rank: int) -> None:
         """Seed every generator from rank 0's saved cells and ``rank`` (a rank the save lacked)."""
+        self._checked(rank0)  # the same generators as the saving run, or refused as for a restore
         torch_state = rank0["torch"]
         raw = torch_state.numpy() if isinstance(torch_state, torch.Tensor) else np.asarray(torch_state)
         base = hashlib.sha256(np.ascontiguousarray(raw).tobytes() + rank.to_bytes(8, "little", signed=True))
