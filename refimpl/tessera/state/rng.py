@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..errors import KeyMismatchError, TensorMismatchError, TesseraWarning
 from .flatten import is_json
@@ -68,7 +69,7 @@ class RNGState:
         self,
         generators: Mapping[str, np.random.Generator | np.random.BitGenerator] | None = None,
         *,
-        process_group: Any = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         self._generators = dict(generators or {})
         for name, gen in self._generators.items():
@@ -99,8 +100,7 @@ class RNGState:
                 "RNGState.load_state_dict: expected the mapping that RNGState.state_dict() saved "
                 f"(with a 'torch' entry), got {type(state).__name__}"
             )
-        grid = isinstance(state["torch"], Mapping)
-        if grid:
+        if isinstance(state["torch"], Mapping):  # the whole grid: {rank: cell} at every leaf
             saved_world = len(state["torch"])
             if rank < saved_world:
                 self._restore(_cell_of(state, rank))
@@ -125,8 +125,6 @@ class RNGState:
         self._restore(state)
 
     def _rank_and_world(self) -> tuple[int, int]:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             return dist.get_rank(self._group), dist.get_world_size(self._group)
         return 0, 1
