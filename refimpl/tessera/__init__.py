@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from .format.limits import ReaderLimits
     from .format.manifest import FORMAT_VERSION, Manifest
     from .planning import PlanCache, SaveOptions, Zstd
-    from .state import ShardedObject, ShardedTensor
+    from .state import RNGState, ShardedObject, ShardedTensor
 
 _LAZY = {
     "AsyncSave": (".api.save_async", "AsyncSave"),
@@ -65,6 +65,7 @@ _LAZY = {
     "Manifest": (".format.manifest", "Manifest"),
     "PlanCache": (".planning", "PlanCache"),
     "ReaderLimits": (".format.limits", "ReaderLimits"),
+    "RNGState": (".state", "RNGState"),
     "RunDirectory": (".api.run_dir", "RunDirectory"),
     "SaveOptions": (".planning", "SaveOptions"),
     "ShardedObject": (".state", "ShardedObject"),
@@ -103,6 +104,7 @@ __all__ = [
     "Manifest",
     "MissingChunkError",
     "PlanCache",
+    "RNGState",
     "ReaderLimits",
     "RunDirectory",
     "SaveOptions",
