@@ -130,18 +130,18 @@ def load(
         templates = {format_key(k): (k, v) for k, v in flat.leaves}
         plan = _match(checkpoint, dict.fromkeys(templates), mode)
         in_place: list[tuple[str, torch.Tensor, Region]] = []
-        values: list[tuple[Key, Any]] = []
+        assigned: list[tuple[Key, Any]] = []
         for path in plan.found:
             key, template = templates[path]
             stored = checkpoint.entry(path) if path in checkpoint else None
             if isinstance(template, ShardedObject):
                 cell = key_to_path((*key, *template.grid_offset))
                 value = checkpoint.value(cell, allow_pickle=allow_pickle)
-                values.append((key, _conform(template.value, value)))
+                assigned.append((key, _conform(template.value, value)))
             elif isinstance(template, ShardedTensor) or is_dtensor(template):
                 in_place.extend(_shard_requests(checkpoint, path, template))
                 if isinstance(template, ShardedTensor):
-                    values.append((key, template.local))
+                    assigned.append((key, template.local))
             elif isinstance(template, torch.Tensor):
                 if not isinstance(stored, (TensorEntry, ObjectEntry)):
                     raise TensorMismatchError(
@@ -150,7 +150,7 @@ def load(
                     )
                 in_place.append((path, template, None))
             else:
-                values.append((key, _read_subtree(checkpoint, key, path, template, allow_pickle)))
+                assigned.append((key, _read_subtree(checkpoint, key, path, template, allow_pickle)))
         collective = collective_for(process_group)
         engine = engine_of(checkpoint)
         # Every destination is checked (shape, dtype) before the first is written, and values
@@ -160,7 +160,7 @@ def load(
         else:
             requests = engine.requests(in_place)
             engine.fill(requests, [r.entry for r in requests], progress=progress, label="loading")
-        for key, value in values:
+        for key, value in assigned:
             _assign(tree, key, value)
         result = restore(tree) if restore is not None else state_dict
     if mode in (Strict.RETURN_UNEXPECTED, Strict.RETURN_ALL):
