@@ -235,3 +235,18 @@ def test_random_state_in_a_user_object(tmp_path: Path) -> None:
     restored = Rng()
     tessera.load(tmp_path / "c", {"rng": restored})
     assert restored.rng.random() == saved.rng.random()
+
+
+def test_strict_modes_apply_inside_objects(tmp_path: Path) -> None:
+    """A module with a layer the checkpoint lacks: skipped under a non-raising mode, reported under
+    ``return_unexpected``; the rest is loaded and ``load_state_dict`` still runs."""
+    model, optimizer, scheduler, _ = _run()
+    tessera.save({"model": model}, tmp_path / "c")
+    model2, _, _, _ = _run(seed=1)
+    model2.add_module("extra", torch.nn.Linear(2, 2))
+    extra = model2.extra.weight.clone()
+    template = {"model": model2}
+    result = tessera.load(tmp_path / "c", template, strict="return_unexpected")
+    assert result.state_dict is template and template["model"] is model2
+    assert result.unexpected == {"model/extra.weight", "model/extra.bias"}
+    assert torch.equal(model2[0].weight, model[0].weight) and torch.equal(model2.extra.weight, extra)
