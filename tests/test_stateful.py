@@ -250,3 +250,16 @@ def test_strict_modes_apply_inside_objects(tmp_path: Path) -> None:
     assert result.state_dict is template and template["model"] is model2
     assert result.unexpected == {"model/extra.weight", "model/extra.bias"}
     assert torch.equal(model2[0].weight, model[0].weight) and torch.equal(model2.extra.weight, extra)
+
+
+def test_module_template_loads_a_plain_state_dict(tmp_path: Path) -> None:
+    """``load(p, {"model": module})`` restores the weights in place, also from a checkpoint saved
+    as ``{"model": module.state_dict()}``: the stored keys are the same."""
+    saved = torch.nn.Linear(3, 4)
+    tessera.save({"model": saved.state_dict()}, tmp_path / "c")
+    module = torch.nn.Linear(3, 4)
+    weight = module.weight
+    template = {"model": module}
+    tessera.load(tmp_path / "c", template)
+    assert template["model"] is module and module.weight is weight
+    assert torch.equal(module.weight, saved.weight) and torch.equal(module.bias, saved.bias)
