@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from .format.manifest import FORMAT_VERSION, Manifest
     from .planning import PlanCache, SaveOptions, Zstd
     from .state import RNGState, ShardedObject, ShardedTensor
+    from .state.stateful import Stateful
 
 _LAZY = {
     "AsyncSave": (".api.save_async", "AsyncSave"),
@@ -70,6 +71,7 @@ _LAZY = {
     "SaveOptions": (".planning", "SaveOptions"),
     "ShardedObject": (".state", "ShardedObject"),
     "ShardedTensor": (".state", "ShardedTensor"),
+    "Stateful": (".state.stateful", "Stateful"),
     "Strict": (".api.load", "Strict"),
     "VerifyReport": (".api.verify", "VerifyReport"),
     "Zstd": (".planning", "Zstd"),
@@ -112,6 +114,7 @@ __all__ = [
     "ShardedObject",
     "ShardedTensor",
     "ShardingError",
+    "Stateful",
     "StorageError",
     "Strict",
     "TensorMismatchError",

@@ -2,7 +2,10 @@
 
 Given a template state dict, every tensor in it is filled in place (any
 device, any strides; shape and dtype must match exactly) and every other leaf
-is replaced by the stored value. Without one, a new nested dict is built.
+is replaced by the stored value; a stateful object (a module, an optimizer)
+is loaded through its own ``state_dict()`` and ``load_state_dict`` and stays
+in the template. Every key, shape and dtype is checked before anything is
+changed. Without a template, a new nested dict is built.
 
 Key mismatches follow Megatron's ``StrictHandling``, with its meaning of the
 words: *missing* keys are stored but not requested, *unexpected* keys are
@@ -34,6 +37,7 @@ from ..format.manifest import Entry, ObjectEntry, TensorEntry
 from ..state.dtensor import is_dtensor, sharded_from_dtensor
 from ..state.flatten import flatten, unflatten
 from ..state.sharded import ShardedObject, ShardedTensor
+from ..state.stateful import swap_stateful
 from ..state.tensors import as_torch
 from ..storage.resolve import Location
 from .checkpoint import Checkpoint, engine_of, storage_of
@@ -120,21 +124,24 @@ def load(
         )
         result = unflatten(zip([e.key for e in plan.entries], values, strict=True), checkpoint.manifest.lists)
     else:
-        flat = flatten(state_dict)
+        # Stateful objects stand for their own state dicts; they get what was read at the end.
+        tree, restore = swap_stateful(state_dict)
+        flat = flatten(tree)
         templates = {format_key(k): (k, v) for k, v in flat.leaves}
         plan = _match(checkpoint, dict.fromkeys(templates), mode)
         in_place: list[tuple[str, torch.Tensor, Region]] = []
+        assigned: list[tuple[Key, Any]] = []
         for path in plan.found:
             key, template = templates[path]
             stored = checkpoint.entry(path) if path in checkpoint else None
             if isinstance(template, ShardedObject):
                 cell = key_to_path((*key, *template.grid_offset))
                 value = checkpoint.value(cell, allow_pickle=allow_pickle)
-                _assign(state_dict, key, _conform(template.value, value))
+                assigned.append((key, _conform(template.value, value)))
             elif isinstance(template, ShardedTensor) or is_dtensor(template):
                 in_place.extend(_shard_requests(checkpoint, path, template))
                 if isinstance(template, ShardedTensor):
-                    _assign(state_dict, key, template.local)
+                    assigned.append((key, template.local))
             elif isinstance(template, torch.Tensor):
                 if not isinstance(stored, (TensorEntry, ObjectEntry)):
                     raise TensorMismatchError(
@@ -143,15 +150,19 @@ def load(
                     )
                 in_place.append((path, template, None))
             else:
-                _assign(state_dict, key, _read_subtree(checkpoint, key, path, template, allow_pickle))
+                assigned.append((key, _read_subtree(checkpoint, key, path, template, allow_pickle)))
         collective = collective_for(process_group)
         engine = engine_of(checkpoint)
+        # Every destination is checked (shape, dtype) before the first is written, and values
+        # are assigned only once the tensors are filled: a refused load changes nothing.
         if process_group is not None and collective.world_size > 1:
             read_together(engine, in_place, collective, progress=progress and collective.rank == 0)
         else:
             requests = engine.requests(in_place)
             engine.fill(requests, [r.entry for r in requests], progress=progress, label="loading")
-        result = state_dict
+        for key, value in assigned:
+            _assign(tree, key, value)
+        result = restore(tree) if restore is not None else state_dict
     if mode in (Strict.RETURN_UNEXPECTED, Strict.RETURN_ALL):
         missing = plan.missing if mode is Strict.RETURN_ALL else frozenset()
         return LoadResult(result, missing, plan.unexpected)

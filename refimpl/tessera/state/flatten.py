@@ -1,6 +1,8 @@
 """Nested state dicts to keyed leaves and back (spec §8).
 
-A state dict nests dicts (string or integer keys), lists and tuples. Any
+A state dict nests dicts (string or integer keys), lists and tuples; a
+:class:`~tessera.state.stateful.Stateful` value (a module, an optimizer) stands
+for its ``state_dict()``, walked like any other subtree. Any
 subtree that is plain JSON (string-keyed dicts, lists, tuples, strings, ints,
 finite floats, bools, None) is one leaf, stored inline in the manifest; other
 containers are walked, and the keys of those that were lists or tuples are
@@ -16,6 +18,7 @@ from typing import Any
 
 from ..errors import InvalidKeyError
 from ..format.keys import Key, KeyComponent, format_key
+from .stateful import is_stateful, state_of
 
 __all__ = ["Flattened", "flatten", "unflatten", "is_json"]
 
@@ -54,7 +57,9 @@ def check_state_dict(state_dict: object) -> None:
     ``save`` calls it before its first collective step, so every rank raises it at once rather
     than reporting it through the others as a failed save."""
     if not isinstance(state_dict, Mapping):
-        raise TypeError(f"a state dict must be a dict (a Mapping), got {type(state_dict).__name__}")
+        name = type(state_dict).__name__
+        hint = f" (a {name} goes in one: {{'model': model}})" if is_stateful(state_dict) else ""
+        raise TypeError(f"a state dict must be a dict (a Mapping), got {name}{hint}")
 
 
 def flatten(state_dict: Mapping[Any, Any]) -> Flattened:
@@ -82,6 +87,7 @@ def _walk(
 ) -> None:
     for component, value in _children(container):
         key = (*prefix, component)
+        value = state_of(value)
         if isinstance(value, (Mapping, list, tuple)) and not is_json(value):
             if isinstance(value, (list, tuple)):
                 lists.append(key)

@@ -25,6 +25,7 @@ from ..format.keys import Key
 from .dtensor import is_dtensor, sharded_from_dtensor
 from .flatten import check_state_dict, is_json
 from .sharded import ShardedObject, ShardedTensor
+from .stateful import state_of
 
 __all__ = ["HostBuffers"]
 
@@ -70,6 +71,7 @@ class _Staging:
         self.devices: set[torch.device] = set()
 
     def tree(self, node: Any, key: Key) -> Any:
+        node = state_of(node)  # taken now: the object goes on changing while the save runs
         if isinstance(node, Mapping) and not is_json(node):
             children = {k: self.tree(v, (*key, k)) for k, v in node.items()}
             # A mapping that is not a dict is walked even when it holds only JSON; a dict would

@@ -1,0 +1,61 @@
+"""A model and its optimizers as one :class:`~tessera.Stateful`, through torch's distributed state dicts.
+
+A plain ``optimizer.state_dict()`` keys its state by parameter number and holds
+nothing before the first step, so a fresh optimizer of an FSDP2 (``fully_shard``)
+or tensor-parallel model is loaded with plain full tensors where its parameters
+are ``DTensor`` shards, and the next ``step()`` fails. torch's
+``get_state_dict`` / ``set_state_dict`` (``torch.distributed.checkpoint.state_dict``)
+give the model and optimizer state keyed by parameter name, as ``DTensor`` shards
+like the parameters, with the optimizer state initialized even before the first
+step; Tessera then reads each rank's shards in place, at the saving world size
+or any other, and hands the state back through ``set_state_dict``. It works for
+plain (unsharded) models too.
+
+Call order: every rank of the model's process group puts a ``ModelAndOptimizer``
+in the state dict it passes to ``tessera.save`` / ``tessera.load``; Tessera calls
+``state_dict()`` while it plans (all ranks), and ``load_state_dict`` after every
+rank has read its shards (all ranks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+__all__ = ["ModelAndOptimizer"]
+
+
+class ModelAndOptimizer:
+    """``model`` and its ``optimizers`` saved as ``{"model": ..., "optimizer": ...}``, keyed by name.
+
+    ``options`` are torch's ``StateDictOptions`` (the default, sharded state dicts, is what a
+    sharded save wants). Taking the state of an optimizer that has never stepped initializes
+    it, as torch does (one step with zero gradients and a learning rate of 0: the parameters do
+    not change), so that a fresh optimizer is a template of the right shards.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizers: torch.optim.Optimizer | Iterable[torch.optim.Optimizer],
+        options: StateDictOptions | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizers = optimizers if isinstance(optimizers, torch.optim.Optimizer) else tuple(optimizers)
+        self.options = options
+
+    def state_dict(self) -> dict[str, Any]:
+        model, optimizer = get_state_dict(self.model, self.optimizers, options=self.options)
+        return {"model": model, "optimizer": optimizer}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model,
+            self.optimizers,
+            model_state_dict=state_dict["model"],
+            optim_state_dict=state_dict["optimizer"],
+            options=self.options,
+        )
