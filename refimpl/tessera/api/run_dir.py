@@ -218,7 +218,11 @@ class RunDirectory:
         return f"{self.storage.location}/{name}"
 
     def _claim_step(self, name: str) -> Lock:
-        """Coordinator: make sure the step can be saved, and lock it (R10.9, R10.11)."""
+        """Coordinator: lock the step and make sure it can be saved (R10.9, R10.11).
+
+        A leftover of a dead save of this step (uncommitted, its lock marker there, the lock
+        free) is removed, so that a job restarted after a crash saves the same step again; an
+        uncommitted directory without a marker, or a step whose lock is held, is refused."""
         lock = self.storage.lock(lock_name(name), create=True, wait=0.0)
         if lock is None:
             raise CheckpointExistsError(
@@ -233,11 +237,16 @@ class RunDirectory:
                     "real directories of its own: remove it"
                 )
             if kind == "dir" and not committed(self.storage, name) and self.storage.entries(name):
-                raise CheckpointExistsError(
-                    f"{self._where(name)} holds an uncommitted checkpoint (a save that failed or was "
-                    f"killed); if no save of step {name} is running, remove it with "
-                    f"RunDirectory.discard({step_of(name)}) and save again"
-                )
+                if lock.created:
+                    raise CheckpointExistsError(
+                        f"{self._where(name)} holds an uncommitted checkpoint that was not saved "
+                        f"through a run directory (no {lock_name(name)}; maybe a plain save, maybe "
+                        f"live); if no save of step {name} is running, remove it with "
+                        f"RunDirectory.discard({step_of(name)}) and save again"
+                    )
+                # Its marker was there and nobody holds its lock: the leftover of a save or
+                # deletion whose process is gone (R10.11). Removed root-first, then saved again.
+                self.storage.remove_checkpoint(name)
         except BaseException:
             release_step(self.storage, lock, name, touched=False)
             raise
