@@ -149,7 +149,9 @@ _RESTARTED = textwrap.dedent(
         run.save(state(STEP), step=STEP, options=OPTIONS)
         print("saved", flush=True)
     except tessera.CheckpointExistsError as exc:
-        assert "holds a committed checkpoint" in str(exc), exc  # only what the killed save committed
+        # Only what the killed save committed; latest names it now (that save may have died first).
+        assert "is committed already" in str(exc) and "names it now" in str(exc), exc
+        assert run.latest() == run.root / run.name_of(STEP)
         print("committed before", flush=True)
     run.save(state(STEP + 1), step=STEP + 1, options=OPTIONS)
     """
