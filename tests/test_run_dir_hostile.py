@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,53 @@ def test_a_step_being_saved_elsewhere_is_refused(
     with pytest.raises(tessera.CheckpointExistsError, match="being saved or deleted by another process"):
         run.save(_state(2), step=2)
     assert run.latest() == run.root / "step-00000001"
+
+
+def test_saving_over_a_dead_saves_leftover_removes_it_R10_11(
+    run: RunDirectory, lock_holder: Callable[[Path], subprocess.Popen[str]]
+) -> None:
+    """A killed run-directory save left its directory and lock file: saving the step again
+    removes the leftover (nothing of it stays) and commits; while another process holds the
+    lock, the save is refused and the leftover untouched."""
+    path = _leftover(run, 2, lock_file=True)
+    (path / "opt" / "c").mkdir(parents=True)
+    (path / "opt" / "c" / "0").write_bytes(b"\1" * 64)  # an array the new save does not have
+    holder = lock_holder(run.root / ".step-00000002.lock")  # a live saver of step 2
+    before = sorted(p.name for p in path.rglob("*"))
+    with pytest.raises(tessera.CheckpointExistsError, match="another process") as refused:
+        run.save(_state(2), step=2)
+    assert refused.value.code == "already_exists"
+    assert sorted(p.name for p in path.rglob("*")) == before
+    holder.kill()
+    holder.wait()  # the saver is gone: its lock can be taken
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run.save(_state(2), step=2)
+    assert run.latest() == path
+    assert_tree_bit_equal(tessera.load(path), _state(2))
+    fresh = run.root.parent / "fresh"
+    tessera.save(_state(2), fresh)
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+    assert files == sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*")), "a leftover file stayed"
+    assert sorted(os.listdir(run.root)) == ["latest", "step-00000002"]
+
+
+def test_a_committed_step_whose_saver_died_becomes_latest_R10_11(run: RunDirectory) -> None:
+    """A save killed after its commit, before moving latest: saving the step again is refused
+    (checkpoints are never overwritten) and latest moves forward to it; without a lock file
+    (a plain save committed it) latest stays."""
+    tessera.save(_state(2), run.root / "step-00000002")
+    with pytest.raises(tessera.CheckpointExistsError, match="load it, or save another step"):
+        run.save(_state(2), step=2)
+    assert run.latest() == run.root / "step-00000001"
+    tessera.save(_state(3), run.root / "step-00000003")
+    (run.root / ".step-00000003.lock").touch()  # its saver was killed holding the lock
+    with pytest.raises(tessera.CheckpointExistsError, match="names it now: resume from it") as refused:
+        run.save(_state(3), step=3)
+    assert refused.value.code == "already_exists"
+    assert run.latest() == run.root / "step-00000003"
+    assert not (run.root / ".step-00000003.lock").exists()
+    assert_tree_bit_equal(tessera.load(run.latest()), _state(3))
 
 
 def test_retention_skips_a_checkpoint_already_deleted(run: RunDirectory) -> None:

@@ -218,7 +218,12 @@ class RunDirectory:
         return f"{self.storage.location}/{name}"
 
     def _claim_step(self, name: str) -> Lock:
-        """Coordinator: make sure the step can be saved, and lock it (R10.9, R10.11)."""
+        """Coordinator: lock the step and make sure it can be saved (R10.9, R10.11).
+
+        A leftover of a dead save of this step (uncommitted, its lock marker there, the lock
+        free) is removed, so that a job restarted after a crash saves the same step again; an
+        uncommitted directory without a marker, a committed step, and a step whose lock is held
+        are refused."""
         lock = self.storage.lock(lock_name(name), create=True, wait=0.0)
         if lock is None:
             raise CheckpointExistsError(
@@ -232,16 +237,39 @@ class RunDirectory:
                     f"{self._where(name)} is {describe(kind)}; a run directory saves only into "
                     "real directories of its own: remove it"
                 )
-            if kind == "dir" and not committed(self.storage, name) and self.storage.entries(name):
-                raise CheckpointExistsError(
-                    f"{self._where(name)} holds an uncommitted checkpoint (a save that failed or was "
-                    f"killed); if no save of step {name} is running, remove it with "
-                    f"RunDirectory.discard({step_of(name)}) and save again"
-                )
+            if kind == "dir" and committed(self.storage, name):
+                raise CheckpointExistsError(self._committed_already(name, marked=not lock.created))
+            if kind == "dir" and self.storage.entries(name):
+                if lock.created:
+                    raise CheckpointExistsError(
+                        f"{self._where(name)} holds an uncommitted checkpoint that was not saved "
+                        f"through a run directory (no {lock_name(name)}; maybe a plain save, maybe "
+                        f"live); if no save of step {name} is running, remove it with "
+                        f"RunDirectory.discard({step_of(name)}) and save again"
+                    )
+                # Its marker was there and nobody holds its lock: the leftover of a save or
+                # deletion whose process is gone (R10.11). Removed root-first, then saved again.
+                self.storage.remove_checkpoint(name)
         except BaseException:
             release_step(self.storage, lock, name, touched=False)
             raise
         return lock
+
+    def _committed_already(self, name: str, *, marked: bool) -> str:
+        """The refusal of a save of a committed step. Where its lock marker was left (its saver
+        died after the commit, maybe before moving ``latest``), ``latest`` is first moved forward
+        to it, as that save would have done (R10.8, R10.11): a restarted job resumes from it."""
+        where = f"{self._where(name)} is committed already (checkpoints are never overwritten)"
+        if marked:
+            try:
+                if point_latest(self.storage, name):
+                    return (
+                        f"{where}; its save was killed before it finished, and {LATEST} names "
+                        "it now: resume from it, or save another step"
+                    )
+            except TesseraError:
+                pass  # the refusal stands; latest is moved by the next save that commits
+        return f"{where}; load it, or save another step"
 
     def _after_commit(self, name: str) -> str | None:
         """Move ``latest`` forward to ``name`` and apply retention; what failed, as a warning's text."""

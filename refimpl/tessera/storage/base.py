@@ -38,7 +38,8 @@ beside the step, R10.9); ``read_file`` and ``replace_file`` read and move the
 ``latest`` pointer (under the run's lock); ``remove_checkpoint`` deletes a
 step, its root ``zarr.json`` first. Call order of a save into a run (the
 coordinator): ``lock(".step-N.lock", create=True)``, ``kind``/``entries`` of the
-step, the save on ``child("step-N")``; then ``lock(None)``, ``read_file("latest")``,
+step (and ``remove_checkpoint`` of a dead save's leftover there, R10.11), the save on
+``child("step-N")``; then ``lock(None)``, ``read_file("latest")``,
 ``replace_file("latest", ...)``, release; then retention: ``entries()``, and per
 doomed step ``lock(marker)``, ``remove_checkpoint``, release. A storage that
 cannot hold run directories leaves these methods as they are here: each raises
@@ -110,7 +111,9 @@ class Lock(ABC):
     """An exclusive lock :meth:`Storage.lock` took; the holder releases it exactly once."""
 
     created: bool = False
-    """Whether taking the lock made its marker (there was none before)."""
+    """Whether taking the lock made its marker (there was none before). A marker that was there
+    and whose lock could be taken was left by a holder that is gone: a run directory removes
+    the uncommitted step it marks (R10.11, R10.12), so this must be exact."""
 
     @abstractmethod
     def release(self, *, keep_marker: bool = False) -> None:
