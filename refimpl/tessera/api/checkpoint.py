@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..engine.allocation import allocate, check_allocation
-from ..engine.gpu.direct_io import gpu_direct_storage
+from ..engine.gpu.direct_io import storage_with_device_io
 from ..engine.read_engine import ReadEngine, ReadRequestSpec, key_path
 from ..engine.read_targets import ReadRequest
 from ..engine.regions import Region, bounds_of
@@ -48,7 +48,7 @@ def storage_of(location: Location, gpu_direct: bool | None) -> Storage:
         DeprecationWarning,
         stacklevel=3,
     )
-    return gpu_direct_storage(location) if gpu_direct else storage_for(location)
+    return storage_with_device_io(location, gpu_direct)
 
 
 def open_checkpoint(

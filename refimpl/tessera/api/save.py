@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..distributed.collective import collective_for
 from ..distributed.piece_exchange import exchange_pieces
 from ..engine.chunk_writer import write_chunks
-from ..engine.gpu.direct_io import gpu_direct_storage
+from ..engine.gpu.direct_io import storage_with_device_io
 from ..errors import (
     CollectiveError,
     InvalidKeyError,
@@ -45,7 +45,7 @@ from ..planning.local_plan import LeafSpec, LocalPlan, make_local_plan
 from ..planning.options import SaveOptions
 from ..state.flatten import check_state_dict, flatten, is_json
 from ..storage.base import Storage
-from ..storage.resolve import Location, storage_for
+from ..storage.resolve import Location
 from ..version import __version__
 from .save_arguments import DeprecatedSaveKeywords, save_options
 
@@ -93,7 +93,7 @@ def save(
     check_state_dict(state_dict)
     options, gpu_direct = save_options(options, deprecated, "save")
     collective = collective_for(process_group)
-    storage, error = _attempt(lambda: storage_for(gpu_direct_storage(location) if gpu_direct else location))
+    storage, error = _attempt(lambda: storage_with_device_io(location, gpu_direct))
     local = None
     if error is None:
         local, error = _attempt(lambda: _local_plan(state_dict, options, metadata, parallelism))

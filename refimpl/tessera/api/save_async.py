@@ -30,14 +30,14 @@ from typing import Any, Unpack
 import torch.distributed as dist
 
 from ..distributed.collective import collective_for
-from ..engine.gpu.direct_io import gpu_direct_storage
+from ..engine.gpu.direct_io import storage_with_device_io
 from ..errors import CollectiveError
 from ..format.manifest import Manifest
 from ..planning.cache import PlanCache
 from ..planning.options import SaveOptions
 from ..state.snapshot import HostBuffers
 from ..storage.base import Storage
-from ..storage.resolve import Location, storage_for
+from ..storage.resolve import Location
 from .save import save
 from .save_arguments import DeprecatedSaveKeywords, save_options
 
@@ -110,7 +110,7 @@ class SaveCall:
 
     def storage(self, location: Location) -> Storage:
         """The storage of ``location`` (with device I/O for the deprecated ``gpu_direct=True``)."""
-        return storage_for(gpu_direct_storage(location) if self.gpu_direct else location)
+        return storage_with_device_io(location, self.gpu_direct)
 
     def run(
         self, state_dict: Mapping[Any, Any], storage: Storage, group: dist.ProcessGroup | None

@@ -29,12 +29,20 @@ from typing import Any
 import torch
 
 from ...errors import GpuDirectUnavailableError
-from ...storage.base import PendingRead
+from ...storage.base import PendingRead, Storage
 from ...storage.local import LocalStorage
 from ...storage.resolve import Location, storage_for
 from ...util.parallel import default_read_threads, default_threads
 
-__all__ = ["KvikioFiles", "configure_kvikio", "describe", "direct_read_threads", "kvikio_files"]
+__all__ = [
+    "KvikioFiles",
+    "configure_kvikio",
+    "describe",
+    "direct_read_threads",
+    "gpu_direct_storage",
+    "kvikio_files",
+    "storage_with_device_io",
+]
 
 _THREADS_VARIABLE = "KVIKIO_NTHREADS"
 _DIRECT_VARIABLES = {
@@ -176,3 +184,10 @@ def gpu_direct_storage(location: Location) -> LocalStorage:
             f"GPU-direct I/O reads and writes local files; {storage.location} is not a local directory"
         )
     return LocalStorage(storage.location, kvikio_files())
+
+
+def storage_with_device_io(location: Location, gpu_direct: bool) -> Storage:
+    """The storage for ``location``, built by :func:`gpu_direct_storage` where ``gpu_direct``:
+    what the deprecated ``gpu_direct=`` keyword of ``save``, ``load`` and ``open`` asks for, in
+    one place for all of them."""
+    return gpu_direct_storage(location) if gpu_direct else storage_for(location)
