@@ -1060,6 +1060,7 @@ def test_every_error_class_has_its_spec_code_R13_1() -> None:
         "io_error",
         "bad_sharding",
         "collective_failed",
+        "config_mismatch",
     }
     for code, cls in ERROR_CLASSES.items():
         assert cls.code == code and issubclass(cls, tessera.TesseraError)

@@ -50,7 +50,7 @@ def _full(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
 
 def _save(rank: int, world: int, path: str) -> dict[str, Any]:
     import tessera
-    from tessera.integrations.torch_state import ModelAndOptimizer
+    from tessera import ModelAndOptimizer
 
     model, optimizer = _model(world, seed=0)
     for n in range(2):
@@ -63,7 +63,7 @@ def _save(rank: int, world: int, path: str) -> dict[str, Any]:
 
 def _load(rank: int, world: int, path: str) -> dict[str, Any]:
     import tessera
-    from tessera.integrations.torch_state import ModelAndOptimizer
+    from tessera import ModelAndOptimizer
 
     model, optimizer = _model(world, seed=1)  # other weights, an optimizer that never stepped
     train = ModelAndOptimizer(model, optimizer)

@@ -22,6 +22,7 @@ from .errors import (
     CheckpointNotFoundError,
     ChecksumMismatchError,
     CollectiveError,
+    ConfigMismatchError,
     GpuDirectUnavailableError,
     InconsistentCheckpointError,
     InvalidKeyError,
@@ -45,6 +46,7 @@ from .version import __version__
 if TYPE_CHECKING:
     from .api.checkpoint import Checkpoint
     from .api.checkpoint import open_checkpoint as open
+    from .api.checkpointer import Checkpointer, LoadMode, Resumed
     from .api.load import LoadResult, Strict, load
     from .api.run_dir import RunDirectory
     from .api.save import save
@@ -55,17 +57,22 @@ if TYPE_CHECKING:
     from .format.manifest import FORMAT_VERSION, Manifest
     from .planning import PlanCache, SaveOptions, Zstd
     from .state import RNGState, ShardedObject, ShardedTensor
+    from .state.model_optimizer import ModelAndOptimizer
     from .state.stateful import Stateful
 
 _LAZY = {
     "AsyncSave": (".api.save_async", "AsyncSave"),
     "AsyncSaver": (".api.save_async", "AsyncSaver"),
     "Checkpoint": (".api.checkpoint", "Checkpoint"),
+    "Checkpointer": (".api.checkpointer", "Checkpointer"),
     "FORMAT_VERSION": (".format.manifest", "FORMAT_VERSION"),
+    "LoadMode": (".api.checkpointer", "LoadMode"),
     "LoadResult": (".api.load", "LoadResult"),
     "Manifest": (".format.manifest", "Manifest"),
+    "ModelAndOptimizer": (".state.model_optimizer", "ModelAndOptimizer"),
     "PlanCache": (".planning", "PlanCache"),
     "ReaderLimits": (".format.limits", "ReaderLimits"),
+    "Resumed": (".api.checkpointer", "Resumed"),
     "RNGState": (".state", "RNGState"),
     "RunDirectory": (".api.run_dir", "RunDirectory"),
     "SaveOptions": (".planning", "SaveOptions"),
@@ -95,19 +102,24 @@ __all__ = [
     "CheckpointDeletedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
+    "Checkpointer",
     "ChecksumMismatchError",
     "CollectiveError",
+    "ConfigMismatchError",
     "GpuDirectUnavailableError",
     "InconsistentCheckpointError",
     "InvalidKeyError",
     "KeyMismatchError",
     "LimitExceededError",
+    "LoadMode",
     "LoadResult",
     "Manifest",
     "MissingChunkError",
+    "ModelAndOptimizer",
     "PlanCache",
     "RNGState",
     "ReaderLimits",
+    "Resumed",
     "RunDirectory",
     "SaveOptions",
     "SchemaViolationError",

@@ -38,6 +38,7 @@ __all__ = [
     "ShardingError",
     "GpuDirectUnavailableError",
     "CollectiveError",
+    "ConfigMismatchError",
     "TensorMismatchError",
     "TesseraError",
     "TesseraWarning",
@@ -190,6 +191,15 @@ class KeyMismatchError(TesseraError, KeyError):
         return BaseException.__str__(self)
 
 
+class ConfigMismatchError(TesseraError, ValueError):
+    """A run checkpoint's saved configuration differs from the current run's in a key that must
+    match (``num_layers``...), or the checkpoint has no saved configuration to check (R10.13).
+
+    A ``ValueError``: the checkpoint is sound but belongs to a run configured differently."""
+
+    code = "config_mismatch"
+
+
 class CheckpointExistsError(TesseraError, FileExistsError):
     """A writer could not claim the path: another save claimed or committed it.
 
@@ -247,6 +257,7 @@ ERROR_CLASSES: dict[str, type[TesseraError]] = {
         StorageError,
         ShardingError,
         CollectiveError,
+        ConfigMismatchError,
     )
 }
 """Every error class by its spec code, for the CLI and conformance backends."""

@@ -12,9 +12,15 @@ or any other, and hands the state back through ``set_state_dict``. It works for
 plain (unsharded) models too.
 
 Call order: every rank of the model's process group puts a ``ModelAndOptimizer``
-in the state dict it passes to ``tessera.save`` / ``tessera.load``; Tessera calls
-``state_dict()`` while it plans (all ranks), and ``load_state_dict`` after every
-rank has read its shards (all ranks).
+in the state dict it passes to ``tessera.save`` / ``tessera.load`` (or to a
+:class:`~tessera.Checkpointer`); Tessera calls ``state_dict()`` while it plans (all
+ranks), and ``load_state_dict`` after every rank has read its shards (all ranks).
+:meth:`ModelAndOptimizer.model_only` is the model part alone, which a ``Checkpointer``
+loads for a finetune or with ``load_optimizer=False``: the optimizer is left as it was.
+
+It lives in the core (``state``), not with the integrations: ``torch.distributed.checkpoint``
+is part of torch, a core dependency, and the ``Checkpointer`` must know it to load the model
+part alone.
 """
 
 from __future__ import annotations
@@ -23,9 +29,15 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
-__all__ = ["ModelAndOptimizer"]
+__all__ = ["ModelAndOptimizer", "ModelPart"]
 
 
 class ModelAndOptimizer:
@@ -59,3 +71,23 @@ class ModelAndOptimizer:
             optim_state_dict=state_dict["optimizer"],
             options=self.options,
         )
+
+    def model_only(self) -> ModelPart:
+        """The model part alone, as a stateful object whose ``state_dict()`` is
+        ``{"model": ...}``: loading it restores the weights and leaves the optimizers untouched."""
+        return ModelPart(self.model, self.options)
+
+
+class ModelPart:
+    """The ``"model"`` half of a :class:`ModelAndOptimizer`'s state, through torch's
+    ``get_model_state_dict`` / ``set_model_state_dict`` (so FSDP2 shards load in place)."""
+
+    def __init__(self, model: torch.nn.Module, options: StateDictOptions | None = None) -> None:
+        self.model = model
+        self.options = options
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": get_model_state_dict(self.model, options=self.options)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict["model"], options=self.options)
