@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import random
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -430,10 +429,9 @@ def test_an_async_failure_is_raised_once(tmp_path: Path) -> None:
     failing = Checkpointer(
         FaultyStorage(LocalStorage(tmp_path / "run2")).fail_write(matching=CHUNKS), async_save=True
     )
-    with pytest.raises(KeyError, match="body") as body, warnings.catch_warnings():
-        with failing:
-            failing.save(1, state)
-            raise KeyError("body")  # the body's error is not masked by the save's
+    with pytest.raises(KeyError, match="body") as body, failing:
+        failing.save(1, state)
+        raise KeyError("body")  # the body's error is not masked by the save's
     assert any("closing the Checkpointer failed" in note for note in body.value.__notes__)
 
 
@@ -466,4 +464,4 @@ def test_two_ranks_save_and_resume_their_own_rng(tmp_path: Path) -> None:
     results = run_ranks(2, _ranks_save_and_load, str(tmp_path / "run"))
     assert results[0]["draw"] != results[1]["draw"]  # each rank got its own generator back
     stored = tessera.open(tmp_path / "run" / "step-00000005")
-    assert "rng/python/~1" in stored or any(k.startswith("rng/") and k.endswith("~1") for k in stored)
+    assert "rng/python/~0" in stored and "rng/python/~1" in stored  # one cell per rank
