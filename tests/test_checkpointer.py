@@ -365,6 +365,8 @@ def test_bad_arguments_are_refused_before_anything_changes(tmp_path: Path) -> No
         Checkpointer(run).load(state)
     assert_tree_bit_equal(_weights(state), before)
     assert state["data"].index == 0 and state["tokens"] == 0
+    with pytest.raises(tessera.InvalidKeyError, match="finetune loads the model role only"):
+        Checkpointer(run).load({"data": state["data"]}, mode="finetune")
     with pytest.raises(tessera.InvalidKeyError, match="unknown role"):
         Checkpointer(run, roles={"ema": "weights"})
     with pytest.raises(tessera.InvalidKeyError, match="does not have: \\['nope'\\]"):

@@ -3,8 +3,8 @@
 Each global tensor is a Zarr v3 array chunked by global offsets, with a CRC32C
 on every chunk; the root ``zarr.json`` holds the manifest and is written last,
 so its presence is the commit. ``save`` (with :class:`SaveOptions`), ``save_async``,
-``load`` and ``open`` are the API;
-``spec/tessera-v1.md`` is the format.
+``load`` and ``open`` are the API; :class:`Checkpointer` is a training run's
+API on top of them; ``spec/tessera-v1.md`` is the format.
 
 ``import tessera`` imports neither torch nor NumPy: each public name below is
 imported on first use (PEP 562), so ``tessera --version`` and a program that

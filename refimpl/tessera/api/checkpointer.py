@@ -236,6 +236,11 @@ class Checkpointer:
             }
             effective = "release" if kind == "release" else mode.value
             template = _select(state, roles, effective, load_optimizer=load_optimizer, load_rng=load_rng)
+            if effective != "resume" and not template:
+                raise InvalidKeyError(
+                    f"a {effective} loads the model role only, and the state ({', '.join(map(str, state))}) "
+                    "has no key of role model; name one with roles={key: 'model'}"
+                )
             load(checkpoint, template, process_group=self.process_group)
         for key, value in template.items():
             if not is_stateful(state[key]):

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import ConfigMismatchError, UnsafeEncodingError
 
-__all__ = ["ABSENT", "config_changes", "check_must_match", "normalize_config"]
+__all__ = ["ABSENT", "check_must_match", "config_changes", "must_match_keys", "normalize_config"]
 
 ABSENT = "<absent>"
 """How a message shows a key that one side's configuration does not have."""

@@ -26,16 +26,15 @@ part alone.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+# torch.distributed.checkpoint.state_dict is imported by the methods that use it: it takes over a
+# second to import, which a Checkpointer (it checks for this class) should not cost a run without one.
 
 __all__ = ["ModelAndOptimizer", "ModelPart"]
 
@@ -60,10 +59,14 @@ class ModelAndOptimizer:
         self.options = options
 
     def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
         model, optimizer = get_state_dict(self.model, self.optimizers, options=self.options)
         return {"model": model, "optimizer": optimizer}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
         set_state_dict(
             self.model,
             self.optimizers,
@@ -87,7 +90,11 @@ class ModelPart:
         self.options = options
 
     def state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
         return {"model": get_model_state_dict(self.model, options=self.options)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
         set_model_state_dict(self.model, state_dict["model"], options=self.options)
