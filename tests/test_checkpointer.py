@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -399,8 +400,14 @@ def test_async_save_moves_latest_after_the_commit(tmp_path: Path, gate: Gate) ->
     _train(state, 1)  # training goes on: the save holds the state as it was at the call
     run = tessera.RunDirectory(tmp_path / "run")
     assert run.latest() == tmp_path / "run" / "step-00000001"
+    closing = threading.Thread(target=held.close, daemon=True)
+    closing.start()
+    closing.join(0.5)
+    assert closing.is_alive() and not handle.done()  # close waits for the save in flight
+    assert run.latest() == tmp_path / "run" / "step-00000001"
     gate.open()
-    held.close()  # waits
+    closing.join(10)
+    assert not closing.is_alive()
     assert handle.done() and run.latest() == tmp_path / "run" / "step-00000002"
     assert [c.step for c in run.checkpoints()] == [2]
     target = _state(1)
