@@ -219,6 +219,9 @@ class Checkpointer:
         self._check_open()
         mode = _mode(mode)
         roles = self._roles_of(state)
+        for name, flag in (("load_optimizer", load_optimizer), ("load_rng", load_rng)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         if step is not None and path is not None:
             raise ValueError(
                 "give step= or path=, not both: step picks a checkpoint of the run, path any other"
