@@ -44,6 +44,7 @@ BASES: dict[type[errors.TesseraError], type[Exception]] = {
     errors.TensorMismatchError: ValueError,
     errors.ShardingError: ValueError,
     errors.CollectiveError: RuntimeError,
+    errors.ConfigMismatchError: ValueError,
     errors.UnsafeEncodingError: TypeError,
     errors.InvalidKeyError: ValueError,
     errors.KeyMismatchError: KeyError,
