@@ -6,8 +6,8 @@ working directory); the nearest heading of any level names the block in test ids
 comment on the last non-blank line before a fence, says how a block is tested instead of by its language:
 
     <!-- readme-test: skip (why it cannot run in a test) -->
-    <!-- readme-test: requires cuda kvikio (why) -->     run only where CUDA is available and each module imports
-    <!-- readme-test: ranks 2 (why) -->                  run on 2 ranks with the environment torchrun gives them
+    <!-- readme-test: requires cuda kvikio (why) -->   run where CUDA is available and each module imports
+    <!-- readme-test: ranks 2 (why) -->                run on 2 ranks, with the environment torchrun gives
 
 Running: python blocks run each in its own process, forked from the forkserver of ``tests/ranks.py`` (which
 has imported torch, NumPy and Tessera once: a fresh interpreter per block costs 3 s or more of imports on a
@@ -222,7 +222,8 @@ def run_shell(block: Block, cwd: Path) -> Outcome:
     try:
         done = _bash(block.code, cwd, "-e", "-o", "pipefail")
     except subprocess.TimeoutExpired as exc:
-        return Outcome(f"did not finish in {BLOCK_TIMEOUT_S:.0f} s", str(exc.stdout or ""), str(exc.stderr or ""))
+        late = f"did not finish in {BLOCK_TIMEOUT_S:.0f} s"
+        return Outcome(late, str(exc.stdout or ""), str(exc.stderr or ""))
     problem = f"exit status {done.returncode}" if done.returncode else None
     return Outcome(problem, done.stdout, done.stderr)
 
@@ -236,7 +237,8 @@ def transcript(block: Block) -> list[tuple[int, str, list[str]]]:
         elif steps:
             steps[-1][2].append(text)
         elif text.strip():
-            raise ReadmeError(f"{block.path.name}:{block.line + 1 + i}: console output before any '$ ' command")
+            where = f"{block.path.name}:{block.line + 1 + i}"
+            raise ReadmeError(f"{where}: console output before any '$ ' command")
     return steps
 
 
@@ -277,12 +279,11 @@ def run_console(block: Block, cwd: Path) -> Outcome:
         expected = 0
         if n + 1 < len(steps) and steps[n + 1][1] == "echo $?":
             expected = int((steps[n + 1][2] or ["0"])[0].strip())
-        result = Outcome(None, "".join(outs), "".join(errs))
+        problem = None
         if done.returncode != expected:
-            problem = f"line {line}: `{command}` exited with status {done.returncode}, the README shows {expected}"
-            return Outcome(problem, result.stdout, result.stderr)
-        missing = unmatched_output(shown, done.stdout + done.stderr)
-        if missing is not None:
-            problem = f"line {line}: `{command}` printed no line starting like the README's {missing.strip()!r}"
-            return Outcome(problem, result.stdout, result.stderr)
+            problem = f"exited with status {done.returncode}, the README shows {expected}"
+        elif (missing := unmatched_output(shown, done.stdout + done.stderr)) is not None:
+            problem = f"printed no line starting like the README's {missing.strip()!r}"
+        if problem is not None:
+            return Outcome(f"line {line}: `{command}` {problem}", "".join(outs), "".join(errs))
     return Outcome(None, "".join(outs), "".join(errs))

@@ -125,7 +125,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 
 def test_the_runner_reports_a_failing_block_with_its_line_and_stderr(tmp_path: Path) -> None:
-    """The runner itself: a failing block fails with its README line in the traceback; a passing one passes."""
+    """The runner itself: a failing block fails, its README line in the traceback; a passing one passes."""
     sample = _write(
         tmp_path,
         "# Sample\n\n## One\n\n```python\nimport os\nopen('made', 'w').write('x')\n```\n\n"
@@ -149,7 +149,8 @@ def test_console_transcripts_check_status_and_output(tmp_path: Path) -> None:
     )
     good, wrong_output, wrong_status = parse_blocks(sample)
     assert run_console(good, tmp_path).problem is None
-    assert "printed no line starting like the README's 'bye'" in str(run_console(wrong_output, tmp_path).problem)
+    wrong = run_console(wrong_output, tmp_path).problem
+    assert "printed no line starting like the README's 'bye'" in str(wrong)
     assert "exited with status 1, the README shows 0" in str(run_console(wrong_status, tmp_path).problem)
 
 
