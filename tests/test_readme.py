@@ -9,6 +9,7 @@ otherwise; a block with neither a runnable language nor a marker fails, so none 
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +81,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Runs]:
     yield _Runs(tmp_path_factory.mktemp("readme"))
 
 
+def _refuse_placeholders(block: Block) -> None:
+    """A bare ``...`` statement stands for code the reader must guess: the block would run, doing nothing."""
+    try:
+        tree = ast.parse(block.code)
+    except SyntaxError:
+        return  # running the block reports it, at its README line
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and node.value.value is ...:
+            where = f"{block.path.name}:{block.line + node.lineno}"
+            pytest.fail(f"{where}: a `...` placeholder in a python block: write the real code", False)
+
+
 def _failure(block: Block, outcome: Outcome, earlier: list[Block]) -> str:
     parts = [
         f"README.md:{block.line} ({block.lang} block under {block.heading!r}) does not run as written: "
@@ -111,6 +124,8 @@ def test_readme_block_runs_as_written(block: Block, runs: _Runs) -> None:
         unmet = _unmet_requirement(block)
         if unmet is not None:
             pytest.skip(f"README.md:{block.line}: {unmet} ({block.marker.reason})")
+    if block.kind == "python" or (block.marker is not None and block.marker.action == "ranks"):
+        _refuse_placeholders(block)
     earlier = [b for b in BLOCKS if b.section == block.section and b.line < block.line and _runs_in_test(b)]
     failed = [b for b in earlier if runs.run(b).problem is not None]
     outcome = runs.run(block)
@@ -167,6 +182,12 @@ def test_markers_must_be_known_and_sit_right_before_a_block(tmp_path: Path) -> N
     ]:
         with pytest.raises(ReadmeError, match=message):
             parse_blocks(_write(tmp_path, text))
+
+
+def test_a_placeholder_fails_the_block(tmp_path: Path) -> None:
+    (block,) = parse_blocks(_write(tmp_path, "## P\n\n```python\nx = 1\n...  # training\n```\n"))
+    with pytest.raises(pytest.fail.Exception, match=r"SAMPLE.md:5: a `...` placeholder"):
+        _refuse_placeholders(block)
 
 
 def test_shell_blocks_stop_at_the_first_failing_command(tmp_path: Path) -> None:
