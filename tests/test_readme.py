@@ -63,11 +63,9 @@ def _unmet_requirement(block: Block) -> str | None:
 
 def _runs_in_test(block: Block) -> bool:
     """Whether the block is run here (not skipped by its marker or an unmet requirement)."""
-    if block.marker is None:
-        return block.kind is not None
-    if block.marker.action == "skip":
+    if block.kind is None or (block.marker is not None and block.marker.action == "skip"):
         return False
-    return block.marker.action == "ranks" or _unmet_requirement(block) is None
+    return block.marker is None or block.marker.action != "requires" or _unmet_requirement(block) is None
 
 
 def _run(block: Block, cwd: Path) -> Outcome:
@@ -114,7 +112,9 @@ def _failure(block: Block, outcome: Outcome, earlier: list[Block]) -> str:
 def test_readme_block_runs_as_written(block: Block, runs: _Runs) -> None:
     if block.marker is not None and block.marker.action == "skip":
         pytest.skip(f"README.md:{block.line}: {block.marker.reason}")
-    if block.marker is None and block.kind is None:
+    if block.marker is not None and block.marker.action == "ranks" and block.kind != "python":
+        pytest.fail(f"README.md:{block.line}: 'readme-test: ranks' runs python blocks, not {block.lang!r}")
+    if block.kind is None:
         pytest.fail(
             f"README.md:{block.line}: a ```{block.lang} block under {block.heading!r} neither runs "
             "(python, sh, bash, console) nor has a marker before it, such as "
@@ -124,7 +124,7 @@ def test_readme_block_runs_as_written(block: Block, runs: _Runs) -> None:
         unmet = _unmet_requirement(block)
         if unmet is not None:
             pytest.skip(f"README.md:{block.line}: {unmet} ({block.marker.reason})")
-    if block.kind == "python" or (block.marker is not None and block.marker.action == "ranks"):
+    if block.kind == "python":
         _refuse_placeholders(block)
     earlier = [b for b in BLOCKS if b.section == block.section and b.line < block.line and _runs_in_test(b)]
     failed = [b for b in earlier if runs.run(b).problem is not None]
