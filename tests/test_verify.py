@@ -77,6 +77,20 @@ def test_every_problem_is_reported_at_once_R11_9(ckpt: Path, compression: str | 
         assert fragment in text, fragment
 
 
+def test_problems_come_in_manifest_and_chunk_order_on_every_run_R11_9(ckpt: Path) -> None:
+    """Chunks are checked on many threads; the report lists their problems in one order (the README
+    shows `tessera verify` output), not in the order the threads finished."""
+    state = {"a": torch.arange(256.0).reshape(64, 4), "b": torch.arange(64.0).reshape(16, 4)}
+    tessera.save(state, ckpt, options=tessera.SaveOptions(chunk_bytes=16))
+    damaged = [("a", r) for r in range(0, 64, 3)] + [("b", r) for r in (2, 7, 11)]
+    for name, row in damaged:
+        flip_byte(ckpt / name / "c" / str(row) / "0", 1)
+    expected = [f"{name} chunk c/{row}/0 " for name, row in damaged]
+    for _ in range(3):
+        messages = [p.message for p in tessera.verify(ckpt, threads=8).problems]
+        assert [m[: len(e)] for m, e in zip(messages, expected, strict=True)] == expected
+
+
 def test_array_metadata_problem_skips_its_chunks_R11_9(good: Path) -> None:
     edit_json(good / "a" / "zarr.json", lambda d: d.update(shape=[6, 5]))
     flip_byte(good / "g" / "b" / "c" / "0", 0)

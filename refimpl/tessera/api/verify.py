@@ -106,14 +106,29 @@ def verify(
                 report.problems.append(extra)
             report.problems.extend(_missing_chunks(engine, entry, stored))
             checked.append((entry, sorted(stored)))
+        # Chunks are checked on many threads, finishing in any order: their problems are kept by
+        # (array, chunk) and reported in manifest and chunk order, the same on every run.
+        found: dict[tuple[int, tuple[int, ...]], Problem] = {}
+
+        def keep(at: tuple[int, tuple[int, ...]]) -> Callable[[Callable[[], object]], None]:
+            def guard(check: Callable[[], object]) -> None:
+                try:
+                    check()
+                except TesseraError as exc:
+                    with lock:
+                        found[at] = Problem(exc.code, str(exc))
+
+            return guard
+
         run_all(
             (
-                _chunk_task(engine, entry, index, bar, guarded)
-                for entry, stored in checked
+                _chunk_task(engine, entry, index, bar, keep((position, index)))
+                for position, (entry, stored) in enumerate(checked)
                 for index in stored
             ),
             threads,
         )
+        report.problems.extend(found[at] for at in sorted(found))
     return report
 
 
