@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from .api.save import save
     from .api.save_async import AsyncSave, AsyncSaver, save_async
     from .api.verify import VerifyReport, verify
+    from .distributed.preemption import Preemption
     from .engine.gpu.direct_io import gpu_direct_storage
     from .format.limits import ReaderLimits
     from .format.manifest import FORMAT_VERSION, Manifest
@@ -65,6 +66,7 @@ _LAZY = {
     "LoadResult": (".api.load", "LoadResult"),
     "Manifest": (".format.manifest", "Manifest"),
     "PlanCache": (".planning", "PlanCache"),
+    "Preemption": (".distributed.preemption", "Preemption"),
     "ReaderLimits": (".format.limits", "ReaderLimits"),
     "RNGState": (".state", "RNGState"),
     "RunDirectory": (".api.run_dir", "RunDirectory"),
@@ -106,6 +108,7 @@ __all__ = [
     "Manifest",
     "MissingChunkError",
     "PlanCache",
+    "Preemption",
     "RNGState",
     "ReaderLimits",
     "RunDirectory",
