@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -21,7 +22,7 @@ from tessera import Preemption, TesseraWarning
 
 from .ranks import run_ranks
 
-MAX_STEPS = 400
+MAX_STEPS = 2000
 """The most steps a rank loops over waiting for the signal: far more than it needs (each step sleeps)."""
 
 
@@ -149,15 +150,14 @@ def _loop(rank: int, world_size: int, steps: int, pid_file: Path | None) -> tupl
 
 def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
     pid_file = tmp_path / "rank1.pid"
-    results: list[Any] = []
-    ranks = threading.Thread(target=lambda: results.extend(run_ranks(3, _loop, MAX_STEPS, pid_file)))
-    ranks.start()
-    deadline = time.monotonic() + 60
-    while not pid_file.exists():
-        assert ranks.is_alive() and time.monotonic() < deadline, "rank 1 never reached step 3"
-        time.sleep(0.005)
-    os.kill(int(pid_file.read_text()), signal.SIGTERM)
-    ranks.join()
+    with ThreadPoolExecutor(1) as pool:
+        ranks = pool.submit(run_ranks, 3, _loop, MAX_STEPS, pid_file)
+        deadline = time.monotonic() + 60
+        while not pid_file.exists():
+            assert not ranks.done() and time.monotonic() < deadline, ranks.result()
+            time.sleep(0.005)
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        results = ranks.result()
     # Every rank returned (a rank killed by SIGTERM would have failed run_ranks), at one step.
     steps = {step for step, _ in results}
     assert len(results) == 3 and len(steps) == 1, results
