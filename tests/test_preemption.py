@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import tessera
+import torch.distributed as dist
 from tessera import Preemption, TesseraWarning
 
 from .ranks import run_ranks
@@ -34,6 +35,8 @@ def _noted(seen: list[int]) -> Any:
 
 
 def test_a_signal_to_this_process_is_noted_and_stop_is_requested() -> None:
+    """Without torch.distributed the answer is this process's own note, with no collective."""
+    assert not dist.is_initialized()
     with Preemption() as preemption:
         assert signal.getsignal(signal.SIGUSR1) == preemption._handle
         assert not preemption.stop_requested() and preemption.received is None
