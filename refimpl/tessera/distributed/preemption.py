@@ -30,7 +30,7 @@ What it decides, and why:
   one ``int32``, on the CPU under gloo, on the current CUDA device under NCCL alone) over the
   process group, so it answers the same on every rank, and a rank that never saw the signal
   saves and stops with the others. It costs one small all-reduce per call: 0.4 to 1.4 ms
-  between 2 or 3 gloo ranks on a shared 2-core machine (``bench/preemption_check.py``), and
+  between 2 or 3 gloo ranks on a shared 2-core machine (``bench/bench_preemption.py``), and
   under NCCL reading the answer waits for the step's queued GPU work. That is small beside a
   training step, so ask at every step; there is no ``check_every`` setting, because the loop
   owns the step count: a loop of very short steps asks ``if step % k == 0 and

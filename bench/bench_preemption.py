@@ -3,7 +3,7 @@
 Two numbers: the call itself between N gloo ranks on one host (one all-reduce of an int32 on
 the CPU), and, on a GPU, what a per-step NCCL all-reduce of a flag plus the ``.item()`` that
 reads it add to a training step (the read waits for the step's queued GPU work, so the CPU
-can no longer run ahead of the GPU). Run: ``python bench/preemption_check.py --ranks 2 4 8``.
+can no longer run ahead of the GPU). Run: ``python bench/bench_preemption.py --ranks 2 4 8``.
 """
 
 from __future__ import annotations
