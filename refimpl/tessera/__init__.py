@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from .api.save import save
     from .api.save_async import AsyncSave, AsyncSaver, save_async
     from .api.verify import VerifyReport, verify
+    from .distributed.preemption import Preemption
     from .engine.gpu.direct_io import gpu_direct_storage
     from .format.limits import ReaderLimits
     from .format.manifest import FORMAT_VERSION, Manifest
@@ -71,6 +72,7 @@ _LAZY = {
     "Manifest": (".format.manifest", "Manifest"),
     "ModelAndOptimizer": (".state.model_optimizer", "ModelAndOptimizer"),
     "PlanCache": (".planning", "PlanCache"),
+    "Preemption": (".distributed.preemption", "Preemption"),
     "ReaderLimits": (".format.limits", "ReaderLimits"),
     "Resumed": (".api.checkpointer", "Resumed"),
     "RNGState": (".state", "RNGState"),
@@ -117,6 +119,7 @@ __all__ = [
     "MissingChunkError",
     "ModelAndOptimizer",
     "PlanCache",
+    "Preemption",
     "RNGState",
     "ReaderLimits",
     "Resumed",

@@ -2,7 +2,8 @@
 
 A save gathers the ranks' plans to the coordinator (rank 0), scatters each
 rank its part of the global plan, moves the pieces of shared chunks between
-ranks, and gathers "my data is durable" before the commit. ``SingleProcess``
+ranks, and gathers "my data is durable" before the commit; a preemption check asks
+whether any rank was signalled (``any_true``). ``SingleProcess``
 does the same with no communication, so a one-process save runs the very
 same code. Any failure of the process group (a rank that died, a timeout)
 becomes a :class:`~tessera.errors.CollectiveError`, so that no rank commits.
@@ -45,6 +46,10 @@ class Collective(ABC):
         """Rank 0's ``obj`` on every rank."""
 
     @abstractmethod
+    def any_true(self, flag: bool, step: str) -> bool:
+        """Whether any rank's ``flag`` is true, on every rank (one all-reduce MAX of a number)."""
+
+    @abstractmethod
     def exchange(
         self,
         sends: Sequence[tuple[int, int, np.ndarray]],
@@ -70,6 +75,9 @@ class SingleProcess(Collective):
 
     def broadcast(self, obj: Any, step: str) -> Any:
         return obj
+
+    def any_true(self, flag: bool, step: str) -> bool:
+        return flag
 
     def exchange(
         self,
@@ -131,6 +139,12 @@ class ProcessGroupCollective(Collective):
         with self._failures(step):
             dist.broadcast_object_list(box, src=self._root, group=self.group)
         return box[0]
+
+    def any_true(self, flag: bool, step: str) -> bool:
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=self._device)
+        with self._failures(step):
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value.item())
 
     def exchange(
         self,
