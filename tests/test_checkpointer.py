@@ -474,3 +474,30 @@ def test_two_ranks_save_and_resume_their_own_rng(tmp_path: Path) -> None:
     assert results[0]["draw"] != results[1]["draw"]  # each rank got its own generator back
     stored = tessera.open(tmp_path / "run" / "step-00000005")
     assert "rng/python/~0" in stored and "rng/python/~1" in stored  # one cell per rank
+
+
+def test_preempted_saves_the_step_once_and_the_handler_goes_with_the_checkpointer(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGUSR1)
+    state = _state(5)
+    with Checkpointer(tmp_path / "run", async_save=True, preemption=tessera.Preemption()) as ckpt:
+        assert signal.getsignal(signal.SIGUSR1) is not before  # installed while open
+        _train(state, 2)
+        assert not ckpt.preempted(2, state)  # no signal: nothing saved
+        assert ckpt.run.latest() is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert ckpt.preempted(2, state)  # the signal: step 2 saved synchronously, committed now
+        assert ckpt.run.latest() == tmp_path / "run" / "step-00000002"
+        _train(state, 1)
+        ckpt.save(3, state)  # asynchronous: preempted waits for it and does not save step 3 again
+        assert ckpt.preempted(3, state)
+        assert [c.step for c in ckpt.run.checkpoints()] == [2, 3]
+    assert signal.getsignal(signal.SIGUSR1) is before  # uninstalled by close
+    weights = _weights(state)
+    fresh = _state(6)
+    assert Checkpointer(tmp_path / "run").load(fresh).step == 3
+    assert_tree_bit_equal(_weights(fresh), weights)
+    with pytest.raises(RuntimeError, match="no preemption"):
+        Checkpointer(tmp_path / "run").preempted(3, state)

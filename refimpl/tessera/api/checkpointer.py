@@ -5,12 +5,15 @@ every so often and ``load(state)`` once at the start::
 
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler,
              "rng": tessera.RNGState(), "data": sampler}
-    with tessera.Checkpointer("runs/gpt", config=args, must_match=["num_layers"],
-                              keep_last=3, async_save=True) as ckpt:
+    with tessera.Checkpointer("runs/gpt", config=args, must_match=["num_layers"], keep_last=3,
+                              async_save=True, preemption=tessera.Preemption()) as ckpt:
         start = ckpt.load(state).step     # 0, nothing loaded, when the run has no checkpoint
         for step in range(start, args.steps):
             train_one_step()
-            ckpt.save(step + 1, state)    # step = the number of completed steps
+            if (step + 1) % args.save_every == 0:
+                ckpt.save(step + 1, state)    # step = the number of completed steps
+            if ckpt.preempted(step + 1, state):
+                break
 
 It is a thin layer over :class:`~tessera.RunDirectory` (``step-N`` directories, ``latest``,
 retention, restart safety), ``tessera.save`` / ``save_async`` and ``tessera.load`` (stateful
@@ -35,6 +38,11 @@ adds is what Megatron's ``save_checkpoint`` / ``load_checkpoint`` add over a bar
 - **Async** (``async_save=True``): ``save`` returns once the state is in host memory; ``latest``
   moves only after the commit; the next ``save``, ``load``, ``wait`` or ``close`` waits for it;
   a failure in the background is raised exactly once, by the next of those calls.
+- **Preemption** (``preemption=tessera.Preemption()``): installed while the Checkpointer is
+  open; :meth:`Checkpointer.preempted`, asked at each step boundary on every rank, is true on
+  every rank once any rank got the signal, after it has waited for the save in flight and saved
+  the step (synchronously, unless that step is committed already): the loop then leaves, and
+  the job exits before the scheduler's SIGKILL.
 
 Under ``torch.distributed`` every rank of ``process_group`` makes the same calls in the same
 order (each call is collective); the run directory is shared.
@@ -50,39 +58,31 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from ..distributed.collective import collective_for
+from ..distributed.preemption import Preemption
 from ..errors import (
     CheckpointNotFoundError,
     InvalidKeyError,
-    SchemaViolationError,
     TesseraWarning,
     UncommittedCheckpointError,
 )
-from ..format.keys import format_key
 from ..format.manifest import Manifest
 from ..planning.options import SaveOptions
-from ..state.model_optimizer import ModelAndOptimizer
-from ..state.rng import RNGState
 from ..state.stateful import is_stateful
 from ..storage.local import LocalStorage
 from ..storage.resolve import Location
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import open_checkpoint
 from .load import load
 from .run_config import check_must_match, config_changes, must_match_keys, normalize_config
 from .run_dir import RunDirectory
 from .run_layout import committed
+from .run_metadata import BOTH, ROLES, model_part, role_by_type, run_info, run_metadata, template_for
 from .save import save
 from .save_async import AsyncSave
 
-__all__ = ["ROLES", "Checkpointer", "LoadMode", "Resumed"]
-
-ROLES = ("model", "optimizer", "rng", "progress")
-"""The roles of a state's top-level keys, as the run metadata lists them (R10.13)."""
-
-_BOTH = "model+optimizer"  # a ModelAndOptimizer: its "model" part is model, its "optimizer" part optimizer
+__all__ = ["Checkpointer", "LoadMode", "Resumed"]
 
 
 class LoadMode(enum.StrEnum):
@@ -138,6 +138,7 @@ class Checkpointer:
         options: SaveOptions | None = None,
         process_group: dist.ProcessGroup | None = None,
         roles: Mapping[str, str] | None = None,
+        preemption: Preemption | None = None,
     ) -> None:
         if isinstance(run, RunDirectory):
             if keep_last is not None or keep_every is not None:
@@ -156,6 +157,12 @@ class Checkpointer:
         bad = {k: r for k, r in self.roles.items() if r not in ROLES}
         if bad:
             raise InvalidKeyError(f"roles={bad}: unknown role; a role is one of {', '.join(ROLES)}")
+        if preemption is not None and not isinstance(preemption, Preemption):
+            raise TypeError(f"preemption must be a tessera.Preemption, got {preemption!r}")
+        self.preemption = preemption
+        self._installed = preemption is not None and not preemption.installed
+        if preemption is not None and self._installed:
+            preemption.install()
         self._closed = False
 
     def save(
@@ -174,7 +181,7 @@ class Checkpointer:
             raise InvalidKeyError(
                 f"metadata keys {reserved} are the Checkpointer's own (R10.13); name yours otherwise"
             )
-        user["run"] = self._run_metadata("checkpoint", self._roles_of(state))
+        user["run"] = run_metadata("checkpoint", self.config, self._roles_of(state))
         if self.async_save:
             return self.run.save_async(
                 state, step, options=self.options, metadata=user, process_group=self.process_group
@@ -183,18 +190,50 @@ class Checkpointer:
             state, step, options=self.options, metadata=user, process_group=self.process_group
         )
 
+    def preempted(self, step: int, state: Mapping[str, Any]) -> bool:
+        """Whether the job must stop now, asked at the boundary after step ``step`` (the number of
+        completed steps) on every rank (a collective: every rank calls it at the same steps).
+
+        True on every rank once any rank received one of the :class:`~tessera.Preemption`'s
+        signals; before returning True it waits for the save in flight and saves ``state`` as
+        ``step``, synchronously, unless that step is committed already (a save of this very step
+        just finished): the checkpoint is committed and ``latest`` names it on return, so the
+        loop leaves and the job exits before the scheduler's SIGKILL. Refused (RuntimeError)
+        without a ``preemption``."""
+        self._check_open()
+        if self.preemption is None:
+            raise RuntimeError(
+                "Checkpointer.preempted(): this Checkpointer has no preemption; make it with "
+                "preemption=tessera.Preemption()"
+            )
+        if not self.preemption.stop_requested():
+            return False
+        self.run.wait()
+        name = RunDirectory.name_of(step)
+        collective = collective_for(self.process_group)
+        saved = collective.broadcast(
+            committed(self.run.storage, name) if collective.rank == 0 else None, "checking the last save"
+        )
+        if not saved:
+            asynchronous, self.async_save = self.async_save, False
+            try:
+                self.save(step, state)
+            finally:
+                self.async_save = asynchronous
+        return True
+
     def save_release(self, location: Location, state: Mapping[str, Any]) -> Manifest:
         """Save the model role of ``state`` (weights only, no step) to ``location``, a new
         checkpoint outside the run: what a finetune or an export starts from (R10.13)."""
         self._check_open()
-        roles = {k: r for k, r in self._roles_of(state).items() if r in ("model", _BOTH)}
-        weights = {k: _model_part(state[k]) for k in roles}
+        roles = {k: r for k, r in self._roles_of(state).items() if r in ("model", BOTH)}
+        weights = {k: model_part(state[k]) for k in roles}
         if not weights:
             raise InvalidKeyError(
                 f"the state ({', '.join(map(str, state))}) has no key of role model: nothing to release; "
                 "name one with roles={key: 'model'}"
             )
-        metadata = {"run": self._run_metadata("release", roles)}
+        metadata = {"run": run_metadata("release", self.config, roles)}
         return save(
             weights, location, options=self.options, metadata=metadata, process_group=self.process_group
         )
@@ -232,13 +271,13 @@ class Checkpointer:
             return Resumed(0, None, "fresh", skipped=tuple(map(str, state)))
         location, where = found
         with open_checkpoint(location) as checkpoint:
-            kind, saved_step, saved_config = _run_info(checkpoint, where)
+            kind, saved_step, saved_config = run_info(checkpoint, where)
             check_must_match(saved_config, self.config, self.must_match, where)
             changes = {
                 k: v for k, v in config_changes(saved_config, self.config).items() if k not in self.must_match
             }
             effective = "release" if kind == "release" else mode.value
-            template = _select(state, roles, effective, load_optimizer=load_optimizer, load_rng=load_rng)
+            template = template_for(state, roles, effective, load_optimizer=load_optimizer, load_rng=load_rng)
             if effective != "resume" and not template:
                 raise InvalidKeyError(
                     f"a {effective} loads the model role only, and the state ({', '.join(map(str, state))}) "
@@ -268,11 +307,16 @@ class Checkpointer:
         self.run.wait()
 
     def close(self) -> None:
-        """Wait for the asynchronous save in flight (raising its failure, once); later calls are refused."""
+        """Wait for the asynchronous save in flight (raising its failure, once) and uninstall the
+        preemption handler if this Checkpointer installed it; later calls are refused."""
         if self._closed:
             return
         self._closed = True
-        self.run.wait()
+        try:
+            self.run.wait()
+        finally:
+            if self._installed and self.preemption is not None:
+                self.preemption.uninstall()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -293,7 +337,7 @@ class Checkpointer:
             raise RuntimeError(f"this Checkpointer of {self.run.storage.location} is closed")
 
     def _roles_of(self, state: Mapping[str, Any]) -> dict[str, str]:
-        """The role of each top-level key of ``state`` (``_BOTH`` for a ModelAndOptimizer)."""
+        """The role of each top-level key of ``state`` (``BOTH`` for a ModelAndOptimizer)."""
         if not isinstance(state, Mapping):
             raise TypeError(f"the state is a dict of the run's objects, not a {type(state).__qualname__}")
         unknown = sorted(map(str, set(self.roles) - set(state)))
@@ -301,20 +345,7 @@ class Checkpointer:
             raise InvalidKeyError(
                 f"roles= names keys the state does not have: {unknown}; its keys: {sorted(map(str, state))}"
             )
-        return {k: self.roles.get(k) or _role_by_type(v) for k, v in state.items()}
-
-    def _run_metadata(self, kind: str, roles: Mapping[str, str]) -> dict[str, Any]:
-        """``run`` of the manifest metadata (R10.13): kind, config, and the paths of each role
-        (``roles``: the saved keys' roles, a ModelAndOptimizer's of a release holding its model only)."""
-        paths: dict[str, list[str]] = {r: [] for r in ROLES}
-        for key, role in roles.items():
-            if role == _BOTH:
-                paths["model"].append(format_key((key, "model")))
-                if kind == "checkpoint":
-                    paths["optimizer"].append(format_key((key, "optimizer")))
-            else:
-                paths[role].append(format_key((key,)))
-        return {"kind": kind, "config": self.config, "roles": paths}
+        return {k: self.roles.get(k) or role_by_type(v) for k, v in state.items()}
 
     def _locate(self, step: int | None, path: Location | None) -> tuple[Location, str] | None:
         """The checkpoint to load and its name for messages; ``None`` for a run with none yet."""
@@ -344,64 +375,9 @@ class Checkpointer:
         ), where
 
 
-def _role_by_type(value: Any) -> str:
-    if isinstance(value, ModelAndOptimizer):
-        return _BOTH
-    if isinstance(value, torch.nn.Module):
-        return "model"
-    if isinstance(value, (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)):
-        return "optimizer"
-    if isinstance(value, RNGState):
-        return "rng"
-    return "progress"
-
-
-def _model_part(value: Any) -> Any:
-    return value.model_only() if isinstance(value, ModelAndOptimizer) else value
-
-
 def _mode(mode: LoadMode | str) -> LoadMode:
     try:
         return LoadMode(mode)
     except ValueError:
         names = ", ".join(repr(m.value) for m in LoadMode)
         raise InvalidKeyError(f"mode={mode!r} is not a load mode; use one of {names}") from None
-
-
-def _select(
-    state: Mapping[str, Any], roles: Mapping[str, str], mode: str, *, load_optimizer: bool, load_rng: bool
-) -> dict[str, Any]:
-    """The template of a load in ``mode``: the keys of ``state`` it loads, a ModelAndOptimizer
-    standing for its model part alone where the optimizer is not loaded."""
-    template = {}
-    for key, value in state.items():
-        role = roles[key]
-        if mode != "resume":  # finetune, release: the weights only
-            if role in ("model", _BOTH):
-                template[key] = _model_part(value)
-        elif role == _BOTH:
-            template[key] = value if load_optimizer else _model_part(value)
-        elif not (role == "optimizer" and not load_optimizer or role == "rng" and not load_rng):
-            template[key] = value
-    return template
-
-
-def _run_info(checkpoint: Checkpoint, where: str) -> tuple[str, int, dict[str, Any] | None]:
-    """The kind, step and config of a checkpoint's run metadata (R10.13). A checkpoint saved
-    without it (a plain ``tessera.save``) is a checkpoint of kind ``checkpoint`` with no config,
-    at its ``step`` if it has one (a ``RunDirectory.save`` writes it), else 0."""
-    metadata = checkpoint.metadata
-    step = metadata.get("step", 0)
-    run = metadata.get("run")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise SchemaViolationError(f"{where}: metadata step is {step!r}, not a non-negative integer (R10.13)")
-    if run is None:
-        return "checkpoint", step, None
-    if not isinstance(run, dict) or run.get("kind") not in ("checkpoint", "release"):
-        raise SchemaViolationError(
-            f"{where}: metadata run must be an object whose kind is 'checkpoint' or 'release' (R10.13)"
-        )
-    config = run.get("config")
-    if config is not None and not isinstance(config, dict):
-        raise SchemaViolationError(f"{where}: metadata run.config must be an object or null (R10.13)")
-    return run["kind"], step, config
