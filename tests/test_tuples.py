@@ -5,6 +5,7 @@ a template's container types still rule (R14.7), a damaged record of them is ref
 from __future__ import annotations
 
 import collections
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,19 @@ def test_ranks_holding_a_tuple_and_a_list_at_one_value_differ() -> None:
     )
     want: tuple[Key, ...] = (("t",),)
     assert lists == (("t",), ("u",)) and tuples == want
+
+
+def test_the_conformance_harness_fails_a_reader_that_drops_the_tuples(tmp_path: Path) -> None:
+    """valid/tuples: a reader that gives the values back without their tuple positions (a 1.1
+    reader's answer) is a finding citing R3.22; the exact answer is none."""
+    from conformance.cases.reading import _judge_results
+    from conformance.generator.build import VECTORS_DIR
+
+    vector = VECTORS_DIR / "valid" / "tuples"
+    want = json.loads((vector / "vector.json").read_text(encoding="utf-8"))["probes"][0]["expect"]["results"]
+    values = [r for r in want if r["kind"] == "value"]
+    assert any("tuples" in r for r in values)
+    assert _judge_results({"ok": True, "results": values}, values, vector, tmp_path, "R8.8") == []
+    dropped = [{k: v for k, v in r.items() if k != "tuples"} for r in values]
+    findings = _judge_results({"ok": True, "results": dropped}, values, vector, tmp_path, "R8.8")
+    assert findings and {f.rule for f in findings} == {"R3.22"}

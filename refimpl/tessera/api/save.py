@@ -169,9 +169,8 @@ class _Report:
         if local is None:
             return cls(error, None, None)
         arrays = local.arrays if with_arrays else None
-        return cls(
-            error, digest, arrays, local.values, local.order, local.lists, local.tuples, local.unused_pickle_keys
-        )
+        lists, tuples = local.lists, local.tuples
+        return cls(error, digest, arrays, local.values, local.order, lists, tuples, local.unused_pickle_keys)
 
 
 @dataclass(frozen=True, slots=True)

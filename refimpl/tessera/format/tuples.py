@@ -41,9 +41,8 @@ def check_positions(value: Any, positions: tuple[Position, ...], where: str) -> 
     for position in positions:
         node = value
         for depth, step in enumerate(position):
-            if isinstance(step, int) and isinstance(node, list) and 0 <= step < len(node):
-                node = node[step]
-            elif isinstance(step, str) and isinstance(node, dict) and step in node:
+            in_list = isinstance(step, int) and isinstance(node, list) and 0 <= step < len(node)
+            if in_list or (isinstance(step, str) and isinstance(node, dict) and step in node):
                 node = node[step]
             else:
                 raise InconsistentCheckpointError(
