@@ -13,7 +13,10 @@ from typing import Any
 import pytest
 import tessera
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tessera.format.keys import Key
+from tessera.format.tuples import check_positions, join_tuples, split_tuples
 from tessera.planning.contents import manifest_contents
 from tessera.planning.global_plan import make_global_plan
 from tessera.planning.local_plan import make_local_plan
@@ -221,3 +224,33 @@ def test_the_conformance_harness_fails_a_reader_that_drops_the_tuples(tmp_path: 
     dropped = [{k: v for k, v in r.items() if k != "tuples"} for r in values]
     findings = _judge_results({"ok": True, "results": dropped}, values, vector, tmp_path, "R8.8")
     assert findings and {f.rule for f in findings} == {"R3.22"}
+
+
+_FLOATS = st.floats(allow_nan=False, allow_infinity=False)
+_SCALARS = st.none() | st.booleans() | st.integers() | _FLOATS | st.text()
+_TREES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.lists(inner, max_size=4).map(tuple)
+    | st.dictionaries(st.text(max_size=3), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_TREES)
+def test_split_and_join_give_back_every_tuple(value: Any) -> None:
+    """R3.22 on any JSON subtree: the spelled value holds no tuple, its positions are unique and
+    each leads to an array, and joining gives back the value with every container's type."""
+    spelled, positions = split_tuples(value)
+    assert not _holds_a_tuple(spelled)
+    assert len(set(positions)) == len(positions)
+    check_positions(spelled, positions, "value")
+    _same(join_tuples(spelled, positions), value)
+
+
+def _holds_a_tuple(node: Any) -> bool:
+    if isinstance(node, tuple):
+        return True
+    children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+    return any(_holds_a_tuple(c) for c in children)
