@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from tessera.format.tuples import split_tuples
+from tessera.format import split_tuples
 
 from ..protocol.arrays import DTYPE_NAMES, save_bits
 from . import identity
