@@ -274,7 +274,9 @@ def _weight(param: Param, box: tuple[tuple[int, ...], tuple[int, ...]], dp: int)
 def gather_blob(report: RankReport) -> bytes:
     """What the rank pickles for the gather, shaped like ``writer._Report.compact()``."""
     digest = hashlib.blake2b(pickle.dumps(report.arrays), digest_size=16).digest()
-    payload: tuple[Any, ...] = (None, digest, report.arrays, report.values, report.order, LISTS, frozenset())
+    payload: tuple[Any, ...] = (
+        None, digest, report.arrays, report.values, report.order, LISTS, (), frozenset()
+    )  # fmt: skip
     return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -297,9 +299,8 @@ def best_of(repeat: int, step: Callable[[], T]) -> tuple[float, float, T]:
 
 def build_root(plan: GlobalPlan, gathered: list[tuple[Any, ...]], layout: Layout) -> bytes:
     """The root ``zarr.json`` bytes, as the coordinator builds them."""
-    entries, lists = manifest_contents(
-        plan, [g[3] for g in gathered], [g[4] for g in gathered], [g[5] for g in gathered]
-    )
+    values, orders, lists, tuples = ([g[i] for g in gathered] for i in (3, 4, 5, 6))
+    entries, lists, _ = manifest_contents(plan, values, orders, lists, tuples)
     return with_chunk_lists(_manifest(entries, lists, layout), {}).root_bytes()
 
 
@@ -359,7 +360,8 @@ def measure(layout: Layout, repeat: int, options: SaveOptions) -> Point:
     specs = [g[2] for g in gathered]
     plan = timed("plan", lambda: make_global_plan(specs, options))
     values, orders, lists = [g[3] for g in gathered], [g[4] for g in gathered], [g[5] for g in gathered]
-    entries, keys = timed("contents", lambda: manifest_contents(plan, values, orders, lists))
+    tuples = [g[6] for g in gathered]
+    entries, keys, _ = timed("contents", lambda: manifest_contents(plan, values, orders, lists, tuples))
     manifest = _manifest(entries, keys, layout)
     root = timed("root", lambda: with_chunk_lists(manifest, {}).root_bytes())
     timed("check", lambda: check_root_document(root, "the simulated root"))

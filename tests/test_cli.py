@@ -34,7 +34,7 @@ def test_inspect_json_is_the_manifest(run: Path, capsys: pytest.CaptureFixture[s
     assert main(["inspect", "--json", str(run)]) == 0
     doc = json.loads(capsys.readouterr().out)
     text = json.dumps(doc)
-    assert "model/w" in text and '"format_version": "1.1"' in text
+    assert "model/w" in text and '"format_version": "1.2"' in text
 
 
 def test_verify_ok_and_damaged(run: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -83,7 +83,7 @@ def test_writer_lists_the_stored_crc_of_every_chunk_R3_19(tmp_path: Path) -> Non
 def test_root_carries_its_digest_R3_20_R12_5(ckpt: Path) -> None:
     data = (ckpt / "zarr.json").read_bytes()
     manifest = json.loads(data)["attributes"]["tessera"]
-    assert manifest["format_version"] == "1.1" and manifest["must_understand"] == []
+    assert manifest["format_version"] == "1.2" and manifest["must_understand"] == []
     value = manifest["manifest_digest"]
     assert data.count(f'"{value}"'.encode()) == 1
     import hashlib
@@ -145,8 +145,8 @@ def test_one_bit_in_a_json_value_of_the_root_is_refused_R3_21(ckpt: Path) -> Non
     [
         # The member's name flipped: a 1.1 manifest without its digest (R3.20).
         (b'"manifest_digest"', b'"manifest_digesu"', tessera.SchemaViolationError),
-        # "1.1" -> "1.0": the digest is still there, and still checked (R3.21).
-        (b'"format_version":"1.1"', b'"format_version":"1.0"', tessera.ChecksumMismatchError),
+        # "1.2" -> "1.0": the digest is still there, and still checked (R3.21).
+        (b'"format_version":"1.2"', b'"format_version":"1.0"', tessera.ChecksumMismatchError),
         # The digest's own digits changed.
         (b'"sha256:', b'"sha256:0', tessera.SchemaViolationError),
     ],

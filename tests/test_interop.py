@@ -75,7 +75,7 @@ def test_zarr_python_group_lists_every_array_R2_4(saved: tuple[Path, dict]) -> N
     group = zarr.open_group(store=str(root), mode="r")
     members = dict(group.members(max_depth=None))
     manifest = group.attrs["tessera"]
-    assert manifest["format"] == "tessera" and manifest["format_version"] == "1.1"
+    assert manifest["format"] == "tessera" and manifest["format_version"] == "1.2"
     arrays = {path for path, node in members.items() if isinstance(node, zarr.Array)}
     groups = {path for path, node in members.items() if isinstance(node, zarr.Group)}
     assert arrays == {e["path"] for e in manifest["entries"]}

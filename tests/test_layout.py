@@ -29,7 +29,7 @@ def _spec_example_state() -> dict[str, Any]:
         },
         "optimizer": {
             "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3, 2)}},
-            "param_groups": [{"lr": 0.001, "params": [0]}],
+            "param_groups": [{"lr": 0.001, "betas": (0.9, 0.999), "params": [0]}],
         },
         "rng": b"\x01\x02\x03",
         "loss_scale": float("inf"),
@@ -105,11 +105,11 @@ def test_root_document_members_R3_1_R12_5(example: Path) -> None:
     assert list(root) == ["zarr_format", "node_type", "attributes"]
     assert (root["zarr_format"], root["node_type"], list(root["attributes"])) == (3, "group", ["tessera"])
     m = root["attributes"]["tessera"]
-    assert m["format"] == "tessera" and m["format_version"] == "1.1" and m["must_understand"] == []
+    assert m["format"] == "tessera" and m["format_version"] == "1.2" and m["must_understand"] == []
     assert m["writer"] == {"name": "tessera-python", "version": tessera.__version__}
     assert m["provenance"] == {"world_size": 1, "parallelism": {}}
     assert m["metadata"] == {"step": 100}
-    assert m["lists"] == [["model", "layers"]]
+    assert m["lists"] == [["model", "layers"]] and m["tuples"] == []
     parsed = uuid.UUID(m["save_id"])
     assert parsed.version == 4 and str(parsed) == m["save_id"]  # R3.3: fresh v4, lower case
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", m["created"])

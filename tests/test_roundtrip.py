@@ -237,12 +237,13 @@ def test_nested_containers_and_values_R8_1_R8_2(ckpt: Path) -> None:
     tessera.save(state, ckpt)
     loaded = tessera.load(ckpt)
     want = dict(state)
-    want["tensors_tuple"] = list(state["tensors_tuple"])  # tuples come back as lists (R8.8)
+    assert type(loaded["tensors_tuple"]) is tuple  # tuples come back as tuples (R8.8, format 1.2)
     want["bytearray"] = b"abc"
     want["memoryview"] = b"xyz"
     assert_tree_bit_equal(loaded, want)
     manifest = read_json(ckpt / "zarr.json")["attributes"]["tessera"]
     assert sorted(map(tuple, manifest["lists"])) == [("mixed_list",), ("model", "layers"), ("tensors_tuple",)]
+    assert manifest["tuples"] == [["tensors_tuple"]]
     kinds = {e["path"]: (e["kind"], e.get("encoding")) for e in manifest["entries"]}
     assert kinds["config"] == ("value", "json")
     assert kinds["mixed_list/~4"] == ("value", "json")
@@ -534,13 +535,15 @@ def test_optimizer_state_without_template(ckpt: Path) -> None:
         for name, value in st.items():
             assert_bit_equal(loaded["state"][pid][name], value)
     assert loaded["param_groups"][0]["params"] == sd["param_groups"][0]["params"]
-    assert loaded["param_groups"][0]["betas"] == list(sd["param_groups"][0]["betas"])
+    assert loaded["param_groups"][0]["betas"] == sd["param_groups"][0]["betas"]
+    assert type(loaded["param_groups"][0]["betas"]) is tuple
 
 
 def test_tuple_templates_come_back_as_tuples_R8_8(ckpt: Path) -> None:
     state = {"pair": (torch.ones(2), 5), "json_tuple": (1, (2, 3)), "t3": (torch.ones(1), torch.zeros(1))}
     tessera.save(state, ckpt)
-    assert tessera.load(ckpt)["json_tuple"] == [1, [2, 3]]
+    loaded = tessera.load(ckpt)  # format 1.2: tuples without a template too
+    assert loaded["json_tuple"] == (1, (2, 3)) and type(loaded["pair"]) is tuple
     template = {"pair": (torch.zeros(2), 0), "json_tuple": (0, (0, 0)), "t3": (torch.zeros(1), torch.ones(1))}
     out = tessera.load(ckpt, template)
     assert isinstance(out["pair"], tuple) and out["pair"][1] == 5

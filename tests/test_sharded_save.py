@@ -513,8 +513,12 @@ def _contents(states: list[dict[str, Any]], chunk_bytes: int = CHUNK_BYTES) -> t
     options, local = _local_plans(states, chunk_bytes)
     plan = make_global_plan([lp.arrays for lp in local], options)
     return manifest_contents(
-        plan, [lp.values for lp in local], [lp.order for lp in local], [lp.lists for lp in local]
-    )
+        plan,
+        [lp.values for lp in local],
+        [lp.order for lp in local],
+        [lp.lists for lp in local],
+        [lp.tuples for lp in local],
+    )[:2]
 
 
 def _check_plan(plan: GlobalPlan) -> None:

@@ -166,6 +166,10 @@ def _judge_result(
                     f"{where}: got value {seen}, expected {json.dumps([want['encoding'], want['value']])}",
                 )
             ]
+        if got.get("tuples", []) != want.get("tuples", []):
+            # R3.22: a 1.2 reader gives back the tuples the entry lists, and no others (P11).
+            seen, wanted = json.dumps(got.get("tuples", [])), json.dumps(want.get("tuples", []))
+            return [Finding("R3.22", f"{where}: got tuples at {seen}, expected at {wanted}")]
         return []
     if want["kind"] == "object":
         path = out / f"{i}.bin"

@@ -2,7 +2,7 @@
 
 Schema violations cite the rule of the member they sit in (a bad ``save_id``
 is R3.3, a bad entry path R3.11), so that a case citing one rule sees its own
-findings; what the schemas cannot say (a version 4 UUID, ``"1.1"`` exactly,
+findings; what the schemas cannot say (a version 4 UUID, ``"1.1"`` or ``"1.2"``,
 the case's world size, metadata and lists, the manifest digest) is checked here by hand.
 """
 
@@ -34,8 +34,11 @@ _HEADER_RULES = {
     "provenance": "R3.5",
     "metadata": "R3.6",
     "lists": "R3.8",
+    "tuples": "R3.8",
 }
-_ENTRY_RULES = {"key": "R3.7", "path": "R3.11", "codecs": "R6.1", "chunk_crc32c": "R3.19"}
+_ENTRY_RULES = {"key": "R3.7", "path": "R3.11", "codecs": "R6.1", "chunk_crc32c": "R3.19", "tuples": "R3.22"}
+WRITTEN_VERSIONS = ("1.1", "1.2")
+"""The versions a writer under test may write: this suite's (1.2) and the one before it."""
 _KIND_RULES = {"tensor": "R3.14", "object": "R3.15", "value": "R3.16"}
 _ENTRY_PATH = re.compile(r"\.entries\[(\d+)\](?:\.(\w+))?")
 _MEMBER_PATH = re.compile(r"\.(\w+)")
@@ -114,13 +117,17 @@ def _rule_of(doc: dict[str, Any]) -> Callable[[str], str]:
 
 
 def _check_header(manifest: dict[str, Any], expected: ExpectedCheckpoint, out: Findings) -> None:
-    """What the schema leaves open: version "1.1", a v4 save id, the case's world size, metadata, lists."""
+    """What the schema leaves open: version "1.1" or "1.2", a v4 save id, the case's world size,
+    metadata, lists. A 1.1 writer is still a conforming writer: the cases' states hold no tuples
+    (the protocol's JSON has none), so the two write the same data (spec R12.6)."""
     version = manifest.get("format_version")
-    if isinstance(version, str) and version != "1.1":
-        out.add("R12.5", f'format_version is {version!r}; a 1.1 writer writes "1.1"')
+    if isinstance(version, str) and version not in WRITTEN_VERSIONS:
+        out.add("R12.5", f"format_version is {version!r}; a writer writes one of {list(WRITTEN_VERSIONS)}")
     understood = manifest.get("must_understand")
     if isinstance(understood, list) and understood:
-        out.add("R12.5", f"must_understand is {shown(understood)}; a 1.1 writer writes []")
+        out.add("R12.5", f"must_understand is {shown(understood)}; a 1.1 or 1.2 writer writes []")
+    if manifest.get("tuples", []) != []:
+        out.add("R3.8", f"tuples is {shown(manifest['tuples'])}; the case's state holds no tuple container")
     save_id = manifest.get("save_id")
     if (
         isinstance(save_id, str)

@@ -15,6 +15,7 @@ from . import (
     multi_writer,
     storage,
     tolerated,
+    tuples,
     unsupported,
     valid,
     values,
@@ -36,6 +37,7 @@ _BUILDERS: tuple[Callable[[Path], None], ...] = (
     inconsistent.build,
     storage.build,
     integrity.build,
+    tuples.build,
     unsupported.build,
 )
 _KEPT = frozenset({"README.md"})

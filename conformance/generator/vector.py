@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tessera.format import split_tuples
 
 from ..protocol.arrays import DTYPE_NAMES, save_bits
 from . import identity
@@ -127,7 +128,10 @@ class VectorWriter:
             elif isinstance(leaf, NonFinite):
                 result.update(kind="value", encoding="float", value=leaf.spelling)
             else:
-                result.update(kind="value", encoding="json", value=_as_json(leaf))
+                value, tuples = split_tuples(leaf)
+                result.update(kind="value", encoding="json", value=_as_json(value))
+                if tuples:
+                    result["tuples"] = [list(p) for p in tuples]
             results.append(result)
         return results
 

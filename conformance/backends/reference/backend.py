@@ -230,7 +230,8 @@ def read_one(
     key = tuple(request["key"])
     entry = checkpoint.entry(key)
     if isinstance(entry, ValueEntry) and "region" not in request:
-        return {"key": request["key"], "kind": "value", "encoding": entry.encoding, "value": entry.value}
+        value = {"key": request["key"], "kind": "value", "encoding": entry.encoding, "value": entry.value}
+        return value | ({"tuples": [list(p) for p in entry.tuples]} if entry.tuples else {})
     if isinstance(entry, ValueEntry):
         checkpoint.read(key)  # a region of a value entry: tensor_mismatch (spec §13)
         raise AssertionError(f"{entry.path}: a JSON value was read as an array")

@@ -122,7 +122,9 @@ def load(
         values = checkpoint.values(
             [e.path for e in plan.entries], allow_pickle=allow_pickle, progress=progress
         )
-        result = unflatten(zip([e.key for e in plan.entries], values, strict=True), checkpoint.manifest.lists)
+        manifest = checkpoint.manifest
+        leaves = zip([e.key for e in plan.entries], values, strict=True)
+        result = unflatten(leaves, manifest.lists, manifest.tuples)
     else:
         # Stateful objects stand for their own state dicts; they get what was read at the end.
         tree, restore = swap_stateful(state_dict)
@@ -251,12 +253,11 @@ def _read_subtree(checkpoint: Checkpoint, key: Key, path: str, template: Any, al
         subtree = checkpoint.subtree(path)
         values = checkpoint.values([e.path for e in subtree], allow_pickle=allow_pickle)
         leaves = [(e.key[len(key) :], v) for e, v in zip(subtree, values, strict=True)]
-        lists = [
-            k[len(key) :] for k in checkpoint.manifest.lists if k[: len(key)] == key and len(k) > len(key)
-        ]
-        value = unflatten(leaves, lists)
-        if tuple(key) in checkpoint.manifest.lists:
-            value = [value[i] for i in range(len(value))]
+        manifest = checkpoint.manifest
+        # The subtree is rebuilt below a root holding it at ``()``, so that it can be a list too.
+        lists = [k[len(key) - 1 :] for k in manifest.lists if k[: len(key)] == key]
+        tuples = [k[len(key) - 1 :] for k in manifest.tuples if k[: len(key)] == key]
+        value = unflatten([((key[-1], *k), v) for k, v in leaves], lists, tuples)[key[-1]]
     return _conform(template, value)
 
 
@@ -295,8 +296,9 @@ def _shard_requests(
 
 
 def _conform(template: Any, value: Any) -> Any:
-    """Give JSON lists back the tuple type the template had (JSON has no tuples)."""
-    if isinstance(template, tuple) and isinstance(value, list) and len(template) == len(value):
+    """Give the stored sequences the template's types: its tuples (a namedtuple too) and lists
+    rule where the stored value is either (spec R8.8, R14.7)."""
+    if isinstance(template, tuple) and isinstance(value, (list, tuple)) and len(template) == len(value):
         return (
             type(template)(*value)
             if hasattr(template, "_fields")
@@ -304,7 +306,7 @@ def _conform(template: Any, value: Any) -> Any:
         )
     if isinstance(template, dict) and isinstance(value, dict):
         return {k: _conform(template.get(k), v) for k, v in value.items()}
-    if isinstance(template, list) and isinstance(value, list) and len(template) == len(value):
+    if isinstance(template, list) and isinstance(value, (list, tuple)) and len(template) == len(value):
         return [_conform(t, v) for t, v in zip(template, value, strict=True)]
     return value
 

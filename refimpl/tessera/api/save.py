@@ -159,6 +159,7 @@ class _Report:
     values: tuple[LeafSpec, ...] = ()
     order: tuple[str, ...] = ()
     lists: tuple[Key, ...] = ()
+    tuples: tuple[Key, ...] = ()
     unused_pickle_keys: frozenset[str] = frozenset()
 
     @classmethod
@@ -168,7 +169,8 @@ class _Report:
         if local is None:
             return cls(error, None, None)
         arrays = local.arrays if with_arrays else None
-        return cls(error, digest, arrays, local.values, local.order, local.lists, local.unused_pickle_keys)
+        lists, tuples = local.lists, local.tuples
+        return cls(error, digest, arrays, local.values, local.order, lists, tuples, local.unused_pickle_keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,8 +258,12 @@ def _coordinate(
         unused = frozenset.intersection(*(r.unused_pickle_keys for r in reports))
         if unused:
             raise InvalidKeyError(f"pickle_keys names keys the state dict lacks: {sorted(unused)}")
-        entries, lists = manifest_contents(
-            plan, [r.values for r in reports], [r.order for r in reports], [r.lists for r in reports]
+        entries, lists, tuples = manifest_contents(
+            plan,
+            [r.values for r in reports],
+            [r.order for r in reports],
+            [r.lists for r in reports],
+            [r.tuples for r in reports],
         )
         manifest = Manifest(
             save_id=str(uuid.uuid4()),
@@ -265,6 +271,7 @@ def _coordinate(
             writer=WRITER,
             entries=entries,
             lists=lists,
+            tuples=tuples,
             metadata=dict(metadata or {}),
             world_size=world_size,
             parallelism=dict(parallelism or {}),

@@ -14,6 +14,7 @@ format's rules as code (spec sections 2-8, 11 and 13), shared by the writer, the
   checked in the order a reader must (§3, §12); ``seal_root`` and the manifest digest (R3.20);
 - ``ReaderLimits``: the bounds checked before any allocation (§11);
 - ``loads``, ``dumps``: strict JSON (no duplicate members, NaN or Infinity);
+- ``split_tuples``, ``join_tuples``: a JSON value's tuples as positions beside it (R3.22);
 - ``validate``, ``schema_problems``: the JSON Schemas of ``schemas/``.
 
 Names are imported on first use, so importing one costs only its module's imports; the
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from .root import check_root_document
     from .schemas import SCHEMA_DIR, SchemaName, schema_problems, validate
     from .strict_json import dumps, loads
+    from .tuples import Position, join_tuples, split_tuples
 
 _LAZY = {
     "Key": (".keys", "Key"),
@@ -93,6 +95,9 @@ _LAZY = {
     "validate": (".schemas", "validate"),
     "dumps": (".strict_json", "dumps"),
     "loads": (".strict_json", "loads"),
+    "Position": (".tuples", "Position"),
+    "join_tuples": (".tuples", "join_tuples"),
+    "split_tuples": (".tuples", "split_tuples"),
 }
 """Each public name imported on first use: the module that defines it, and its name there."""
 
@@ -119,6 +124,7 @@ __all__ = [
     "KeyComponent",
     "Manifest",
     "ObjectEntry",
+    "Position",
     "ReaderLimits",
     "SchemaName",
     "TensorEntry",
@@ -134,6 +140,7 @@ __all__ = [
     "dumps",
     "encode_chunk",
     "format_key",
+    "join_tuples",
     "key_to_path",
     "loads",
     "parent_paths",
@@ -141,5 +148,6 @@ __all__ = [
     "reseal_root",
     "schema_problems",
     "seal_root",
+    "split_tuples",
     "validate",
 ]

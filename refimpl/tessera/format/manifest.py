@@ -26,6 +26,7 @@ from .keys import Key, PathTree, key_to_path
 from .layout import ArrayLayout, ChunkIndex
 from .limits import DEFAULT_LIMITS, ReaderLimits
 from .strict_json import dumps
+from .tuples import Position, check_positions, join_tuples
 
 __all__ = [
     "FORMAT_NAME",
@@ -43,8 +44,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "tessera"
-FORMAT_VERSION = "1.1"
-"""What this writer writes: 1.1 added the chunk lists (R3.19) and the manifest digest (R3.20)."""
+FORMAT_VERSION = "1.2"
+"""What this writer writes: 1.1 added the chunk lists (R3.19) and the manifest digest (R3.20),
+1.2 the tuples (R3.22)."""
 SUPPORTED_MAJOR = 1
 UNDERSTOOD_FIELDS: frozenset[str] = frozenset()
 """Names a manifest's ``must_understand`` may list that this reader implements (none in 1.0)."""
@@ -100,12 +102,18 @@ class ValueEntry(_Keyed):
     """A JSON value held in the manifest itself (``float``: a non-finite float, spelled as Zarr does)."""
 
     value: Any
+    """As the manifest spells it (JSON: tuples are lists); :meth:`decoded` is the Python value."""
     encoding: ValueEncoding = "json"
+    tuples: tuple[Position, ...] = ()
+    """Positions in ``value`` of the arrays that were tuples (R3.22); ``()`` before 1.2."""
 
     kind: Literal["value"] = field(default="value", init=False)
 
     def decoded(self) -> Any:
-        return NONFINITE_FLOATS[self.value] if self.encoding == "float" else self.value
+        """The value as the writer held it: the float of a ``"float"`` value, tuples rebuilt."""
+        if self.encoding == "float":
+            return NONFINITE_FLOATS[self.value]
+        return join_tuples(self.value, self.tuples)
 
 
 Entry = TensorEntry | ObjectEntry | ValueEntry
@@ -136,7 +144,9 @@ class Manifest:
     entries: tuple[Entry, ...]
     """In the order of the original state dict, so a reader rebuilds dicts in that order."""
     lists: tuple[Key, ...] = ()
-    """Keys of containers that were lists or tuples (rebuilt as lists), not dicts."""
+    """Keys of containers that were lists or tuples, not dicts."""
+    tuples: tuple[Key, ...] = ()
+    """The keys of ``lists`` whose containers were tuples (R3.8, from 1.2 on)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """The user's JSON metadata: step, tokens seen, config."""
     world_size: int = 1
@@ -163,6 +173,10 @@ class Manifest:
             "provenance": {"world_size": self.world_size, "parallelism": self.parallelism},
             "metadata": self.metadata,
             "lists": [list(k) for k in self.lists],
+        }
+        if self.format_version not in ("1.0", "1.1"):
+            manifest["tuples"] = [list(k) for k in self.tuples]
+        manifest |= {
             "entries": [_entry_to_json(e) for e in self.entries],
         }
         return {"zarr_format": 3, "node_type": "group", "attributes": {"tessera": manifest}}
@@ -193,6 +207,8 @@ class Manifest:
         tree = _check_no_prefix_clash(entries)
         lists = tuple(tuple(k) for k in doc["lists"])
         _check_lists(tree, lists, limits)
+        tuples = tuple(tuple(k) for k in doc.get("tuples", ()))
+        _check_tuples(lists, tuples)
         provenance = doc["provenance"]
         return cls(
             save_id=doc["save_id"],
@@ -200,6 +216,7 @@ class Manifest:
             writer=WriterInfo(doc["writer"]["name"], doc["writer"]["version"]),
             entries=entries,
             lists=lists,
+            tuples=tuples,
             metadata=doc["metadata"],
             world_size=provenance["world_size"],
             parallelism=provenance["parallelism"],
@@ -245,6 +262,8 @@ def _entry_to_json(entry: Entry) -> dict[str, Any]:
     else:
         doc["encoding"] = entry.encoding
         doc["value"] = entry.value
+        if entry.tuples:
+            doc["tuples"] = [list(p) for p in entry.tuples]
     return doc
 
 
@@ -273,7 +292,9 @@ def _entry_from_json(doc: dict[str, Any], index: int, limits: ReaderLimits) -> E
     value = doc["value"]
     if doc["encoding"] == "float" and not (isinstance(value, str) and value in NONFINITE_FLOATS):
         raise SchemaViolationError(f"{where}: float value must be one of {list(NONFINITE_FLOATS)}")
-    return ValueEntry(key, doc["value"], doc["encoding"])
+    tuples = tuple(tuple(p) for p in doc.get("tuples", ()))
+    check_positions(value, tuples, where)
+    return ValueEntry(key, value, doc["encoding"], tuples)
 
 
 def _check_no_prefix_clash(entries: tuple[Entry, ...]) -> PathTree:
@@ -304,3 +325,15 @@ def _check_lists(tree: PathTree, lists: tuple[Key, ...], limits: ReaderLimits) -
             raise InconsistentCheckpointError(
                 f"lists names {path!r} a list, but it holds the string key {names[0][:80]!r}"
             )
+
+
+def _check_tuples(lists: tuple[Key, ...], tuples: tuple[Key, ...]) -> None:
+    """Every key of ``tuples`` is a key of ``lists``: a tuple is a list that comes back as a tuple
+    (R3.8); a damaged manifest must not turn a dict into one."""
+    listed = set(lists)
+    stray = [k for k in tuples if k not in listed]
+    if stray:
+        raise InconsistentCheckpointError(
+            f"tuples names the key {list(stray[0])[:20]}, which lists does not name: every tuple "
+            "container is also a list container; the manifest was damaged or badly written"
+        )

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from ..errors import InvalidKeyError, ShardingError
 from ..format.keys import Key, key_to_path, parent_paths, path_to_key
 from ..format.manifest import Entry, ValueEntry
+from ..format.tuples import split_tuples
 from .global_plan import GlobalPlan
 from .local_plan import Cell, LeafSpec
 
@@ -28,8 +29,12 @@ def manifest_contents(
     values: Sequence[Sequence[LeafSpec]],
     orders: Sequence[Sequence[str]],
     lists: Sequence[Sequence[Key]],
-) -> tuple[tuple[Entry, ...], tuple[Key, ...]]:
-    """Every entry in merged state-dict order (R16.8), and the list keys."""
+    tuples: Sequence[Sequence[Key]],
+) -> tuple[tuple[Entry, ...], tuple[Key, ...], tuple[Key, ...]]:
+    """Every entry in merged state-dict order (R16.8), the list keys, and those of tuples (R3.8).
+
+    A container is a tuple if any rank held it as one: ranks that hold a list and a tuple at
+    one key differ only in a type the reader's template decides anyway (R8.8)."""
     merged: dict[str, ValueEntry] = {}
     holder: dict[str, int] = {}
     cells: list[tuple[Cell, int]] = list(plan.cells)
@@ -42,7 +47,7 @@ def manifest_contents(
                 cells.append((spec.cell, rank))
                 if not spec.cell.main:
                     continue  # a copy of a cell is not stored, whatever it holds (R16.5)
-            entry = ValueEntry(spec.key, spec.value, "float" if spec.tag == "float" else "json")
+            entry = _value_entry(spec)
             if path in merged:
                 if _canonical(merged[path]) != _canonical(entry):
                     raise ShardingError(
@@ -56,7 +61,19 @@ def manifest_contents(
     _check_no_value_holds_keys(order)
     entries: tuple[Entry, ...] = tuple(plan.entries[p] if p in plan.entries else merged[p] for p in order)
     _check_case_collisions(list(order))
-    return entries, tuple(dict.fromkeys(k for keys in lists for k in keys))
+    return (
+        entries,
+        tuple(dict.fromkeys(k for keys in lists for k in keys)),
+        tuple(dict.fromkeys(k for keys in tuples for k in keys)),
+    )
+
+
+def _value_entry(spec: LeafSpec) -> ValueEntry:
+    """The manifest's entry of a JSON leaf: tuples spelled as arrays, their positions listed (R3.22)."""
+    if spec.tag == "float":
+        return ValueEntry(spec.key, spec.value, "float")
+    value, positions = split_tuples(spec.value)
+    return ValueEntry(spec.key, value, "json", positions)
 
 
 def _merged_order(orders: Sequence[Sequence[str]], cells: list[tuple[Cell, int]]) -> dict[str, int]:
@@ -94,7 +111,7 @@ def _check_no_value_holds_keys(order: dict[str, int]) -> None:
 
 def _canonical(entry: ValueEntry) -> str:
     """JSON equality that tells 1, 1.0 and true apart."""
-    return entry.encoding + json.dumps(entry.value, sort_keys=True)
+    return entry.encoding + json.dumps([entry.value, entry.tuples], sort_keys=True)
 
 
 def _check_cells(cells: list[tuple[Cell, int]]) -> None:

@@ -85,6 +85,8 @@ class LocalPlan:
     order: tuple[str, ...]
     """Every leaf's path in state-dict order."""
     lists: tuple[Key, ...]
+    tuples: tuple[Key, ...]
+    """The keys of ``lists`` that were tuples."""
     pieces: tuple[tuple[Piece, ...], ...]
     unused_pickle_keys: frozenset[str]
 
@@ -119,6 +121,7 @@ def make_local_plan(flat: Flattened, options: SaveOptions) -> LocalPlan:
         tuple(values),
         tuple(order),
         tuple(flat.lists),
+        tuple(flat.tuples),
         tuple(pieces),
         frozenset(pickle_keys - used),
     )

@@ -6,7 +6,8 @@ for its ``state_dict()``, walked like any other subtree. Any
 subtree that is plain JSON (string-keyed dicts, lists, tuples, strings, ints,
 finite floats, bools, None) is one leaf, stored inline in the manifest; other
 containers are walked, and the keys of those that were lists or tuples are
-recorded so that the reader rebuilds lists rather than integer-keyed dicts.
+recorded so that the reader rebuilds lists (or tuples) rather than integer-keyed
+dicts. Tuples inside a JSON leaf are the manifest's business (:mod:`tessera.format.tuples`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Flattened:
     """Every leaf with its key, in the state dict's order."""
     lists: list[Key]
     """Keys of walked containers that were lists or tuples."""
+    tuples: list[Key]
+    """The keys of ``lists`` whose containers were tuples (a namedtuple is a tuple)."""
 
 
 def is_json(value: Any) -> bool:
@@ -67,8 +70,9 @@ def flatten(state_dict: Mapping[Any, Any]) -> Flattened:
     check_state_dict(state_dict)
     leaves: list[tuple[Key, Any]] = []
     lists: list[Key] = []
-    _walk(state_dict, (), leaves, lists)
-    return Flattened(leaves, lists)
+    tuples: list[Key] = []
+    _walk(state_dict, (), leaves, lists, tuples)
+    return Flattened(leaves, lists, tuples)
 
 
 def _children(
@@ -84,6 +88,7 @@ def _walk(
     prefix: Key,
     leaves: list[tuple[Key, Any]],
     lists: list[Key],
+    tuples: list[Key],
 ) -> None:
     for component, value in _children(container):
         key = (*prefix, component)
@@ -91,13 +96,18 @@ def _walk(
         if isinstance(value, (Mapping, list, tuple)) and not is_json(value):
             if isinstance(value, (list, tuple)):
                 lists.append(key)
-            _walk(value, key, leaves, lists)
+            if isinstance(value, tuple):
+                tuples.append(key)
+            _walk(value, key, leaves, lists, tuples)
         else:
             leaves.append((key, value))
 
 
-def unflatten(leaves: Iterable[tuple[Key, Any]], lists: Iterable[Key]) -> dict[Any, Any]:
-    """Rebuild the nested state dict from keyed leaves (the inverse of :func:`flatten`)."""
+def unflatten(
+    leaves: Iterable[tuple[Key, Any]], lists: Iterable[Key], tuples: Iterable[Key] = ()
+) -> dict[Any, Any]:
+    """Rebuild the nested state dict from keyed leaves (the inverse of :func:`flatten`): the
+    containers at ``lists`` as lists, those also at ``tuples`` as tuples."""
     root: dict[Any, Any] = {}
     for key, value in leaves:
         node = root
@@ -107,13 +117,14 @@ def unflatten(leaves: Iterable[tuple[Key, Any]], lists: Iterable[Key]) -> dict[A
                 raise InvalidKeyError(f"key {format_key(key)} lies under a stored value")
             node = child
         node[key[-1]] = value
+    as_tuple = set(tuples)
     for key in sorted(set(lists), key=len, reverse=True):
-        _to_list(root, key)
+        _to_list(root, key, key in as_tuple)
     return root
 
 
-def _to_list(root: dict[Any, Any], key: Key) -> None:
-    """Turn the integer-keyed dict at ``key`` into a list (indices must be 0..n-1).
+def _to_list(root: dict[Any, Any], key: Key, as_tuple: bool) -> None:
+    """Turn the integer-keyed dict at ``key`` into a list or a tuple (indices must be 0..n-1).
 
     Deeper keys are converted first, so every ancestor is still a dict here; a
     container that a partial load left out is skipped.
@@ -126,4 +137,5 @@ def _to_list(root: dict[Any, Any], key: Key) -> None:
     if not isinstance(node, dict) or not all(type(k) is int for k in node):
         return
     if sorted(node) == list(range(len(node))):
-        parent[key[-1]] = [node[i] for i in range(len(node))]
+        items = [node[i] for i in range(len(node))]
+        parent[key[-1]] = tuple(items) if as_tuple else items
