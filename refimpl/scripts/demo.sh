@@ -3,8 +3,9 @@
 # 1. refimpl/examples/train_gpt.py: one process trains a small GPT, checkpoints, crashes,
 #    resumes bit-exactly, inspects, verifies, reads back with zarr-python and tensorstore
 #    (extra arguments go to it, e.g. --out DIR; default ./demo-run);
-# 2. refimpl/examples/train_sharded.py: four ranks train with ZeRO-sharded AdamW and save
-#    together; the run resumes at two ranks and at one, bit-exactly (./demo-run-sharded).
+# 2. refimpl/examples/train_sharded.py: four FSDP2 ranks train, save together and are
+#    SIGKILLed; the run resumes at two ranks, and again after a kill, bit-exactly
+#    (./demo-run-sharded).
 # Exit status: 0 if both PASS, 1 otherwise.
 
 set -euo pipefail
