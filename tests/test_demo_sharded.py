@@ -29,7 +29,8 @@ def test_fsdp2_saved_at_4_ranks_resumes_at_2_bit_exactly(tmp_path: Path) -> None
     )
     output = result.stdout[-3000:] + result.stderr[-3000:]
     assert result.returncode == 0, output
-    assert "the 4 ranks were killed (SIGKILL) after the commit" in result.stdout, output
+    assert "step-00000002 committed, then the parent SIGKILLed the 4 ranks" in result.stdout, output
+    assert "exit codes [-9, -9, -9, -9]" in result.stdout, output
     assert "the data position equal the 4 ranks' saved state: True" in result.stdout, output
     assert "ranks 0-1 got their own saved states back: True" in result.stdout, output
     assert "restarted from latest = step-00000003 at step 3" in result.stdout, output
