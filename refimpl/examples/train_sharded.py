@@ -56,6 +56,9 @@ from train_gpt import GPT, Config, prepare, synthetic_corpus  # noqa: E402
 MUST_MATCH = ["vocab", "seq_len", "d_model", "n_head", "n_layer"]
 """Config keys a resume must share with the checkpoint; the others (world_size) may differ."""
 
+TIMEOUT_S = 300
+"""A launch whose ranks take longer is killed and reported as failed."""
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -200,14 +203,15 @@ def launch(ctx: Any, phase: Phase, cfg: Config, root: Path, results: Path) -> li
     start = time.perf_counter()
     for p in procs:
         p.start()
-    if phase.save_and_die:
-        name = tessera.RunDirectory.name_of(phase.until)
-        while (latest := tessera.RunDirectory(root).latest()) is None or latest.name != name:
-            if not all(p.is_alive() for p in procs):
-                raise SystemExit(f"{phase.name}: a rank exited before {name} was committed")
-            time.sleep(0.05)
-        for p in procs:
-            p.kill()  # SIGKILL, the moment the commit is visible
+    run, name = tessera.RunDirectory(root), tessera.RunDirectory.name_of(phase.until)
+    deadline = time.monotonic() + TIMEOUT_S
+    while any(p.is_alive() for p in procs):
+        failed = any(p.exitcode not in (None, 0) for p in procs) or time.monotonic() > deadline
+        if failed or phase.save_and_die and run.latest() == run.root / name:
+            for p in procs:
+                p.kill()  # SIGKILL: the moment the commit is visible (or the ranks of a failed run)
+            break
+        time.sleep(0.05)
     for p in procs:
         p.join()
     codes = [p.exitcode for p in procs]
