@@ -476,6 +476,39 @@ def test_two_ranks_save_and_resume_their_own_rng(tmp_path: Path) -> None:
     assert "rng/python/~0" in stored and "rng/python/~1" in stored  # one cell per rank
 
 
+def _ranks_resume_at_four(rank: int, world: int, run: str) -> dict[str, Any]:
+    import warnings
+
+    import tessera
+
+    state = {"model": torch.nn.Linear(3, 2), "rng": tessera.RNGState()}
+    torch.manual_seed(1000 + rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = tessera.Checkpointer(run).load(state)
+    return {
+        "step": result.step,
+        "draw": torch.rand(2).tolist(),
+        "warned": [str(w.message) for w in caught if issubclass(w.category, tessera.TesseraWarning)],
+    }
+
+
+def test_a_resume_at_more_ranks_derives_the_new_ranks_rng(tmp_path: Path) -> None:
+    """Saved by 2 ranks, resumed by 4: ranks 0-1 get their own generators back, ranks 2-3 a state
+    derived from rank 0's and their rank, with a warning, the same on every resume."""
+    run = str(tmp_path / "run")
+    saved = run_ranks(2, _ranks_save_and_load, run)
+    first = run_ranks(4, _ranks_resume_at_four, run)
+    again = run_ranks(4, _ranks_resume_at_four, run)
+    assert [r["step"] for r in first] == [5] * 4
+    assert [r["draw"] for r in first] == [r["draw"] for r in again]  # deterministic
+    assert len({tuple(r["draw"]) for r in first}) == 4  # every rank draws its own numbers
+    assert not first[0]["warned"] and not first[1]["warned"]
+    for rank in (2, 3):
+        assert any(f"rank {rank} had none" in w for w in first[rank]["warned"]), first[rank]["warned"]
+    assert saved[0]["draw"] != saved[1]["draw"]
+
+
 def test_preempted_saves_the_step_once_and_the_handler_goes_with_the_checkpointer(tmp_path: Path) -> None:
     import os
     import signal

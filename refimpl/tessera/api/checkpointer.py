@@ -78,7 +78,16 @@ from .load import load
 from .run_config import check_must_match, config_changes, must_match_keys, normalize_config
 from .run_dir import RunDirectory
 from .run_layout import committed
-from .run_metadata import BOTH, ROLES, model_part, role_by_type, run_info, run_metadata, template_for
+from .run_metadata import (
+    BOTH,
+    ROLES,
+    model_part,
+    rng_for,
+    role_by_type,
+    run_info,
+    run_metadata,
+    template_for,
+)
 from .save import save
 from .save_async import AsyncSave
 
@@ -278,6 +287,7 @@ class Checkpointer:
             }
             effective = "release" if kind == "release" else mode.value
             template = template_for(state, roles, effective, load_optimizer=load_optimizer, load_rng=load_rng)
+            template = {k: rng_for(checkpoint, k, v) for k, v in template.items()}
             if effective != "resume" and not template:
                 raise InvalidKeyError(
                     f"a {effective} loads the model role only, and the state ({', '.join(map(str, state))}) "

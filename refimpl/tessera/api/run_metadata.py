@@ -20,7 +20,16 @@ from ..state.model_optimizer import ModelAndOptimizer
 from ..state.rng import RNGState
 from .checkpoint import Checkpoint
 
-__all__ = ["BOTH", "ROLES", "model_part", "role_by_type", "run_info", "run_metadata", "template_for"]
+__all__ = [
+    "BOTH",
+    "ROLES",
+    "model_part",
+    "rng_for",
+    "role_by_type",
+    "run_info",
+    "run_metadata",
+    "template_for",
+]
 
 ROLES = ("model", "optimizer", "rng", "progress")
 """The roles of a state's top-level keys, as the run metadata lists them (R10.13)."""
@@ -63,6 +72,16 @@ def template_for(
         elif not (role == "optimizer" and not load_optimizer or role == "rng" and not load_rng):
             template[key] = value
     return template
+
+
+def rng_for(checkpoint: Checkpoint, key: Any, value: Any) -> Any:
+    """``value`` as the template of ``key``, except an :class:`RNGState` on a rank the checkpoint
+    has no cells for (saved by fewer ranks): the stand-in that derives this rank's state from
+    rank 0's (:meth:`RNGState.for_saved_world`), so that a resume at a larger world size goes on."""
+    if not isinstance(value, RNGState):
+        return value
+    saved_world = len(checkpoint.subtree((key, "torch")))
+    return value.for_saved_world(saved_world) if saved_world else value
 
 
 def run_metadata(kind: str, config: dict[str, Any] | None, roles: Mapping[str, str]) -> dict[str, Any]:

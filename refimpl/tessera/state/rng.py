@@ -26,7 +26,10 @@ and its own rank (SHA-256 of both), and a :class:`TesseraWarning` says so: its d
 from every saved rank's and are the same on every resume, but they are not those of any
 uninterrupted run. With fewer ranks than saved, rank 0 warns that the extra ranks' states are
 not used. Given only this rank's cells (a load with ``state_dict()`` as the template), the rank
-must exist in the checkpoint: the load itself refuses a missing cell.
+must exist in the checkpoint: the load itself refuses a missing cell. A loader that knows the
+saved world size puts :meth:`RNGState.for_saved_world` in its template instead (the
+``Checkpointer`` does): a rank beyond it then reads rank 0's cells only and derives its state
+from them, with the warning, so a resume at a larger world size goes on.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from ..errors import KeyMismatchError, TensorMismatchError, TesseraWarning
 from .flatten import is_json
 from .sharded import ShardedObject
 
-__all__ = ["RNGState"]
+__all__ = ["DerivedRNGState", "RNGState"]
 
 _INT64 = range(-(2**63), 2**63)
 
@@ -113,16 +116,26 @@ class RNGState:
                         stacklevel=2,
                     )
                 return
-            self._derive(_cell_of(state, 0), rank)
-            warnings.warn(
-                f"RNGState: the checkpoint holds the RNG states of {saved_world} ranks; rank {rank} "
-                f"had none, so its generators were seeded from rank 0's saved state and rank {rank} "
-                "(the same on every resume, but not the draws of an uninterrupted run)",
-                TesseraWarning,
-                stacklevel=2,
-            )
+            self._derive_with_warning(_cell_of(state, 0), rank, saved_world)
             return
         self._restore(state)
+
+    def _derive_with_warning(self, rank0: Mapping[str, Any], rank: int, saved_world: int) -> None:
+        self._derive(rank0, rank)
+        warnings.warn(
+            f"RNGState: the checkpoint holds the RNG states of {saved_world} ranks; rank {rank} "
+            f"had none, so its generators were seeded from rank 0's saved state and rank {rank} "
+            "(the same on every resume, but not the draws of an uninterrupted run)",
+            TesseraWarning,
+            stacklevel=3,
+        )
+
+    def for_saved_world(self, saved_world: int) -> RNGState | DerivedRNGState:
+        """What a load's template holds for a checkpoint saved by ``saved_world`` ranks: this
+        object where the checkpoint has this rank's cells, else a :class:`DerivedRNGState` that
+        reads rank 0's cells and seeds this rank's generators from them and the rank."""
+        rank, _ = self._rank_and_world()
+        return self if rank < saved_world else DerivedRNGState(self, rank, saved_world)
 
     def _rank_and_world(self) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
@@ -212,6 +225,26 @@ class RNGState:
         torch.manual_seed(seed("torch"))  # seeds the CUDA generators too (lazily, without CUDA)
         if torch.cuda.is_available():
             torch.cuda.manual_seed_all(seed("cuda"))
+
+
+class DerivedRNGState:
+    """A rank's :class:`RNGState` as a load's template when the checkpoint has no cells for the
+    rank (saved by fewer ranks): it reads rank 0's cells and seeds the rank's generators from
+    them and the rank (``RNGState``'s derivation, with its ``TesseraWarning``). Made by
+    :meth:`RNGState.for_saved_world`."""
+
+    def __init__(self, rng: RNGState, rank: int, saved_world: int) -> None:
+        self._rng = rng
+        self._rank = rank
+        self._saved_world = saved_world
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rank 0's cells (``rng/torch/~0``...): the only ones a load reads for this rank."""
+        return _cells(_encode(self._rng._live()), self._saved_world, 0)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Seed the rank's generators from rank 0's loaded cells (checked as for a restore)."""
+        self._rng._derive_with_warning(state, self._rank, self._saved_world)
 
 
 def _bit_generator(gen: np.random.Generator | np.random.BitGenerator) -> np.random.BitGenerator:
