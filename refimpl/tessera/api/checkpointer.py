@@ -73,9 +73,10 @@ from ..planning.options import SaveOptions
 from ..state.stateful import is_stateful
 from ..storage.local import LocalStorage
 from ..storage.resolve import Location
+from ..util.arguments import string_list
 from .checkpoint import open_checkpoint
 from .load import load
-from .run_config import check_must_match, config_changes, must_match_keys, normalize_config
+from .run_config import check_must_match, config_changes, normalize_config
 from .run_dir import RunDirectory
 from .run_layout import committed
 from .run_metadata import (
@@ -158,7 +159,7 @@ class Checkpointer:
         if not isinstance(async_save, bool):
             raise TypeError(f"async_save must be a bool, got {async_save!r}")
         self.config = normalize_config(config)
-        self.must_match = must_match_keys(must_match)
+        self.must_match = tuple(string_list(must_match, "must_match", "config keys"))
         self.async_save = async_save
         self.options = options
         self.process_group = process_group

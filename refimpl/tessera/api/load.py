@@ -40,6 +40,7 @@ from ..state.sharded import ShardedObject, ShardedTensor
 from ..state.stateful import swap_stateful
 from ..state.tensors import as_torch
 from ..storage.resolve import Location
+from ..util.arguments import string_list
 from .checkpoint import Checkpoint, engine_of, storage_of
 
 __all__ = ["LoadResult", "Strict", "load"]
@@ -109,7 +110,7 @@ def load(
     """
     mode = _strict_mode(strict)
     if keys is not None:
-        keys = _paths(keys)
+        keys = string_list(keys, "keys", "paths (as tessera inspect prints them)")
     if isinstance(path, Checkpoint):
         checkpoint = path
     else:
@@ -190,17 +191,6 @@ def _strict_mode(strict: Strict | str) -> Strict:
     except ValueError:
         names = ", ".join(repr(m.value) for m in Strict)
         raise ValueError(f"strict must be one of {names}, got {strict!r}") from None
-
-
-def _paths(keys: Iterable[str]) -> list[str]:
-    """``keys`` as a list of paths; a lone string would otherwise be read one character at a time."""
-    if isinstance(keys, str):
-        raise TypeError(f"keys must be a list of paths, not one string: keys=[{keys!r}]")
-    paths = list(keys)
-    wrong = [k for k in paths if not isinstance(k, str)]
-    if wrong:
-        raise TypeError(f"keys must be paths (strings, as tessera inspect prints them), got {wrong[0]!r}")
-    return paths
 
 
 def _match(checkpoint: Checkpoint, requested: Mapping[str, None], mode: Strict) -> _Match:

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import ConfigMismatchError, UnsafeEncodingError
 
-__all__ = ["ABSENT", "check_must_match", "config_changes", "must_match_keys", "normalize_config"]
+__all__ = ["ABSENT", "check_must_match", "config_changes", "normalize_config"]
 
 ABSENT = "<absent>"
 """How a message shows a key that one side's configuration does not have."""
@@ -97,17 +97,6 @@ def _value(value: Any, name: str) -> Any:
         "saved config cannot hold: use JSON values (numbers, strings, lists, dicts), a path, an "
         "enum or a torch.dtype, or leave it out of the config"
     )
-
-
-def must_match_keys(keys: Iterable[str]) -> tuple[str, ...]:
-    """``keys`` as a tuple of config keys; a lone string would otherwise be read letter by letter."""
-    if isinstance(keys, str):
-        raise TypeError(f"must_match is a list of config keys, not one string: must_match=[{keys!r}]")
-    out = tuple(keys)
-    wrong = [k for k in out if not isinstance(k, str)]
-    if wrong:
-        raise TypeError(f"must_match holds config keys (strings), got {wrong[0]!r}")
-    return out
 
 
 def check_must_match(

@@ -94,8 +94,7 @@ def run_all(tasks: Iterable[Callable[[], None]], threads: int | None = None) -> 
         run.work()
     else:
         pool = [
-            threading.Thread(target=run.work, name=f"tessera-io-{i}", daemon=True)
-            for i in range(workers)
+            threading.Thread(target=run.work, name=f"tessera-io-{i}", daemon=True) for i in range(workers)
         ]
         for thread in pool:
             thread.start()
