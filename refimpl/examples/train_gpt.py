@@ -539,8 +539,9 @@ def main() -> int:
 
 
 def demo(cfg: Config, out: Path) -> int:
-    # Each training process is forked from a server that has imported torch and Tessera once.
-    multiprocessing.set_forkserver_preload(["torch", "numpy", "tessera"])
+    # Each training process is forked from a server that has imported torch and Tessera once
+    # (and torch._dynamo, which the first optimizer imports: a second per process otherwise).
+    multiprocessing.set_forkserver_preload(["torch", "torch._dynamo", "numpy", "tessera"])
 
     params = sum(p.numel() for p in GPT(cfg).parameters())
     print(
