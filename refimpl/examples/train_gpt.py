@@ -33,10 +33,8 @@ import contextlib
 import hashlib
 import io
 import multiprocessing
-import os
 import random
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -254,34 +252,34 @@ def train(job: Job) -> None:
     cfg = job.cfg
     trainer = Trainer(cfg, synthetic_corpus(cfg))
     state = trainer.state
-    log = job.log.open("a", buffering=1)  # a line per step: what survives a SIGKILL
     storage: Path | Storage = job.root
     if job.hang_in_save_of:
         storage = HangingDisk(LocalStorage(job.root), tessera.RunDirectory.name_of(job.hang_in_save_of))
     preemption = tessera.Preemption()  # SIGTERM / SIGUSR1: save at the next step boundary, exit 0
-    with tessera.Checkpointer(
-        storage, config=cfg, must_match=ARCHITECTURE, keep_last=2, async_save=True, preemption=preemption
-    ) as ckpt:
-        resumed = ckpt.load(state)  # step 0 and nothing loaded on a fresh start
-        log.write(f"start {resumed.step} {resumed.mode}\n")
-        for step in range(resumed.step + 1, cfg.steps + 1):
-            log.write(f"loss {step} {trainer.train_step().hex()}\n")
-            if step % cfg.every == 0:
-                ckpt.save(step, state)  # returns once the state is copied; written in the background
-            if step == job.crash_at:
-                ckpt.wait()  # the save in flight commits: the kill comes right after
-                log.write("waiting for SIGKILL\n")
-                time.sleep(3600)
-            if step == job.sigterm_at:
-                log.write("waiting for SIGTERM\n")
-                while preemption.received is None:
-                    time.sleep(0.01)
-            if ckpt.preempted(step, state):  # saved `step` (committed) if a signal came
-                log.write(f"preempted {step}\n")
-                return
-        if cfg.steps % cfg.every:
-            ckpt.save(cfg.steps, state)  # the last step too: what a finetune or an export starts from
-    log.write(f"done {trainer.digest()}\n")
+    with job.log.open("a", buffering=1) as log:  # a line per step: what survives a SIGKILL
+        with tessera.Checkpointer(
+            storage, config=cfg, must_match=ARCHITECTURE, keep_last=2, async_save=True, preemption=preemption
+        ) as ckpt:
+            resumed = ckpt.load(state)  # step 0 and nothing loaded on a fresh start
+            log.write(f"start {resumed.step}\n")
+            for step in range(resumed.step + 1, cfg.steps + 1):
+                log.write(f"loss {step} {trainer.train_step().hex()}\n")
+                if step % cfg.every == 0:
+                    ckpt.save(step, state)  # returns once the state is copied; written in the background
+                if step == job.crash_at:
+                    ckpt.wait()  # the save in flight commits: the kill comes right after
+                    log.write("waiting for SIGKILL\n")
+                    time.sleep(3600)
+                if step == job.sigterm_at:  # the scheduler's signal comes here, so the demo is repeatable
+                    log.write("waiting for SIGTERM\n")
+                    while preemption.received is None:
+                        time.sleep(0.01)
+                if ckpt.preempted(step, state):  # a signal came: `step` is saved and committed
+                    log.write(f"preempted {step}\n")
+                    return
+            if cfg.steps % cfg.every:
+                ckpt.save(cfg.steps, state)  # the last step too: what a finetune or an export starts from
+        log.write(f"done {trainer.digest()}\n")  # after the with: the last save has committed
 
 
 # -- the demo: processes and signals ------------------------------------------------------------
@@ -293,13 +291,12 @@ class Result:
 
     losses: dict[int, str]
     start: int
-    end: str  # "done", "preempted" or "" (killed)
     digest: str = ""
     preempted_at: int = 0
 
 
 def read_log(path: Path) -> Result:
-    result = Result({}, 0, "")
+    result = Result({}, 0)
     for line in path.read_text().splitlines():
         word, *rest = line.split()
         if word == "loss":
@@ -307,9 +304,9 @@ def read_log(path: Path) -> Result:
         elif word == "start":
             result.start = int(rest[0])
         elif word == "done":
-            result.end, result.digest = "done", rest[0]
+            result.digest = rest[0]
         elif word == "preempted":
-            result.end, result.preempted_at = "preempted", int(rest[0])
+            result.preempted_at = int(rest[0])
     return result
 
 
@@ -373,7 +370,7 @@ def kill_after_checkpoint(cfg: Config, out: Path, reference: Result) -> bool:
     job = Job(cfg, out / "run-B", out / "B.log", crash_at=cfg.crash_at)
     process = start(job)
     wait_for(f"step {cfg.crash_at}", logged(job, "waiting for SIGKILL"), process)
-    os.kill(process.pid, signal.SIGKILL)
+    process.kill()  # SIGKILL
     process.join()
     print(
         f"   run B: trained steps 1-{cfg.crash_at}, committed {committed_steps(job.root)}, SIGKILLed "
@@ -393,7 +390,7 @@ def kill_during_save(cfg: Config, out: Path, reference: Result) -> bool:
         return (directory / ".tessera-claim.json").is_file() and not (directory / "zarr.json").exists()
 
     wait_for(f"the save of step {step}", saving, process)
-    os.kill(process.pid, signal.SIGKILL)
+    process.kill()  # SIGKILL
     process.join()
     print(
         f"   run C: SIGKILLed (exit {process.exitcode}) while saving {directory.name} "
@@ -415,7 +412,7 @@ def preempt(cfg: Config, out: Path, reference: Result) -> bool:
     job = Job(cfg, out / "run-D", out / "D.log", sigterm_at=cfg.crash_at)
     process = start(job)
     wait_for(f"step {cfg.crash_at}", logged(job, "waiting for SIGTERM"), process)
-    os.kill(process.pid, signal.SIGTERM)
+    process.terminate()  # SIGTERM, as a scheduler sends before its SIGKILL
     process.join()
     before = read_log(job.log)
     clean = process.exitcode == 0 and before.preempted_at == cfg.crash_at
