@@ -23,7 +23,7 @@ the config saved and its architecture keys checked on load (``must_match``).
 6. ``tessera ls`` / ``inspect`` / ``verify`` on A's run, ``verify`` on a damaged copy, and
    zarr-python and tensorstore reading one weight with no Tessera code.
 
-Run: ``python refimpl/examples/train_gpt.py [--out DIR]`` (about 30 s on 2 CPU cores).
+Run: ``python refimpl/examples/train_gpt.py [--out DIR]`` (about 40 s on 2 CPU cores).
 """
 
 from __future__ import annotations
@@ -245,6 +245,7 @@ class Job:
     crash_at: int = 0  # wait there to be SIGKILLed (after the last save committed)
     sigterm_at: int = 0  # wait there for the parent's SIGTERM
     hang_in_save_of: int = 0  # the save of this step hangs on its first write (HangingDisk)
+    keep_last: int | None = 2  # retention: the newest checkpoints kept (None: all)
 
 
 def train(job: Job) -> None:
@@ -258,7 +259,12 @@ def train(job: Job) -> None:
     preemption = tessera.Preemption()  # SIGTERM / SIGUSR1: save at the next step boundary, exit 0
     with job.log.open("a", buffering=1) as log:  # a line per step: what survives a SIGKILL
         with tessera.Checkpointer(
-            storage, config=cfg, must_match=ARCHITECTURE, keep_last=2, async_save=True, preemption=preemption
+            storage,
+            config=cfg,
+            must_match=ARCHITECTURE,
+            keep_last=job.keep_last,
+            async_save=True,
+            preemption=preemption,
         ) as ckpt:
             resumed = ckpt.load(state)  # step 0 and nothing loaded on a fresh start
             log.write(f"start {resumed.step}\n")
@@ -382,7 +388,8 @@ def kill_after_checkpoint(cfg: Config, out: Path, reference: Result) -> bool:
 
 def kill_during_save(cfg: Config, out: Path, reference: Result) -> bool:
     step = cfg.crash_at // cfg.every * cfg.every
-    job = Job(cfg, out / "run-C", out / "C.log", hang_in_save_of=step)
+    # keep_last=None: every checkpoint stays, so that the one whose save was killed is there to check.
+    job = Job(cfg, out / "run-C", out / "C.log", hang_in_save_of=step, keep_last=None)
     directory = job.root / tessera.RunDirectory.name_of(step)
     process = start(job)
 
