@@ -48,7 +48,7 @@ import tessera
 import torch
 import torch.nn.functional as F
 from tessera.cli.main import main as tessera_cli
-from tessera.storage.base import Buffer, Storage
+from tessera.storage.base import CLAIM_FILE, Buffer, Storage
 from tessera.storage.local import LocalStorage
 from tessera.testing import StorageWrapper
 from torch import nn
@@ -394,14 +394,14 @@ def kill_during_save(cfg: Config, out: Path, reference: Result) -> bool:
     process = start(job)
 
     def saving() -> bool:  # the save has begun: the directory is claimed, nothing committed
-        return (directory / ".tessera-claim.json").is_file() and not (directory / "zarr.json").exists()
+        return (directory / CLAIM_FILE).is_file() and not (directory / "zarr.json").exists()
 
     wait_for(f"the save of step {step}", saving, process)
     process.kill()  # SIGKILL
     process.join()
     print(
         f"   run C: SIGKILLed (exit {process.exitcode}) while saving {directory.name} "
-        f"({len(list(directory.rglob('*')))} entries written, no zarr.json); committed "
+        f"(claimed by its {CLAIM_FILE}, no zarr.json); committed "
         f"{committed_steps(job.root)}"
     )
     restart = run_to_end(replace(job, hang_in_save_of=0))
