@@ -5,8 +5,9 @@
 #    SIGTERM, resume bit-exactly; then finetune, a refused config, inspect, verify, and
 #    zarr-python and tensorstore reading a weight (extra arguments go to it, e.g. --out DIR;
 #    default ./demo-run);
-# 2. refimpl/examples/train_sharded.py: four ranks train with ZeRO-sharded AdamW and save
-#    together; the run resumes at two ranks and at one, bit-exactly (./demo-run-sharded).
+# 2. refimpl/examples/train_sharded.py: four FSDP2 ranks train, save together and are
+#    SIGKILLed; the run resumes at two ranks, and again after a kill, bit-exactly
+#    (./demo-run-sharded).
 # Exit status: 0 if both PASS, 1 otherwise.
 
 set -euo pipefail
