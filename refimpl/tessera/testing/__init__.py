@@ -9,6 +9,10 @@
   the test kit a :class:`~tessera.storage.base.Storage` implementation subclasses to check
   itself against the interface's contract (it needs pytest, which only that module imports;
   ``import tessera`` never imports this package).
+- :mod:`tessera.testing.fault_proxy`: :class:`~tessera.testing.fault_proxy.FaultProxy`, a
+  fault-injecting HTTP reverse proxy to put in front of an object store (503s, lost responses,
+  resets, delays, truncated bodies); imported by name only, so this package does not load the
+  HTTP server modules for users who never need them.
 """
 
 from .faults import CHUNKS, FaultyStorage
