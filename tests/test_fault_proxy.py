@@ -9,6 +9,7 @@ import http.client
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,12 @@ from tessera.testing.fault_proxy import (
 
 class _Store(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # the default 5 resets connections under concurrent requests
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """Quiet about connections the proxy dropped on purpose (a truncated relay resets them)."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}

@@ -273,6 +273,9 @@ class FaultProxy:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 overflows under a client's parallel PUTs, and Linux then
+    # falls back to SYN cookies and may reset a connection: a fault nobody asked for.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], handler: type[_Handler], proxy: FaultProxy) -> None:
         self.proxy = proxy
