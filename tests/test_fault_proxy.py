@@ -274,7 +274,7 @@ def test_a_fault_at_every_request_index(proxy: FaultProxy, store: _Store) -> Non
         assert [e.index for e in proxy.exchanges] == list(range(count))
 
 
-def test_upstream_down_is_a_502_and_a_bad_address_is_refused() -> None:
+def test_upstream_down_is_a_502_and_bad_arguments_are_refused() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
@@ -283,6 +283,8 @@ def test_upstream_down_is_a_502_and_a_bad_address_is_refused() -> None:
         assert status == 502 and f"127.0.0.1:{free}" in body.decode()
     with pytest.raises(UnsupportedLocationError, match="host:port"):
         FaultProxy("s3://bucket/prefix")
+    with pytest.raises(re.error):
+        Rule(Respond(500), path="(")
 
 
 def test_stop_does_not_wait_for_idle_or_delayed_clients(store: _Store) -> None:

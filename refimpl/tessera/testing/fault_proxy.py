@@ -125,6 +125,10 @@ class Rule:
     index: int | None = None
     nth: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            re.compile(self.path)  # a bad pattern fails here, in the test, not in a server thread
+
     def selects(self, method: str, target: str) -> bool:
         """Whether ``method`` and ``target`` match (``index`` and ``nth`` are the proxy's to count)."""
         if self.method is not None and self.method.upper() != method.upper():
@@ -225,6 +229,9 @@ class FaultProxy:
             self._trial = _Trial(tuple(rules))
 
     def __enter__(self) -> FaultProxy:
+        if self._server is not None:
+            raise StorageError(f"the fault proxy at {self.url} is already running: enter it once")
+        self._stopping.clear()
         try:
             self._server = _Server(("127.0.0.1", 0), _Handler, self)
         except OSError as err:
@@ -258,13 +265,15 @@ class FaultProxy:
             thread.join(self.timeout)
 
     # -- used by the handler threads
-    def _decide(self, method: str, target: str) -> tuple[int, Action | None]:
+    def _decide(self, method: str, target: str) -> tuple[_Trial, int, Action | None]:
+        """The request's trial (its exchange goes there even if :meth:`set_rules` ran meanwhile),
+        index and action."""
         with self._lock:
-            return self._trial.decide(method, target)
+            return (self._trial, *self._trial.decide(method, target))
 
-    def _record(self, exchange: Exchange) -> None:
+    def _record(self, trial: _Trial, exchange: Exchange) -> None:
         with self._lock:
-            self._trial.exchanges.append(exchange)
+            trial.exchanges.append(exchange)
 
     def _track(self, conn: socket.socket, add: bool) -> None:
         with self._lock:
@@ -315,10 +324,11 @@ class _Handler(BaseHTTPRequestHandler):
         that has its answer also finds it in :attr:`FaultProxy.exchanges`."""
         proxy = self.server.proxy
         body = self._read_body()
-        index, action = proxy._decide(self.command, self.path)
+        trial, index, action = proxy._decide(self.command, self.path)
 
         def record(status: int | None, forwarded: bool, upstream: int | None = None) -> None:
-            proxy._record(Exchange(index, self.command, self.path, status, forwarded, upstream, action))
+            exchange = Exchange(index, self.command, self.path, status, forwarded, upstream, action)
+            proxy._record(trial, exchange)
 
         if isinstance(action, Respond):
             record(action.status, False)
