@@ -107,3 +107,28 @@ def test_a_foreign_object_under_the_prefix_is_refused(s3_server: S3Server) -> No
     obstore.put(storage._store, f"{storage.location.split('/', 3)[3]}/notes.txt", b"mine")
     with pytest.raises(CheckpointExistsError, match="not empty"):
         tessera.save(_state(), storage)
+
+
+def test_missing_credentials_are_named(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    # The client falls back to the instance metadata service: point it at a closed port, so
+    # that the test neither waits for nor depends on the machine's network.
+    options = S3Options(
+        endpoint_url=s3_server.endpoint, config={"metadata_endpoint": "http://127.0.0.1:9"}, max_retries=0
+    )
+    storage = S3Storage(s3_server.bucket, s3_server.fresh_prefix(), options)
+    with pytest.raises(StorageError, match="no AWS credentials found") as caught:
+        tessera.save(_state(), storage)
+    assert storage.location in str(caught.value) and "AWS_ACCESS_KEY_ID" in str(caught.value)
+
+
+def test_large_files_go_up_as_multipart_uploads(s3_server: S3Server) -> None:  # noqa: F811
+    options = _options(s3_server)
+    options.multipart_bytes = 1 << 20
+    storage = S3Storage(s3_server.bucket, s3_server.fresh_prefix(), options)
+    data = bytes(range(256)) * (6 << 12)  # 6 MiB: one part over the threshold
+    storage.claim(b'{"save_id": "s"}')
+    storage.write_file("big", [data[:100], memoryview(data)[100:]])
+    assert storage.size("big") == len(data)
+    assert storage.read_file("big", len(data)) == data

@@ -48,9 +48,6 @@ from .s3_client import (
 
 __all__ = ["S3Options", "S3Storage", "storage_from_url"]
 
-MULTIPART_BYTES = 64 << 20
-"""Files larger than this go up as multipart uploads (parallel parts, bounded memory)."""
-
 
 def storage_from_url(url: str) -> S3Storage:
     """The ``tessera.storage`` entry point for ``s3://bucket/prefix``: settings from the environment."""
@@ -111,6 +108,26 @@ class S3Storage(Storage):
                 f"{self.location} was already claimed by another save ({CLAIM_FILE} exists) and two "
                 "writers never share a prefix; if that save died uncommitted, delete the prefix"
             )
+        self._check_conditional_writes(doc)
+
+    def _check_conditional_writes(self, doc: bytes) -> None:
+        """A second ``If-None-Match: *`` PUT of the claim must be refused: a store that accepts it
+        ignores conditional writes, so neither the claim nor the root would be first-wins. Such
+        a store is refused (its claim removed) before anything else is written."""
+        key = self._key(CLAIM_FILE)
+        with s3_errors(f"cannot write {self._url(CLAIM_FILE)}"):
+            try:
+                obstore.put(self._store_once, key, doc, mode="create")
+            except Exception as exc:
+                if is_precondition(exc):
+                    return
+                raise
+            obstore.delete(self._store, key)
+        raise StorageError(
+            f"{self.location}: the store ignores conditional writes (If-None-Match: *), so a commit "
+            "could silently replace another save's; use a store that supports them (AWS S3, MinIO, "
+            "moto 5.2.5 or newer, ...)"
+        )
 
     def write_file(self, path: str, buffers: Iterable[Buffer]) -> None:
         key, url = self._key(path), self._url(path)
@@ -121,7 +138,7 @@ class S3Storage(Storage):
             parts.append(memoryview(buffer).cast("B"))
         total = sum(p.nbytes for p in parts)
         with s3_errors(f"cannot write {url}"):
-            if total > MULTIPART_BYTES:
+            if total > self._options.multipart_bytes:
                 # Only the claim's holder writes under the prefix (R9.4), so the unconditional
                 # multipart upload cannot replace a rival's file.
                 obstore.put(self._store, key, parts, use_multipart=True, chunk_size=16 << 20)

@@ -53,6 +53,7 @@ class S3Options:
         connect_timeout_s: float = 5.0,
         max_retries: int = 4,
         retry_timeout_s: float = 60.0,
+        multipart_bytes: int = 64 << 20,
     ) -> None:
         self.endpoint_url = endpoint_url
         self.region = region
@@ -62,6 +63,8 @@ class S3Options:
         self.connect_timeout_s = connect_timeout_s
         self.max_retries = max_retries
         self.retry_timeout_s = retry_timeout_s
+        self.multipart_bytes = multipart_bytes
+        """Files larger than this go up as multipart uploads (parallel parts, bounded memory)."""
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -150,6 +153,10 @@ def s3_errors(what: str) -> Iterator[None]:
             raise
         answer = short(exc)
         hint = next((h for code, h in _HINTS.items() if answer.startswith(code)), "")
+        if "/latest/api/token" in answer or "/latest/meta-data" in answer:
+            # No credentials in the options or the environment: the client fell back to the
+            # EC2 instance metadata service, which is not there.
+            answer, hint = "no AWS credentials found", _NO_CREDENTIALS
         denied = obstore_errors.PermissionDeniedError | obstore_errors.UnauthenticatedError
         if not hint and isinstance(exc, denied):
             hint = _HINTS["AccessDenied"]
@@ -168,6 +175,10 @@ def short(exc: BaseException) -> str:
 
 _CODE = re.compile(r"<Code>([^<]*)</Code>")
 _MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
+_NO_CREDENTIALS = (
+    " (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance role,"
+    " AWS_WEB_IDENTITY_TOKEN_FILE or container credentials provide them)"
+)
 _HINTS = {
     "NoSuchBucket": " (create the bucket, or check the name and AWS_ENDPOINT_URL)",
     "AccessDenied": " (check the AWS_* credentials and the bucket's policy)",
