@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import tessera
 import torch
+from tessera.cli.main import main
 from tessera.errors import CheckpointExistsError, StorageError
 from tessera.storage.resolve import storage_for
 from tessera.testing.storage_tests import MakeStorage, StorageTests
@@ -93,6 +94,15 @@ def test_save_load_open_by_url(s3_env: S3Server) -> None:
     assert torch.equal(torch.as_tensor(part), state["w"][5:20, 2:9])  # type: ignore[index]
     with pytest.raises(CheckpointExistsError):
         tessera.save(state, url)
+    assert tessera.verify(url).ok
+
+
+def test_cli_inspects_and_verifies_by_url(s3_env: S3Server, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"s3://{s3_env.bucket}/{s3_env.fresh_prefix()}/ckpt"
+    tessera.save(_state(), url)
+    assert main(["inspect", url]) == 0
+    assert "w" in capsys.readouterr().out
+    assert main(["verify", url]) == 0
 
 
 def test_a_missing_bucket_fails_before_anything_is_written(s3_env: S3Server) -> None:
