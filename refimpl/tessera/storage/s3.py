@@ -144,7 +144,8 @@ class S3Storage(Storage):
                 obstore.put(self._store, key, parts, use_multipart=True, chunk_size=16 << 20)
                 return
             try:
-                obstore.put(self._store, key, b"".join(parts), mode="create")
+                body = parts[0] if len(parts) == 1 else b"".join(parts)  # one part: no copy
+                obstore.put(self._store, key, body, mode="create")
             except Exception as exc:
                 if is_precondition(exc):
                     raise StorageError(f"cannot write {url}: it exists (files are written once)") from None
