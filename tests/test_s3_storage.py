@@ -8,6 +8,8 @@ the summary and turn into failures to fix the day they start passing.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import tessera
 import torch
@@ -142,3 +144,32 @@ def test_large_files_go_up_as_multipart_uploads(s3_server: S3Server) -> None:  #
     storage.write_file("big", [data[:100], memoryview(data)[100:]])
     assert storage.size("big") == len(data)
     assert storage.read_file("big", len(data)) == data
+
+
+def test_concurrent_savers_to_one_prefix_have_one_winner(s3_server: S3Server) -> None:  # noqa: F811
+    """16 savers race for one prefix: exactly one commits, every other gets
+    CheckpointExistsError, and the committed checkpoint loads bit-exact."""
+    prefix, options = s3_server.fresh_prefix(), _options(s3_server)
+    states = [{"w": torch.full((8, 8), float(i)), "i": i} for i in range(16)]
+    outcomes: list[str] = [""] * len(states)
+    barrier = threading.Barrier(len(states))
+
+    def saver(i: int) -> None:
+        storage = S3Storage(s3_server.bucket, prefix, options)
+        barrier.wait()
+        try:
+            tessera.save(states[i], storage)
+            outcomes[i] = "won"
+        except CheckpointExistsError:
+            outcomes[i] = "lost"
+        except Exception as exc:  # noqa: BLE001 - shown in the assertion below
+            outcomes[i] = repr(exc)
+
+    threads = [threading.Thread(target=saver, args=(i,)) for i in range(len(states))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["lost"] * 15 + ["won"], outcomes
+    loaded = tessera.load(S3Storage(s3_server.bucket, prefix, options))
+    assert torch.equal(loaded["w"], states[outcomes.index("won")]["w"])
