@@ -183,6 +183,11 @@ class Checkpointer:
 
         The manifest, or with ``async_save`` the :class:`~tessera.AsyncSave` handle (the state
         is in host memory on return; a failure is raised by the next call, see the module)."""
+        return self._save(step, state, metadata, asynchronous=self.async_save)
+
+    def _save(
+        self, step: int, state: Mapping[str, Any], metadata: Mapping[str, Any] | None, *, asynchronous: bool
+    ) -> Manifest | AsyncSave:
         self._check_open()
         RunDirectory.name_of(step)
         user = dict(metadata or {})
@@ -192,7 +197,7 @@ class Checkpointer:
                 f"metadata keys {reserved} are the Checkpointer's own (R10.13); name yours otherwise"
             )
         user["run"] = run_metadata("checkpoint", self.config, self._roles_of(state))
-        if self.async_save:
+        if asynchronous:
             return self.run.save_async(
                 state, step, options=self.options, metadata=user, process_group=self.process_group
             )
@@ -225,11 +230,7 @@ class Checkpointer:
             committed(self.run.storage, name) if collective.rank == 0 else None, "checking the last save"
         )
         if not saved:
-            asynchronous, self.async_save = self.async_save, False
-            try:
-                self.save(step, state)
-            finally:
-                self.async_save = asynchronous
+            self._save(step, state, None, asynchronous=False)
         return True
 
     def save_release(self, location: Location, state: Mapping[str, Any]) -> Manifest:
