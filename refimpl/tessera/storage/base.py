@@ -49,6 +49,7 @@ cannot hold run directories leaves these methods as they are here: each raises
 from __future__ import annotations
 
 import builtins
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Literal, Protocol
@@ -63,6 +64,7 @@ __all__ = [
     "EntryKind",
     "Lock",
     "FileMissingError",
+    "claim_names",
     "PendingRead",
     "ReadNext",
     "Storage",
@@ -126,6 +128,17 @@ class FileMissingError(StorageError, FileNotFoundError):
     """A read found no file at the path (nothing there, or a directory): the caller says
     what that means (a missing chunk, an incomplete checkpoint). A ``FileNotFoundError``, the
     class a storage built on the file system would meet anyway."""
+
+
+def claim_names(storage: Storage, save_id: str) -> bool:
+    """Whether ``storage`` holds a claim (R9.3) whose ``save_id`` is ``save_id``: the first
+    condition under which ``remove_unpublished`` may delete anything (R9.7). A missing or
+    unreadable claim names no save."""
+    try:
+        claim = json.loads(storage.read_file(CLAIM_FILE, 1 << 16))
+    except (FileMissingError, ValueError):
+        return False
+    return isinstance(claim, dict) and claim.get("save_id") == save_id
 
 
 def check_relative_path(path: str) -> str:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import builtins
 import errno
-import json
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -54,6 +53,7 @@ from .base import (
     ReadNext,
     Storage,
     check_relative_path,
+    claim_names,
 )
 from .posix import (
     FileLock,
@@ -225,11 +225,7 @@ class LocalStorage(Storage):
         it is empty), then the directory itself if it can be removed; all through a descriptor of
         the root, never following a link. Nothing happens unless the claim is a regular file
         naming ``save_id`` and no root ``zarr.json`` exists."""
-        try:
-            claim = json.loads(self.read_file(CLAIM_FILE, 1 << 16))
-        except (FileMissingError, ValueError):
-            return
-        if not isinstance(claim, dict) or claim.get("save_id") != save_id:
+        if not claim_names(self, save_id):
             return
         if self.kind(ROOT_METADATA) is not None:
             return

@@ -33,6 +33,7 @@ from .base import (
     ReadNext,
     Storage,
     check_relative_path,
+    claim_names,
 )
 from .s3_client import (
     S3Options,
@@ -198,11 +199,7 @@ class S3Storage(Storage):
     def remove_unpublished(self, save_id: str) -> None:
         """Every object under the prefix but the claim first, the claim last, only while the
         claim names ``save_id`` and no root ``zarr.json`` exists (R9.7)."""
-        try:
-            claim = json.loads(self.read_file(CLAIM_FILE, 1 << 16))
-        except (FileMissingError, ValueError):
-            return
-        if not isinstance(claim, dict) or claim.get("save_id") != save_id:
+        if not claim_names(self, save_id):
             return
         if self.size(ROOT_METADATA) is not None:
             return
