@@ -1,9 +1,6 @@
 """The S3 storage against a real ``moto_server`` (tests/s3_server.py): the storage kit, and
 save / load / open through ``s3://bucket/prefix`` URLs configured by the ``AWS_*`` variables.
-
-The run-directory operations that need leases (lock, replace_file, remove_checkpoint) are not
-implemented on S3 yet: their kit tests are expected refusals (xfail, strict), so they show in
-the summary and turn into failures to fix the day they start passing.
+Run directories on S3 (leases, restart safety) are tested in tests/test_s3_run_dir.py.
 """
 
 from __future__ import annotations
@@ -23,12 +20,6 @@ from .s3_server import S3Server, s3_server  # noqa: F401 - the session fixture, 
 obstore = pytest.importorskip("obstore", reason="S3 storage needs obstore (the s3 extra)")
 
 from tessera.storage.s3 import S3Options, S3Storage  # noqa: E402 - after the skip above
-
-NOT_YET = pytest.mark.xfail(
-    raises=StorageError,
-    strict=True,
-    reason="S3 run directories need object-store leases (R10.12): not implemented yet",
-)
 
 
 def _options(server: S3Server) -> S3Options:
@@ -54,22 +45,6 @@ class TestS3Storage(StorageTests):
         prefix = s3_server.fresh_prefix()
         options = _options(s3_server)
         return lambda name: S3Storage(s3_server.bucket, f"{prefix}/{name}", options)
-
-    @NOT_YET
-    def test_replace_file(self, make_storage: MakeStorage) -> None:
-        super().test_replace_file(make_storage)
-
-    @NOT_YET
-    def test_locks_are_exclusive(self, make_storage: MakeStorage) -> None:
-        super().test_locks_are_exclusive(make_storage)
-
-    @NOT_YET
-    def test_remove_checkpoint(self, make_storage: MakeStorage) -> None:
-        super().test_remove_checkpoint(make_storage)
-
-    @NOT_YET
-    def test_run_directory(self, make_storage: MakeStorage) -> None:
-        super().test_run_directory(make_storage)
 
 
 def _state() -> dict[str, object]:

@@ -8,9 +8,12 @@ comparing its ``save_id``: never by publishing blindly. Every completed PUT is d
 ``sync`` has nothing to do (R9.8). Reads are ranged GETs: ``read_into`` asks for each block
 it is given, so a region read fetches only the bytes it needs.
 
-The run-directory operations that need leases (``lock``, ``replace_file``,
-``remove_checkpoint``; spec R10.12) are not implemented yet and refuse with the interface's
-:class:`StorageError`; ``child``, ``kind`` and ``entries`` are.
+Run directories (spec §10) live under a prefix too: a step is the prefix ``step-N/``, ``kind``
+and ``entries`` list with a delimiter (an object store has no links, FIFOs or devices, so every
+entry is a ``file`` or a ``dir``); ``latest`` is replaced by one unconditional PUT, which readers
+see whole or not at all (R10.3); a checkpoint is deleted root ``zarr.json`` first, then the rest,
+its claim last (R10.6). Locks are leases: objects at the marker keys, taken by conditional PUTs
+and renewed by a heartbeat (R10.12; :mod:`tessera.storage.s3_lease` says how and why).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from .s3_client import (
     s3_errors,
     short,
 )
+from .s3_lease import LeaseSettings, S3Lease, take_lease
 
 __all__ = ["S3Options", "S3Storage", "storage_from_url"]
 
@@ -282,7 +286,7 @@ class S3Storage(Storage):
     def list(self, path: str) -> builtins.list[str]:
         return [name for name, _ in self.entries(path)]
 
-    # -- run directories (the lease-free part) -----------------------------------------------
+    # -- run directories ---------------------------------------------------------------------
 
     def child(self, name: str) -> S3Storage:
         return S3Storage(self._bucket, self._key(name), self._options, _store=(self._store, self._store_once))
@@ -305,6 +309,50 @@ class S3Storage(Storage):
             (p[len(where) :].rstrip("/"), "dir") for p in found["common_prefixes"]
         ]
         return sorted(e for e in files + dirs if e[0])
+
+    def replace_file(self, path: str, data: bytes) -> None:
+        """One unconditional PUT: a reader sees the old object or the new one (R10.3); there is no
+        temporary object to leave behind, nor a link to follow."""
+        with s3_errors(f"cannot write {self._url(path)}"):
+            obstore.put(self._store, self._key(path), data)
+
+    def lock(self, path: str | None, *, create: bool, wait: float) -> S3Lease | None:
+        """A lease at the marker ``path``; ``None`` (the run's own lock) is the marker
+        :data:`RUN_LOCK`, made whatever ``create`` says (a prefix always exists) and deleted at
+        release, so it leaves nothing behind."""
+        marker = RUN_LOCK if path is None else path
+        settings = LeaseSettings(
+            self._store,
+            self._store_once,
+            self._key(marker),
+            self._url(marker),
+            self._options.lease_ttl_s,
+            self._options.lease_skew_s,
+        )
+        return take_lease(settings, create=create or path is None, wait=wait)
+
+    def remove_checkpoint(self, path: str) -> None:
+        """The root ``zarr.json`` first (a deletion cut short leaves an uncommitted checkpoint,
+        R10.6), then every other object under ``path/`` in batches, the claim last (so no plain
+        save claims a half-deleted prefix); keys that vanished meanwhile are no error."""
+        where = self._dir_key(path)
+        claim = f"{where}{CLAIM_FILE}"
+        with s3_errors(f"cannot remove the checkpoint {self._url(path)}"):
+            try:
+                obstore.delete(self._store, f"{where}{ROOT_METADATA}")
+            except Exception as exc:
+                if not is_not_found(exc):
+                    raise
+            keys = [m["path"] for batch in obstore.list(self._store, prefix=where) for m in batch]
+            rest = [k for k in keys if k != claim]
+            for start in range(0, len(rest), 1000):
+                obstore.delete(self._store, rest[start : start + 1000])
+            if claim in keys:
+                obstore.delete(self._store, claim)
+
+
+RUN_LOCK = ".latest.lock"
+"""The marker of a run's own lock (``lock(None)``, held while ``latest`` moves, R10.8)."""
 
 
 def _save_id(doc: bytes) -> str | None:

@@ -54,6 +54,8 @@ class S3Options:
         max_retries: int = 4,
         retry_timeout_s: float = 60.0,
         multipart_bytes: int = 64 << 20,
+        lease_ttl_s: float = 60.0,
+        lease_skew_s: float = 10.0,
     ) -> None:
         self.endpoint_url = endpoint_url
         self.region = region
@@ -65,6 +67,16 @@ class S3Options:
         self.retry_timeout_s = retry_timeout_s
         self.multipart_bytes = multipart_bytes
         """Files larger than this go up as multipart uploads (parallel parts, bounded memory)."""
+        self.lease_ttl_s = lease_ttl_s
+        """How long a run-directory lock outlives its holder's last renewal (R10.12; renewed every
+        third of it): a killed saver's step can be saved again this long after it died."""
+        self.lease_skew_s = lease_skew_s
+        """How far the clocks of processes sharing a run directory may disagree: a lease is taken
+        over only this long after its expiry, and its holder counts it lost this long before."""
+        if not 0 <= lease_skew_s < lease_ttl_s:
+            raise ValueError(
+                f"lease_skew_s ({lease_skew_s}) must be at least 0 and below lease_ttl_s ({lease_ttl_s})"
+            )
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
