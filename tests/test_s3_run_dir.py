@@ -4,7 +4,7 @@ real ``moto_server``, locks as leases, restart safety after SIGKILL.
 - a run on ``s3://``: steps save, ``latest`` moves forward (one PUT), listing, retention deletes
   root ``zarr.json`` first (checked on the server, and with the deletion cut short after it);
 - leases: a live lease refuses a second taker, an expired one is taken over (``created`` false),
-  a released-and-kept marker is free, a lost lease warns;
+  a released-and-kept marker is free, a lost lease warns, a lapsed lease commits nothing;
 - a saver process killed mid-save leaves its chunks and its lease; while the lease lives the
   step is refused ``already_exists``; once it expires a restarted save removes the leftover and
   commits (R10.11);
@@ -24,6 +24,7 @@ import textwrap
 import threading
 import time
 import warnings
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -119,17 +120,24 @@ def _marker(root: S3Storage, name: str) -> dict[str, Any]:
     return doc
 
 
+def _expires(root: S3Storage, name: str) -> float:
+    """The expiry of the lease at ``name``, UNIX seconds (it is written as RFC 3339 UTC)."""
+    text = _marker(root, name)["expires"]
+    assert text.endswith("Z")
+    return datetime.fromisoformat(text).timestamp()
+
+
 def test_leases(s3_server: S3Server) -> None:  # noqa: F811
     root = _run_root(s3_server, ttl=TTL)
     other = S3Storage(s3_server.bucket, root.location.split("/", 3)[3], _lease_options(s3_server, ttl=TTL))
     first = root.lock(".s.lock", create=True, wait=0.0)
     assert first is not None and first.created
-    expires = _marker(root, ".s.lock")["expires"]
+    expires = _expires(root, ".s.lock")
     time.sleep(TTL)  # the heartbeat renews it: still held after its first lease ran out
-    assert _marker(root, ".s.lock")["expires"] > expires
+    assert _expires(root, ".s.lock") > expires
     assert other.lock(".s.lock", create=True, wait=0.0) is None
     first.release(keep_marker=True)
-    assert _marker(root, ".s.lock")["released"] is True
+    assert _marker(root, ".s.lock")["expires"] == "1970-01-01T00:00:00.000Z"  # kept, free
     again = other.lock(".s.lock", create=False, wait=0.0)
     assert again is not None and not again.created
     # A holder that stops renewing (a killed process; here: its heartbeat stopped) loses the
@@ -141,7 +149,7 @@ def test_leases(s3_server: S3Server) -> None:  # noqa: F811
     with pytest.warns(TesseraWarning, match="lost the lock"):
         assert again.renew() is False
     again.release()  # lost: the taker's marker stays
-    assert _marker(root, ".s.lock")["released"] is False
+    assert _expires(root, ".s.lock") > time.time()
     taker.release()
     assert root.kind(".s.lock") is None
     # The run's own lock is a marker that leaves nothing behind.
@@ -150,6 +158,25 @@ def test_leases(s3_server: S3Server) -> None:  # noqa: F811
     assert other.lock(None, create=False, wait=0.1) is None
     whole.release()
     assert root.entries() == []
+
+
+def test_a_lapsed_lease_commits_nothing(s3_server: S3Server) -> None:  # noqa: F811
+    """A holder that could not renew its step lock in time (a stalled process; here its heartbeat is
+    stopped) must not commit: another process may have taken the step over (R10.12)."""
+    root = _run_root(s3_server, ttl=TTL)
+    lease = root.lock(".step-00000001.lock", create=True, wait=0.0)
+    assert lease is not None
+    step = root.child("step-00000001")
+    lease._stop.set()
+    time.sleep(TTL - SKEW)
+    assert not lease.valid
+    with pytest.raises(StorageError, match="not renewed in time.*nothing was committed"):
+        tessera.save(_state(1), step)
+    assert step.entries() == []  # the failed save removed what it wrote (R9.7)
+    lease.release()
+    assert _marker(root, ".step-00000001.lock")["expires"] == "1970-01-01T00:00:00.000Z"
+    tessera.save(_state(1), step)  # released: a plain save of that prefix is no one's concern
+    assert_tree_bit_equal(tessera.load(step), _state(1))
 
 
 _SAVER = textwrap.dedent(
@@ -205,14 +232,13 @@ def test_killed_saver_then_restart(s3_server: S3Server) -> None:  # noqa: F811
     killed_at = time.time()
     left = _keys(s3_server, prefix)
     assert ".step-00000007.lock" in left and "step-00000007/zarr.json" not in left
-    assert _marker(root, ".step-00000007.lock")["released"] is False  # its lease, not expired yet
     # While its lease lives, the step is refused and nothing of the leftover is touched.
-    assert _marker(root, ".step-00000007.lock")["expires"] > time.time()
+    assert _expires(root, ".step-00000007.lock") > time.time()
     with pytest.raises(CheckpointExistsError, match="being saved or deleted by another process"):
         run.save(_state(7), step=7)
     assert _keys(s3_server, prefix) == left
     # Once it expired, a restarted save removes the leftover and commits (R10.11).
-    time.sleep(max(0.0, _marker(root, ".step-00000007.lock")["expires"] + SKEW - time.time()) + 0.05)
+    time.sleep(max(0.0, _expires(root, ".step-00000007.lock") + SKEW - time.time()) + 0.05)
     assert time.time() - killed_at < KILL_TTL + SKEW + 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")

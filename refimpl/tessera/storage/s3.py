@@ -70,6 +70,7 @@ class S3Storage(Storage):
         options: S3Options | None = None,
         *,
         _store: tuple[Any, Any] | None = None,
+        _leases: dict[str, S3Lease] | None = None,
     ) -> None:
         self._bucket = bucket
         self._prefix = prefix.strip("/")
@@ -77,6 +78,8 @@ class S3Storage(Storage):
         if _store is None:
             _store = (make_store(bucket, self._options), make_store(bucket, self._options, retries=False))
         self._store, self._store_once = _store
+        self._leases: dict[str, S3Lease] = {} if _leases is None else _leases
+        """The leases this storage and its children took, by marker key (see ``_check_lease``)."""
 
     @property
     def location(self) -> str:
@@ -160,6 +163,7 @@ class S3Storage(Storage):
         """Nothing: a PUT that completed is durable (R9.8)."""
 
     def publish_root(self, data: bytes, save_id: str) -> None:
+        self._check_lease()
         if not self._put_once(ROOT_METADATA, data, save_id):
             raise CheckpointExistsError(
                 f"{self._url(ROOT_METADATA)} appeared during the save: another writer committed first"
@@ -289,7 +293,8 @@ class S3Storage(Storage):
     # -- run directories ---------------------------------------------------------------------
 
     def child(self, name: str) -> S3Storage:
-        return S3Storage(self._bucket, self._key(name), self._options, _store=(self._store, self._store_once))
+        store = (self._store, self._store_once)
+        return S3Storage(self._bucket, self._key(name), self._options, _store=store, _leases=self._leases)
 
     def kind(self, path: str) -> EntryKind | None:
         if self.size(path) is not None:
@@ -329,7 +334,20 @@ class S3Storage(Storage):
             self._options.lease_ttl_s,
             self._options.lease_skew_s,
         )
-        return take_lease(settings, create=create or path is None, wait=wait)
+        lease = take_lease(settings, create=create or path is None, wait=wait)
+        if lease is not None:
+            self._leases[settings.key] = lease
+        return lease
+
+    def _check_lease(self) -> None:
+        """A checkpoint saved under its run directory's step lock (``.<name>.lock`` beside it,
+        R10.9) is committed only while this process's lease on that lock is valid (R10.12): a
+        holder that could not renew in time may have been taken over, and the taker may be
+        removing this save's files as a dead save's leftover."""
+        parent, _, name = self._prefix.rpartition("/")
+        lease = self._leases.get(f"{parent}/.{name}.lock" if parent else f".{name}.lock")
+        if lease is not None:
+            lease.check(f"commit {self.location}")
 
     def remove_checkpoint(self, path: str) -> None:
         """The root ``zarr.json`` first (a deletion cut short leaves an uncommitted checkpoint,

@@ -3,22 +3,28 @@
 An object store has no ``flock``, and a lock whose holder died must become free without anyone
 cleaning up after it, so a lock is a *lease*: a small JSON object at the marker key,
 
-    {"tessera_lease": 1, "holder": "<random id>", "expires": <UNIX seconds>, "released": false}
+    {"tessera_lease": 1, "holder": "<random id, new at each take>", "expires": "2026-12-07T05:10:00.000Z"}
 
 - **Take**: ``PUT`` with ``If-None-Match: *``: the marker was not there, the lock is taken and
   ``created`` (R10.11: no leftover of a run-directory save can be at this step).
-- **Held or free**: where the marker exists, it is read (body and ETag). It is *free* when it says
-  ``released`` (a holder unlocked it and kept it as a mark, R10.10) or when its lease expired:
-  the reader's clock is past ``expires`` by more than the clock-skew margin. A free marker is
+- **Held or free**: where the marker exists, it is read (body and ETag). It is *free* when its
+  lease expired: the reader's clock is past ``expires`` (UTC, RFC 3339) by more than the
+  clock-skew margin; a marker that is no lease (an empty or foreign object) is free too. A free
+  marker is
   taken over by ``PUT`` with ``If-Match: <its ETag>``, so that of two takers exactly one wins (the
   other gets 412: held); ``created`` is then ``False`` (a marker was there: its holder is gone).
 - **Heartbeat**: while the lock is held, a daemon thread renews the lease every ``ttl / 3`` by
   ``PUT If-Match`` of the ETag it last wrote, moving ``expires`` to now + ``ttl``. A 412 means
   someone took the marker over, which happens only if this holder did not renew for ``ttl``
-  (plus the margin): the lock is *lost*, said by a :class:`~tessera.TesseraWarning` at once and
-  at release, and release then leaves the new holder's marker alone.
-- **Release**: the heartbeat stops; the marker is deleted, or with ``keep_marker`` rewritten
-  ``released`` (``If-Match``), so that ``lock(create=False)`` finds it and can take it.
+  (plus the margin): the lock is *lost*, said by a :class:`~tessera.TesseraWarning`; release
+  then leaves the new holder's marker alone, and :attr:`S3Lease.valid` turns false, which the
+  storage checks before it commits a checkpoint under the lock (``publish_root``): a save whose
+  lease ran out is not committed (R10.12).
+- **Release**: the heartbeat stops; the marker is deleted, or with ``keep_marker`` rewritten with
+  an ``expires`` in the past (``If-Match``), so that ``lock(create=False)`` finds it free. The
+  DELETE is unconditional (obstore has no conditional DELETE), so it is sent only while the lease
+  is valid by the holder's own clock, when no one else can have taken it; past that, release
+  rewrites the marker expired instead, conditionally, as with ``keep_marker``.
 
 Clock-skew assumption (R10.12, "a lock that can be taken has no live holder"): ``expires`` is
 written by the holder's clock and judged by the taker's, so the clocks of the processes sharing a
@@ -39,6 +45,7 @@ import uuid
 import warnings
 import weakref
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import StorageError, TesseraWarning
@@ -49,6 +56,8 @@ __all__ = ["LeaseSettings", "S3Lease", "take_lease"]
 
 LEASE_VERSION = 1
 _MAX_MARKER_BYTES = 1 << 12
+_RELEASED = "1970-01-01T00:00:00.000Z"
+"""The ``expires`` of a marker kept at release (R10.9): long past, so free for every reader."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +82,23 @@ class _Marker:
     free: bool
 
 
-def _body(holder: str, ttl_s: float, *, released: bool = False) -> bytes:
-    expires = round(time.time() + ttl_s, 3)
-    doc = {"tessera_lease": LEASE_VERSION, "holder": holder, "expires": expires, "released": released}
+def _body(holder: str, ttl_s: float | None) -> bytes:
+    """A marker of ``holder`` expiring ``ttl_s`` from now (``None``: released, long expired)."""
+    if ttl_s is None:
+        expires = _RELEASED
+    else:
+        moment = datetime.fromtimestamp(time.time() + ttl_s, UTC)
+        expires = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    doc = {"tessera_lease": LEASE_VERSION, "holder": holder, "expires": expires}
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _expiry(text: Any) -> float:
+    """``expires`` as UNIX seconds; an RFC 3339 time must name its offset (``Z``: UTC)."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError("no UTC offset")
+    return moment.timestamp()
 
 
 def _read(settings: LeaseSettings) -> _Marker | None:
@@ -93,11 +115,10 @@ def _read(settings: LeaseSettings) -> _Marker | None:
         data = bytes(result.bytes()) if int(result.meta["size"]) <= _MAX_MARKER_BYTES else b""
     try:
         doc = json.loads(data)
-        holder, expires, released = doc["holder"], float(doc["expires"]), bool(doc["released"])
+        holder, expires = str(doc["holder"]), _expiry(doc["expires"])
     except (ValueError, TypeError, KeyError):
         return _Marker(e_tag, None, True)
-    free = released or time.time() > expires + settings.skew_s
-    return _Marker(e_tag, str(holder), free)
+    return _Marker(e_tag, holder, time.time() > expires + settings.skew_s)
 
 
 def _put(settings: LeaseSettings, body: bytes, mode: Any) -> str | None:
@@ -175,6 +196,22 @@ class S3Lease(Lock):
         """Whether another process took the marker over (this holder did not renew in time)."""
         return self._lost
 
+    @property
+    def valid(self) -> bool:
+        """Whether this process may act under the lock now: held, not lost, and its lease not
+        yet within the clock-skew margin of its expiry by this process's clock."""
+        return not (self._released or self._lost) and time.time() < self._valid_until
+
+    def check(self, what: str) -> None:
+        """Raise unless this process may still act under the lock (a lock released already is
+        no longer this holder's concern): what runs under a lost or lapsed lease must stop."""
+        if not self._released and not self.valid:
+            raise StorageError(
+                f"cannot {what}: the lock {self._settings.url} was not renewed in time (its lease of "
+                f"{self._settings.ttl_s:g} s lapsed; another process may hold it now); nothing was "
+                "committed, save again"
+            )
+
     def renew(self) -> bool:
         """Move the lease's expiry to now + ttl; whether the lock is still held. A failed request is
         retried by the next heartbeat, until the lease would be takeable: then it is lost."""
@@ -214,9 +251,8 @@ class S3Lease(Lock):
             self._released = True
             if self._lost:
                 return  # the marker is another holder's now
-            if keep_marker:
-                body = _body(self._holder, 0.0, released=True)
-                if _put(self._settings, body, {"e_tag": self._e_tag}) is None:
+            if keep_marker or time.time() >= self._valid_until:
+                if _put(self._settings, _body(self._holder, None), {"e_tag": self._e_tag}) is None:
                     self._lose()
                 return
             with s3_errors(f"cannot remove the lock {self._settings.url}"):
