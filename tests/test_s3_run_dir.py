@@ -39,7 +39,7 @@ from .test_s3_storage import _options
 obstore = pytest.importorskip("obstore", reason="S3 storage needs obstore (the s3 extra)")
 
 from tessera.storage.s3 import RUN_LOCK, S3Options, S3Storage  # noqa: E402 - after the skip above
-from tessera.testing.fault_proxy import FaultProxy, Respond, Rule  # noqa: E402
+from tessera.testing.fault_proxy import FaultProxy, ResetAfter, Respond, Rule  # noqa: E402
 
 TTL = 1.5
 """The lease of the tests of expiry (a long pause of a loaded machine must not outlast it)."""
@@ -158,6 +158,22 @@ def test_leases(s3_server: S3Server) -> None:  # noqa: F811
     assert other.lock(None, create=False, wait=0.1) is None
     whole.release()
     assert root.entries() == []
+
+
+def test_lost_answers_are_read_back(s3_server: S3Server) -> None:  # noqa: F811
+    """A conditional PUT of a lease whose answer is lost after the server applied it (a reset)
+    is settled by reading the marker back: the take, a renewal and the keeping release succeed."""
+    prefix = f"{s3_server.fresh_prefix()}/run"
+    with FaultProxy(s3_server.endpoint.removeprefix("http://"), []) as proxy:
+        root = _run_root(s3_server, prefix, proxy.url, ttl=TTL)
+        marker = r"/\.s\.lock$"
+        proxy.set_rules([Rule(ResetAfter(), method="PUT", path=marker, nth=n) for n in range(3)])
+        lease = root.lock(".s.lock", create=True, wait=0.0)
+        assert lease is not None and lease.created
+        assert lease.renew() and lease.valid
+        lease.release(keep_marker=True)
+        assert [e.status for e in proxy.exchanges if e.method == "PUT"] == [None, None, None]
+    assert _marker(_run_root(s3_server, prefix), ".s.lock")["expires"] == "1970-01-01T00:00:00.000Z"
 
 
 def test_a_lapsed_lease_commits_nothing(s3_server: S3Server) -> None:  # noqa: F811

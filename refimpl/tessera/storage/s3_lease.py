@@ -75,21 +75,23 @@ class LeaseSettings:
 
 @dataclass(frozen=True, slots=True)
 class _Marker:
-    """A marker as read: its ETag, and whether it can be taken (released, or its lease expired)."""
+    """A marker as read: its ETag, its bytes, and whether it can be taken (its lease expired)."""
 
     e_tag: str
-    holder: str | None
+    data: bytes
     free: bool
 
 
-def _body(holder: str, ttl_s: float | None) -> bytes:
-    """A marker of ``holder`` expiring ``ttl_s`` from now (``None``: released, long expired)."""
-    if ttl_s is None:
-        expires = _RELEASED
+def _body(holder: str, expires: float | None) -> bytes:
+    """A marker of ``holder`` expiring at ``expires`` (UNIX seconds; ``None``: released, long
+    expired). Each body a holder writes differs (its expiry, to the millisecond), so reading one
+    back tells whether that very write was applied."""
+    if expires is None:
+        text = _RELEASED
     else:
-        moment = datetime.fromtimestamp(time.time() + ttl_s, UTC)
-        expires = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    doc = {"tessera_lease": LEASE_VERSION, "holder": holder, "expires": expires}
+        moment = datetime.fromtimestamp(expires, UTC)
+        text = moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    doc = {"tessera_lease": LEASE_VERSION, "holder": holder, "expires": text}
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
@@ -114,17 +116,15 @@ def _read(settings: LeaseSettings) -> _Marker | None:
         e_tag = str(result.meta["e_tag"])
         data = bytes(result.bytes()) if int(result.meta["size"]) <= _MAX_MARKER_BYTES else b""
     try:
-        doc = json.loads(data)
-        holder, expires = str(doc["holder"]), _expiry(doc["expires"])
+        expires = _expiry(json.loads(data)["expires"])
     except (ValueError, TypeError, KeyError):
-        return _Marker(e_tag, None, True)
-    return _Marker(e_tag, holder, time.time() > expires + settings.skew_s)
+        return _Marker(e_tag, data, True)
+    return _Marker(e_tag, data, time.time() > expires + settings.skew_s)
 
 
 def _put(settings: LeaseSettings, body: bytes, mode: Any) -> str | None:
     """One conditional PUT of the marker: its new ETag, or ``None`` if the condition failed (412).
-    A lost answer is settled by reading back: the marker is ours if it holds ``body``'s holder."""
-    holder = json.loads(body)["holder"]
+    A lost answer is settled by reading back: the PUT was applied if the marker holds ``body``."""
     with s3_errors(f"cannot write the lock {settings.url}"):
         try:
             return str(obstore.put(settings.store_once, settings.key, body, mode=mode)["e_tag"])
@@ -135,7 +135,7 @@ def _put(settings: LeaseSettings, body: bytes, mode: Any) -> str | None:
                 raise
             answer = short(exc)
     found = _read(settings)
-    if found is not None and found.holder == holder:
+    if found is not None and found.data == body:
         return found.e_tag
     if found is None and mode == "create":
         raise StorageError(
@@ -152,16 +152,17 @@ def take_lease(settings: LeaseSettings, *, create: bool, wait: float) -> S3Lease
     pause = 0.02
     while True:
         found = _read(settings)
+        expires = time.time() + settings.ttl_s
         if found is None:
             if not create:
                 return None
-            e_tag = _put(settings, _body(holder, settings.ttl_s), "create")
+            e_tag = _put(settings, _body(holder, expires), "create")
             if e_tag is not None:
-                return S3Lease(settings, holder, e_tag, created=True)
+                return S3Lease(settings, holder, e_tag, expires, created=True)
         elif found.free:
-            e_tag = _put(settings, _body(holder, settings.ttl_s), {"e_tag": found.e_tag})
+            e_tag = _put(settings, _body(holder, expires), {"e_tag": found.e_tag})
             if e_tag is not None:
-                return S3Lease(settings, holder, e_tag, created=False)
+                return S3Lease(settings, holder, e_tag, expires, created=False)
         if time.monotonic() + pause > deadline:
             return None
         time.sleep(pause)
@@ -171,12 +172,14 @@ def take_lease(settings: LeaseSettings, *, create: bool, wait: float) -> S3Lease
 class S3Lease(Lock):
     """A lease this process holds, renewed by a heartbeat thread until :meth:`release`."""
 
-    def __init__(self, settings: LeaseSettings, holder: str, e_tag: str, *, created: bool) -> None:
+    def __init__(
+        self, settings: LeaseSettings, holder: str, e_tag: str, expires: float, *, created: bool
+    ) -> None:
         self.created = created
         self._settings = settings
         self._holder = holder
         self._e_tag = e_tag
-        self._valid_until = time.time() + settings.ttl_s - settings.skew_s
+        self._valid_until = expires - settings.skew_s
         self._lost = False
         self._released = False
         self._mutex = threading.Lock()
@@ -218,15 +221,14 @@ class S3Lease(Lock):
         with self._mutex:
             if self._released or self._lost:
                 return False
+            expires = time.time() + self._settings.ttl_s
             try:
-                e_tag = _put(
-                    self._settings, _body(self._holder, self._settings.ttl_s), {"e_tag": self._e_tag}
-                )
+                e_tag = _put(self._settings, _body(self._holder, expires), {"e_tag": self._e_tag})
             except StorageError:
                 e_tag = ""  # no clear answer: try again at the next beat
             if e_tag:
                 self._e_tag = e_tag
-                self._valid_until = time.time() + self._settings.ttl_s - self._settings.skew_s
+                self._valid_until = expires - self._settings.skew_s
                 return True
             if e_tag is None or time.time() > self._valid_until:
                 self._lose()
@@ -238,7 +240,7 @@ class S3Lease(Lock):
         warnings.warn(
             f"lost the lock {self._settings.url}: its lease was not renewed within "
             f"{self._settings.ttl_s:g} s and another process may hold it now; what this process "
-            "does under it (a save of that step, a deletion) may race that process",
+            "does under it may race that process (a save under it is not committed)",
             TesseraWarning,
             stacklevel=2,
         )
