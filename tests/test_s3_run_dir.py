@@ -170,9 +170,22 @@ def test_lost_answers_are_read_back(s3_server: S3Server) -> None:  # noqa: F811
         proxy.set_rules([Rule(ResetAfter(), method="PUT", path=marker, nth=n) for n in range(3)])
         lease = root.lock(".s.lock", create=True, wait=0.0)
         assert lease is not None and lease.created
+        lease._stop.set()  # renewals by hand only, so that the exchanges are these
         assert lease.renew() and lease.valid
         lease.release(keep_marker=True)
         assert [e.status for e in proxy.exchanges if e.method == "PUT"] == [None, None, None]
+        # A 503 that the server did not apply: read back (unchanged), tried again.
+        proxy.set_rules([Rule(Respond(503), method="PUT", path=marker, nth=1)])
+        lease = root.lock(".s.lock", create=False, wait=0.0)
+        assert lease is not None and not lease.created
+        lease._stop.set()
+        assert lease.renew() and lease.valid and lease._next_beat == TTL / 3
+        assert [e.status for e in proxy.exchanges if e.method == "PUT"] == [200, 503, 200]
+        # A renewal that stays unclear keeps the lock while its lease lasts, and retries sooner.
+        proxy.set_rules([Rule(Respond(503), method="PUT", path=marker)])
+        assert lease.renew() and lease.valid and lease._next_beat == TTL / 30
+        proxy.set_rules([])
+        lease.release(keep_marker=True)
     assert _marker(_run_root(s3_server, prefix), ".s.lock")["expires"] == "1970-01-01T00:00:00.000Z"
 
 

@@ -333,6 +333,7 @@ class S3Storage(Storage):
             self._url(marker),
             self._options.lease_ttl_s,
             self._options.lease_skew_s,
+            self._options.max_retries + 1,
         )
         lease = take_lease(settings, create=create or path is None, wait=wait)
         if lease is not None:

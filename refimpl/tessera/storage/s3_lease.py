@@ -71,6 +71,8 @@ class LeaseSettings:
     url: str
     ttl_s: float
     skew_s: float
+    attempts: int
+    """How often a conditional PUT is tried while its answers stay unclear."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,25 +125,32 @@ def _read(settings: LeaseSettings) -> _Marker | None:
 
 
 def _put(settings: LeaseSettings, body: bytes, mode: Any) -> str | None:
-    """One conditional PUT of the marker: its new ETag, or ``None`` if the condition failed (412).
-    A lost answer is settled by reading back: the PUT was applied if the marker holds ``body``."""
-    with s3_errors(f"cannot write the lock {settings.url}"):
-        try:
-            return str(obstore.put(settings.store_once, settings.key, body, mode=mode)["e_tag"])
-        except Exception as exc:
-            if is_precondition(exc):
-                return None
-            if not is_ambiguous(exc):
-                raise
-            answer = short(exc)
-    found = _read(settings)
-    if found is not None and found.data == body:
-        return found.e_tag
-    if found is None and mode == "create":
-        raise StorageError(
-            f"cannot take the lock {settings.url}: the store did not answer clearly ({answer}); try again"
-        )
-    return None
+    """A conditional PUT of the marker: its new ETag, or ``None`` if the condition failed (412:
+    another process wrote it). An unclear answer (a 5xx, a timeout, a reset) is settled by
+    reading back: the PUT was applied if the marker holds ``body``; it was not if the marker is
+    as the condition expects (absent, or at the ETag given), and is then tried again; anything
+    else is another writer's. Unclear to the end: :class:`StorageError`."""
+    answer = ""
+    for attempt in range(settings.attempts):
+        if attempt:
+            time.sleep(min(0.05 * 2**attempt, 1.0))
+        with s3_errors(f"cannot write the lock {settings.url}"):
+            try:
+                return str(obstore.put(settings.store_once, settings.key, body, mode=mode)["e_tag"])
+            except Exception as exc:
+                if is_precondition(exc):
+                    return None
+                if not is_ambiguous(exc):
+                    raise
+                answer = short(exc)
+        found = _read(settings)
+        if found is not None and found.data == body:
+            return found.e_tag
+        if (found is None) != (mode == "create") or (found is not None and found.e_tag != mode["e_tag"]):
+            return None
+    raise StorageError(
+        f"cannot write the lock {settings.url}: the store did not answer clearly ({answer}); try again"
+    )
 
 
 def take_lease(settings: LeaseSettings, *, create: bool, wait: float) -> S3Lease | None:
@@ -182,13 +191,15 @@ class S3Lease(Lock):
         self._valid_until = expires - settings.skew_s
         self._lost = False
         self._released = False
+        self._next_beat = settings.ttl_s / 3
+        """Seconds to the next renewal: a third of the lease, a tenth of that after a failure."""
         self._mutex = threading.Lock()
         self._stop = threading.Event()
         # The thread holds the lease weakly: a lease dropped unreleased stops renewing, and
         # expires as a dead holder's would.
         self._thread = threading.Thread(
             target=_heartbeat,
-            args=(weakref.ref(self), self._stop, settings.ttl_s / 3),
+            args=(weakref.ref(self), self._stop),
             name=f"tessera-lease {settings.url}",
             daemon=True,
         )
@@ -216,8 +227,8 @@ class S3Lease(Lock):
             )
 
     def renew(self) -> bool:
-        """Move the lease's expiry to now + ttl; whether the lock is still held. A failed request is
-        retried by the next heartbeat, until the lease would be takeable: then it is lost."""
+        """Move the lease's expiry to now + ttl; whether the lock is still held. A request without
+        a clear answer is retried soon, until the lease would be takeable: then it is lost."""
         with self._mutex:
             if self._released or self._lost:
                 return False
@@ -225,7 +236,8 @@ class S3Lease(Lock):
             try:
                 e_tag = _put(self._settings, _body(self._holder, expires), {"e_tag": self._e_tag})
             except StorageError:
-                e_tag = ""  # no clear answer: try again at the next beat
+                e_tag = ""  # no clear answer: try again soon
+            self._next_beat = self._settings.ttl_s / (3 if e_tag else 30)
             if e_tag:
                 self._e_tag = e_tag
                 self._valid_until = expires - self._settings.skew_s
@@ -265,9 +277,13 @@ class S3Lease(Lock):
                         raise
 
 
-def _heartbeat(lease: weakref.ref[S3Lease], stop: threading.Event, interval: float) -> None:
-    while not stop.wait(interval):
+def _heartbeat(lease: weakref.ref[S3Lease], stop: threading.Event) -> None:
+    held = lease()
+    while held is not None:
+        interval = held._next_beat
+        del held
+        if stop.wait(interval):
+            return
         held = lease()
         if held is None or not held.renew():
             return
-        del held
