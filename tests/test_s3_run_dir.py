@@ -9,7 +9,7 @@ real ``moto_server``, locks as leases, restart safety after SIGKILL.
   step is refused ``already_exists``; once it expires a restarted save removes the leftover and
   commits (R10.11);
 - two concurrent savers of one step: exactly one commits;
-- ``tessera.Checkpointer("s3://...")``: save, keep_last, load in place.
+- ``tessera.Checkpointer("s3://...")``: asynchronous saves, keep_last, load in place.
 
 Leases here last 1.5 s (``lease_ttl_s``), so expiry is quick.
 """
@@ -317,7 +317,7 @@ def test_checkpointer_on_s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
     url = f"s3://{s3_server.bucket}/{s3_server.fresh_prefix()}/run"
     model = torch.nn.Linear(8, 4)
     state: dict[str, Any] = {"model": model, "data": {"position": 0}}
-    with tessera.Checkpointer(url, keep_last=2) as ckpt:
+    with tessera.Checkpointer(url, keep_last=2, async_save=True) as ckpt:
         for step in (10, 20, 30):
             with torch.no_grad():
                 model.weight.fill_(float(step))
