@@ -120,9 +120,10 @@ def test_save_async_from_many_ranks_and_from_one(s3_env: S3Server) -> None:  # n
     for key in ("w", "c", "r"):
         assert_bit_equal(loaded[key], _full(key))
     one = f"s3://{s3_env.bucket}/{s3_env.fresh_prefix()}/one"
-    state = {"w": _full("w"), "c": _full("c"), "step": 7}
+    w = _full("w")
+    state = {"w": w, "c": _full("c"), "step": 7}
     handle = tessera.save_async(state, one, options=tessera.SaveOptions(chunk_bytes=CHUNK_BYTES))
-    state["w"].zero_()  # the snapshot was taken at the call
+    w.zero_()  # the snapshot was taken at the call
     handle.wait()
     loaded = tessera.load(one)
     assert_bit_equal(loaded["w"], _full("w"))
