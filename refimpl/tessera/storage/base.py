@@ -218,6 +218,18 @@ class Storage(ABC):
     def exists(self) -> bool:
         """Whether anything is at the location at all."""
 
+    def present(self) -> bool:
+        """Whether the location itself is there, even holding nothing: a local empty directory
+        (or a file where the directory should be) is; an object store has no empty prefix, so
+        by default this is :meth:`exists`. The CLI tells "nothing here" from "empty" by it."""
+        return self.exists()
+
+    def stored_bytes(self) -> int:
+        """Bytes of every file under the location, as the medium counts them (links not
+        followed). The default walks :meth:`list` and :meth:`size`, one call per file; a
+        storage that can (a directory walk, an object listing with sizes) overrides it."""
+        return _stored_bytes(self, "")
+
     # -- run directories (optional: the defaults refuse) -------------------------------------
 
     def child(self, name: str) -> Storage:
@@ -262,3 +274,12 @@ class Storage(ABC):
             f"{type(self).__name__} at {self.location} cannot hold a run directory (it implements "
             "no child/kind/entries/replace_file/lock/remove_checkpoint); save checkpoints by path"
         )
+
+
+def _stored_bytes(storage: Storage, prefix: str) -> int:
+    total = 0
+    for name in storage.list(prefix):
+        path = f"{prefix}/{name}" if prefix else name
+        size = storage.size(path)
+        total += _stored_bytes(storage, path) if size is None else size
+    return total

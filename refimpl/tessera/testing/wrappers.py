@@ -75,6 +75,12 @@ class StorageWrapper(Storage):
     def exists(self) -> bool:
         return self.inner.exists()
 
+    def present(self) -> bool:
+        return self.inner.present()
+
+    def stored_bytes(self) -> int:
+        return self.inner.stored_bytes()
+
     def child(self, name: str) -> Storage:
         return self.wrap(self.inner.child(name))
 
