@@ -97,4 +97,5 @@ def test_ls_lists_the_step_checkpoints_of_a_prefix(
         ("step-00000020", 20, True, False),
     ]
     prefix = run.removeprefix(f"s3://{s3_env.bucket}/")
-    assert [r["bytes"] for r in records] == [_object_bytes(s3_env, f"{prefix}/step-{s:08d}")[0] for s in (1, 20)]
+    want = [_object_bytes(s3_env, f"{prefix}/step-{step:08d}")[0] for step in (1, 20)]
+    assert [r["bytes"] for r in records] == want
