@@ -73,6 +73,24 @@ def _save_rank(rank: int, world_size: int, url: str, env: dict[str, str], asynch
     return "saved"
 
 
+def _counted(url: str) -> tuple[Any, list[str]]:
+    """The checkpoint at ``url``, opened, and the list its storage's reads of files are noted in."""
+    checkpoint = tessera.open(url)
+    storage, reads = checkpoint.storage, []
+    read_file, read_into = storage.read_file, storage.read_into
+
+    def counting_file(name: str, max_bytes: int) -> bytes:
+        reads.append(name)
+        return read_file(name, max_bytes)
+
+    def counting_into(name: str, offset: int, fill: Any) -> None:
+        reads.append(name)
+        read_into(name, offset, fill)
+
+    storage.read_file, storage.read_into = counting_file, counting_into
+    return checkpoint, reads
+
+
 def _load_rank(rank: int, world_size: int, url: str, env: dict[str, str]) -> list[dict[str, Any]]:
     """Each rank loads its rows of ``w``, columns of ``c`` and all of ``r`` under this world's
     layout, alone and then together with the others; returns what it got and what it should
@@ -87,11 +105,13 @@ def _load_rank(rank: int, world_size: int, url: str, env: dict[str, str]) -> lis
             "r": torch.zeros_like(want["r"]),
             "step": 0,
         }
-        got = tessera.load(url, template, process_group=group)
+        checkpoint, reads = _counted(url)
+        got = tessera.load(checkpoint, template, process_group=group)
         outcomes.append(
             {
                 "got": {k: got[k] for k in ("w", "c", "r", "step")},
                 "want": {"w": want["w"].local, "c": want["c"].local, "r": want["r"], "step": 7},
+                "chunks_read": [n for n in reads if "/c/" in n],
             }
         )
     return outcomes
@@ -110,7 +130,18 @@ def test_four_ranks_save_three_load_resharded_alone_and_together(s3_server: S3Se
     url = f"s3://{s3_server.bucket}/{s3_server.fresh_prefix()}/ckpt"
     env = s3_server.env()
     assert run_ranks(4, _save_rank, url, env, False) == ["saved"] * 4
-    _assert_loaded(run_ranks(3, _load_rank, url, env))
+    results = run_ranks(3, _load_rank, url, env)
+    _assert_loaded(results)
+    storage = S3Storage(s3_server.bucket, url.removeprefix(f"s3://{s3_server.bucket}/"), _options(s3_server))
+    prefix = url.removeprefix(f"s3://{s3_server.bucket}/")
+    stored = [k.removeprefix(f"{prefix}/") for a in ("w", "c", "r") for k in _chunk_keys(storage, prefix, a)]
+    alone = [n for outcomes in results for n in outcomes[0]["chunks_read"]]
+    together = [n for outcomes in results for n in outcomes[1]["chunks_read"]]
+    # Together, each chunk is fetched from S3 by one rank only (R14.8); alone, every rank
+    # fetches every chunk of the replicated r, and the chunks its boxes of w and c cross.
+    assert sorted(together) == sorted(stored)
+    assert len([n for n in alone if n.startswith("r/")]) == 3 * len([n for n in stored if n.startswith("r/")])
+    assert len(alone) > len(together)
 
 
 def test_save_async_from_many_ranks_and_from_one(s3_env: S3Server) -> None:  # noqa: F811
