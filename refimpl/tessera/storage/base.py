@@ -224,11 +224,18 @@ class Storage(ABC):
         by default this is :meth:`exists`. The CLI tells "nothing here" from "empty" by it."""
         return self.exists()
 
+    def listed_sizes(self) -> dict[str, int] | None:
+        """Every file under the location (its path here) with its size, where one listing
+        gives them all (an object store's, a page per 1,000 objects); ``None`` where it does
+        not, and the caller asks :meth:`size` of each file it needs, as the default does."""
+        return None
+
     def stored_bytes(self) -> int:
         """Bytes of every file under the location, as the medium counts them (links not
-        followed). The default walks :meth:`list` and :meth:`size`, one call per file; a
-        storage that can (a directory walk, an object listing with sizes) overrides it."""
-        return _stored_bytes(self, "")
+        followed): :meth:`listed_sizes` where there is a listing, else a walk of :meth:`list`
+        and :meth:`size`, one call per file; a storage that can do better overrides it."""
+        listed = self.listed_sizes()
+        return sum(listed.values()) if listed is not None else _stored_bytes(self, "")
 
     # -- run directories (optional: the defaults refuse) -------------------------------------
 

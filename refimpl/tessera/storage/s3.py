@@ -282,14 +282,15 @@ class S3Storage(Storage):
     def list(self, path: str) -> builtins.list[str]:
         return [name for name, _ in self.entries(path)]
 
-    def stored_bytes(self) -> int:
-        """The sizes of one listing of the prefix (a page per 1,000 objects), not a HEAD each."""
+    def listed_sizes(self) -> dict[str, int]:
+        """One listing of the prefix (a page per 1,000 objects), not a HEAD per object."""
+        where = self._dir_key("")
         with s3_errors(f"cannot list {self.location}"):
-            return sum(
-                int(meta["size"])
-                for batch in obstore.list(self._store, prefix=self._dir_key(""))
+            return {
+                meta["path"][len(where) :]: int(meta["size"])
+                for batch in obstore.list(self._store, prefix=where)
                 for meta in batch
-            )
+            }
 
     # -- run directories (the lease-free part) -----------------------------------------------
 

@@ -78,6 +78,9 @@ class StorageWrapper(Storage):
     def present(self) -> bool:
         return self.inner.present()
 
+    def listed_sizes(self) -> dict[str, int] | None:
+        return self.inner.listed_sizes()
+
     def stored_bytes(self) -> int:
         return self.inner.stored_bytes()
 
