@@ -8,14 +8,12 @@ checkpoint its ``latest`` names, because that is the one a resumed training run 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from ..api.run_dir import LATEST, RunDirectory
 from ..api.run_layout import STEP_NAME
 from ..errors import CheckpointNotFoundError
 from ..storage.base import ROOT_METADATA, Storage
-from ..storage.local import LocalStorage
 from ..storage.resolve import storage_for
 
 __all__ = ["Target", "disk_usage", "is_present", "is_run_directory", "resolve"]
@@ -31,15 +29,11 @@ class Target:
 
 def is_present(storage: Storage) -> bool:
     """Whether anything is at the location: a local directory counts even when empty."""
-    if isinstance(storage, LocalStorage):
-        return os.path.lexists(storage.location)
-    return storage.exists()
+    return storage.present()
 
 
 def is_run_directory(storage: Storage) -> bool:
     """A location that is not itself a checkpoint and holds ``latest`` or ``step-*`` checkpoints."""
-    if isinstance(storage, LocalStorage) and not os.path.isdir(storage.location):
-        return False
     names = storage.list("")
     if ROOT_METADATA in names:
         return False
@@ -71,27 +65,6 @@ def resolve(location: str) -> Target:
 
 
 def disk_usage(storage: Storage) -> int:
-    """Bytes of every file under the location (a local one: every regular file, by ``lstat``,
-    symlinks not followed; another storage: the sizes it reports)."""
-    if not isinstance(storage, LocalStorage):
-        return _stored_bytes(storage, "")
-    total = 0
-    for directory, _, files in os.walk(storage.location):
-        for name in files:
-            try:
-                stat = os.lstat(os.path.join(directory, name))
-            except FileNotFoundError:
-                continue
-            total += stat.st_size
-    return total
-
-
-def _stored_bytes(storage: Storage, prefix: str) -> int:
-    total = 0
-    for name in storage.list(prefix):
-        path = f"{prefix}/{name}" if prefix else name
-        size = storage.size(path)
-        total += _stored_bytes(storage, path) if size is None else size
-    return total
-
-
+    """Bytes of every file under the location, as its storage counts them (a local one: every
+    regular file by ``lstat``, links not followed; an object store: one listing's sizes)."""
+    return storage.stored_bytes()

@@ -1,9 +1,10 @@
 """``tessera inspect PATH``: the header, a tree of every entry, and totals; ``--json`` for programs.
 
 Everything shown comes from the root manifest (one read), except the stored
-sizes, which take one ``stat`` per chunk: inspecting never reads chunk data,
-so it is fast on any checkpoint. A chunk found missing is reported as a
-warning that points to ``tessera verify``, which checks everything.
+sizes, which take one ``stat`` per chunk (on an object store, one listing of
+them all): inspecting never reads chunk data, so it is fast on any checkpoint.
+A chunk found missing is reported as a warning that points to ``tessera
+verify``, which checks everything.
 """
 
 from __future__ import annotations
@@ -39,14 +40,18 @@ class ArraySizes:
 
 
 def stored_sizes(checkpoint: Checkpoint) -> dict[str, ArraySizes]:
-    """The sizes of every array entry, by path; one ``stat`` per chunk, no data read."""
+    """The sizes of every array entry, by path; one ``stat`` per chunk, or the storage's one
+    listing (:meth:`~tessera.storage.Storage.listed_sizes`), no data read."""
+    storage = checkpoint.storage
+    listed = storage.listed_sizes()
     sizes: dict[str, ArraySizes] = {}
     for entry in checkpoint.manifest.entries:
         if isinstance(entry, ValueEntry):
             continue
         stored = missing = 0
         for index in entry.layout.chunk_indices():
-            size = checkpoint.storage.size(f"{entry.path}/{chunk_key(index)}")
+            path = f"{entry.path}/{chunk_key(index)}"
+            size = storage.size(path) if listed is None else listed.get(path)
             if size is None:
                 missing += 1
             else:

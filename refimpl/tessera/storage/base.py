@@ -218,6 +218,25 @@ class Storage(ABC):
     def exists(self) -> bool:
         """Whether anything is at the location at all."""
 
+    def present(self) -> bool:
+        """Whether the location itself is there, even holding nothing: a local empty directory
+        (or a file where the directory should be) is; an object store has no empty prefix, so
+        by default this is :meth:`exists`. The CLI tells "nothing here" from "empty" by it."""
+        return self.exists()
+
+    def listed_sizes(self) -> dict[str, int] | None:
+        """Every file under the location (its path here) with its size, where one listing
+        gives them all (an object store's, a page per 1,000 objects); ``None`` where it does
+        not, and the caller asks :meth:`size` of each file it needs, as the default does."""
+        return None
+
+    def stored_bytes(self) -> int:
+        """Bytes of every file under the location, as the medium counts them (links not
+        followed): :meth:`listed_sizes` where there is a listing, else a walk of :meth:`list`
+        and :meth:`size`, one call per file; a storage that can do better overrides it."""
+        listed = self.listed_sizes()
+        return sum(listed.values()) if listed is not None else _stored_bytes(self, "")
+
     # -- run directories (optional: the defaults refuse) -------------------------------------
 
     def child(self, name: str) -> Storage:
@@ -262,3 +281,12 @@ class Storage(ABC):
             f"{type(self).__name__} at {self.location} cannot hold a run directory (it implements "
             "no child/kind/entries/replace_file/lock/remove_checkpoint); save checkpoints by path"
         )
+
+
+def _stored_bytes(storage: Storage, prefix: str) -> int:
+    total = 0
+    for name in storage.list(prefix):
+        path = f"{prefix}/{name}" if prefix else name
+        size = storage.size(path)
+        total += _stored_bytes(storage, path) if size is None else size
+    return total

@@ -270,6 +270,21 @@ class LocalStorage(Storage):
 
     # -- reading ---------------------------------------------------------------------------
 
+    def present(self) -> bool:
+        return os.path.lexists(self._root)
+
+    def stored_bytes(self) -> int:
+        """Every regular file's size by ``lstat`` (links not followed); files that vanish
+        meanwhile are not counted."""
+        total = 0
+        for directory, _, files in os.walk(self._root):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(directory, name)).st_size
+                except FileNotFoundError:
+                    continue
+        return total
+
     def exists(self) -> bool:
         """Whether the root is a directory (or a link to one) holding anything; ``stat`` and
         ``listdir`` only, so a FIFO or device at the root cannot block it."""

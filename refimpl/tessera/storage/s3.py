@@ -290,6 +290,16 @@ class S3Storage(Storage):
     def list(self, path: str) -> builtins.list[str]:
         return [name for name, _ in self.entries(path)]
 
+    def listed_sizes(self) -> dict[str, int]:
+        """One listing of the prefix (a page per 1,000 objects), not a HEAD per object."""
+        where = self._dir_key("")
+        with s3_errors(f"cannot list {self.location}"):
+            return {
+                meta["path"][len(where) :]: int(meta["size"])
+                for batch in obstore.list(self._store, prefix=where)
+                for meta in batch
+            }
+
     # -- run directories ---------------------------------------------------------------------
 
     def child(self, name: str) -> S3Storage:

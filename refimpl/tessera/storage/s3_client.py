@@ -5,8 +5,12 @@ Configuration is what S3 users already have: the standard ``AWS_*`` environment 
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION`` or
 ``AWS_DEFAULT_REGION``, ...), read by obstore itself, and ``AWS_ENDPOINT_URL_S3`` or
 ``AWS_ENDPOINT_URL`` for an S3-compatible server (MinIO, Ceph, moto), read here so that a plain
-``http://`` endpoint is allowed without a second setting. Explicit options win over the
-environment. Every request has a timeout and a bounded retry budget, so that nothing hangs.
+``http://`` endpoint is allowed without a second setting. A named profile of ``~/.aws/config``
+and ``~/.aws/credentials`` (``AWS_PROFILE``, or ``S3Options(profile=...)``; the files may be
+moved by ``AWS_CONFIG_FILE`` and ``AWS_SHARED_CREDENTIALS_FILE``) gives the credentials through
+boto3, and its ``region`` and ``endpoint_url`` where nothing else sets them (s3_profile.py).
+Explicit options win over the environment, the environment over the profile's settings. Every
+request has a timeout and a bounded retry budget, so that nothing hangs.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import StorageError, UnsupportedLocationError
+from .s3_profile import Profile, load_profile
 
 __all__ = [
     "S3Options",
@@ -48,6 +53,7 @@ class S3Options:
         *,
         endpoint_url: str | None = None,
         region: str | None = None,
+        profile: str | None = None,
         config: Mapping[str, Any] | None = None,
         timeout_s: float = 60.0,
         connect_timeout_s: float = 5.0,
@@ -59,6 +65,8 @@ class S3Options:
     ) -> None:
         self.endpoint_url = endpoint_url
         self.region = region
+        self.profile = profile
+        """A named AWS profile; it wins over keys in the environment, where ``AWS_PROFILE`` does not."""
         self.config = dict(config or {})
         """Any other obstore ``S3Config`` key (``access_key_id``, ``secret_access_key``, ...)."""
         self.timeout_s = timeout_s
@@ -100,14 +108,26 @@ def make_store(bucket: str, options: S3Options, *, retries: bool = True) -> Any:
             f"s3://{bucket}: S3 locations need obstore; install tessera-checkpoint[s3] (pip install obstore)"
         )
     config: dict[str, Any] = {}
+    profile = _profile(bucket, options)
     endpoint = (
-        options.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        options.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or (profile and profile.endpoint_url)
     )
     if endpoint:
         config["endpoint"] = endpoint
-    region = options.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    region = (
+        options.region
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or (profile and profile.region)
+    )
     config["region"] = region or "us-east-1"
     config.update(options.config)
+    extra: dict[str, Any] = {}
+    if profile is not None and "access_key_id" not in config:
+        extra["credential_provider"] = profile.credential_provider
     client = {
         "timeout": timedelta(seconds=options.timeout_s),
         "connect_timeout": timedelta(seconds=options.connect_timeout_s),
@@ -118,9 +138,17 @@ def make_store(bucket: str, options: S3Options, *, retries: bool = True) -> Any:
         "retry_timeout": timedelta(seconds=options.retry_timeout_s),
     }
     try:
-        return S3Store(bucket, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]
+        return S3Store(bucket, config=config, client_options=client, retry_config=retry, **extra)  # type: ignore[arg-type]
     except Exception as exc:  # noqa: BLE001 - obstore's configuration errors, reworded
         raise StorageError(f"s3://{bucket}: cannot configure the S3 client: {short(exc)}") from None
+
+
+def _profile(bucket: str, options: S3Options) -> Profile | None:
+    """The named profile, if any: the options' (explicit), else ``AWS_PROFILE``'s."""
+    if options.profile:
+        return load_profile(bucket, options.profile, explicit=True)
+    name = os.environ.get("AWS_PROFILE")
+    return load_profile(bucket, name, explicit=False) if name else None
 
 
 def is_not_found(exc: BaseException) -> bool:
@@ -188,7 +216,7 @@ def short(exc: BaseException) -> str:
 _CODE = re.compile(r"<Code>([^<]*)</Code>")
 _MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
 _NO_CREDENTIALS = (
-    " (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where an instance role,"
+    " (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or run where an instance role,"
     " AWS_WEB_IDENTITY_TOKEN_FILE or container credentials provide them)"
 )
 _HINTS = {

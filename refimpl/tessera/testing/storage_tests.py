@@ -272,6 +272,16 @@ class StorageTests:
         assert sorted(storage.list("b/c")) == ["0", "1"]
         assert storage.list("absent") == []
 
+    def test_present_and_stored_bytes(self, storage: Storage) -> None:
+        """What ``tessera ls`` and ``inspect`` count: every file's bytes, nested ones too."""
+        _claim(storage)
+        claimed = storage.stored_bytes()
+        assert storage.present() and claimed == storage.size(CLAIM_FILE)
+        for path, data in (("a", b"xyz"), ("b/c/0", b"12345"), ("b/zarr.json", b"{}")):
+            storage.write_file(path, [data])
+        storage.sync()
+        assert storage.stored_bytes() == claimed + 10
+
     # -- commit (spec §9) ------------------------------------------------------------------------
 
     def test_publish_root_is_first_wins(self, storage: Storage, make_storage: MakeStorage) -> None:

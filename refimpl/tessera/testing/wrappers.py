@@ -75,6 +75,15 @@ class StorageWrapper(Storage):
     def exists(self) -> bool:
         return self.inner.exists()
 
+    def present(self) -> bool:
+        return self.inner.present()
+
+    def listed_sizes(self) -> dict[str, int] | None:
+        return self.inner.listed_sizes()
+
+    def stored_bytes(self) -> int:
+        return self.inner.stored_bytes()
+
     def child(self, name: str) -> Storage:
         return self.wrap(self.inner.child(name))
 
