@@ -19,7 +19,7 @@ import builtins
 import json
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -109,48 +109,85 @@ class S3Storage(Storage):
                 f"{self.location} was already claimed by another save ({CLAIM_FILE} exists) and two "
                 "writers never share a prefix; if that save died uncommitted, delete the prefix"
             )
-        self._check_conditional_writes(doc)
+        try:
+            self._check_conditional_writes(doc)
+        except StorageError:
+            self.remove_unpublished(save_id)  # the claim is ours: the refused save leaves nothing (R9.7)
+            raise
 
     def _check_conditional_writes(self, doc: bytes) -> None:
         """A second ``If-None-Match: *`` PUT of the claim must be refused: a store that accepts it
         ignores conditional writes, so neither the claim nor the root would be first-wins. Such
-        a store is refused (its claim removed) before anything else is written."""
-        key = self._key(CLAIM_FILE)
-        with s3_errors(f"cannot write {self._url(CLAIM_FILE)}"):
-            try:
-                obstore.put(self._store_once, key, doc, mode="create")
-            except Exception as exc:
-                if is_precondition(exc):
-                    return
-                raise
-            obstore.delete(self._store, key)
-        raise StorageError(
-            f"{self.location}: the store ignores conditional writes (If-None-Match: *), so a commit "
-            "could silently replace another save's; use a store that supports them (AWS S3, MinIO, "
-            "moto 5.2.5 or newer, ...)"
-        )
+        a store is refused before anything else is written. A retry of this PUT rewrites the
+        same bytes, so a 412 after a lost answer still shows the store enforcing the condition."""
+        outcome, answer = self._create(CLAIM_FILE, doc)
+        if outcome == "unclear":
+            raise StorageError(
+                f"cannot write {self._url(CLAIM_FILE)}: the store did not answer clearly ({answer}) "
+                "while checking that it enforces conditional writes; nothing was committed, save again"
+            )
+        if outcome == "created":
+            raise StorageError(
+                f"{self.location}: the store ignores conditional writes (If-None-Match: *), so a commit "
+                "could silently replace another save's; use a store that supports them (AWS S3, MinIO, "
+                "moto 5.2.5 or newer, ...)"
+            )
 
     def write_file(self, path: str, buffers: Iterable[Buffer]) -> None:
-        key, url = self._key(path), self._url(path)
+        """PUT one chunk or document with ``If-None-Match: *`` (R9.5), retried on 5xx, throttling,
+        timeouts and lost connections. A 412 after an attempt whose answer was lost (or a reset
+        once the store had applied it) is settled by reading the object back: only the claim's
+        holder writes under the prefix (R9.4), so equal bytes are our own earlier attempt, and
+        other bytes are refused, never overwritten."""
+        url = self._url(path)
         parts: list[memoryview] = []
         for buffer in buffers:
             if isinstance(buffer, torch.Tensor):
                 raise TypeError(f"{url}: S3Storage has no device I/O; give it host buffers")
             parts.append(memoryview(buffer).cast("B"))
-        total = sum(p.nbytes for p in parts)
-        with s3_errors(f"cannot write {url}"):
-            if total > self._options.multipart_bytes:
-                # Only the claim's holder writes under the prefix (R9.4), so the unconditional
-                # multipart upload cannot replace a rival's file.
-                obstore.put(self._store, key, parts, use_multipart=True, chunk_size=16 << 20)
-                return
-            try:
-                body = parts[0] if len(parts) == 1 else b"".join(parts)  # one part: no copy
-                obstore.put(self._store, key, body, mode="create")
-            except Exception as exc:
-                if is_precondition(exc):
-                    raise StorageError(f"cannot write {url}: it exists (files are written once)") from None
-                raise
+        if sum(p.nbytes for p in parts) > self._options.multipart_bytes:
+            self._upload(path, parts)
+            return
+        body = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))  # one part: no copy
+        outcome, answer = self._create(path, body)
+        if outcome == "created":
+            return
+        if outcome == "taken":
+            raise StorageError(f"cannot write {url}: it exists (files are written once, R9.5)")
+        try:
+            same = self.read_file(path, body.nbytes) == body
+        except FileMissingError:
+            raise StorageError(
+                f"cannot write {url}: the store did not answer clearly ({answer}) and the object is "
+                "not there; nothing was committed, save again"
+            ) from None
+        except LimitExceededError:
+            same = False
+        if not same:
+            raise StorageError(
+                f"cannot write {url}: after an unclear answer ({answer}) the object there holds other "
+                "bytes than this save's; another writer is using the prefix (R9.4), save elsewhere"
+            )
+
+    def _upload(self, path: str, parts: builtins.list[memoryview]) -> None:
+        """A multipart upload (parallel parts, each retried by the client), the whole upload
+        retried after an unclear answer. It is unconditional (S3 has no create-only multipart
+        here), which is safe because only the claim's holder writes under the prefix (R9.4): a
+        retry can only replace this save's own earlier upload, with the same bytes."""
+        url = self._url(path)
+        for attempt in range(self._options.max_retries + 1):
+            if attempt:
+                time.sleep(_backoff(self._options.backoff_s, attempt))
+            with s3_errors(f"cannot write {url}"):
+                try:
+                    obstore.put(self._store, self._key(path), parts, use_multipart=True, chunk_size=16 << 20)
+                    return
+                except Exception as exc:
+                    # A 404 too: a retried completion of an upload whose first answer was lost
+                    # finds it gone (NoSuchUpload), though the object may be there.
+                    retry = is_ambiguous(exc) or is_not_found(exc)
+                    if not retry or attempt == self._options.max_retries:
+                        raise
 
     def sync(self) -> None:
         """Nothing: a PUT that completed is durable (R9.8)."""
@@ -165,36 +202,45 @@ class S3Storage(Storage):
         """PUT ``path`` with ``If-None-Match: *``: ``True`` if this save's object is there after
         (written now, or by an attempt whose answer was lost), ``False`` if another save's is.
 
-        The retries are ours (the client's are off for this PUT), so that a 412 to the first
-        attempt is known to be a rival's object, and only one after a lost answer is settled by
-        reading back (R9.3, R9.11)."""
-        url = self._url(path)
-        answer = ""
-        for attempt in range(self._options.max_retries + 1):
-            if attempt:
-                time.sleep(min(0.1 * 2**attempt, 2.0))
-            with s3_errors(f"cannot write {url}"):
-                try:
-                    obstore.put(self._store_once, self._key(path), data, mode="create")
-                    return True
-                except Exception as exc:
-                    if is_precondition(exc) and not answer:
-                        return False
-                    if not is_ambiguous(exc):
-                        raise
-                    answer = short(exc)
-                    if is_precondition(exc):
-                        break
-        # An answer was lost and then a 412 came, or the retries ran out: what is there now
-        # says who won (R9.3, R9.11).
+        A 412 to the first attempt is a rival's object; one after a lost answer, or retries that
+        ran out, is settled by reading back and comparing the ``save_id`` (R9.3, R9.11)."""
+        outcome, answer = self._create(path, data)
+        if outcome != "unclear" and outcome != "taken-after-unclear":
+            return outcome == "created"
         try:
             found = self.read_file(path, 1 << 20)
         except FileMissingError:
             raise StorageError(
-                f"cannot write {url}: the store did not answer clearly ({answer}) and the object is "
-                "not there; nothing was committed, save again"
+                f"cannot write {self._url(path)}: the store did not answer clearly ({answer}) and the "
+                "object is not there; nothing was committed, save again"
             ) from None
         return found == data or _save_id(found) == save_id
+
+    def _create(self, path: str, body: bytes | memoryview) -> tuple[_Created, str]:
+        """PUT ``path`` with ``If-None-Match: *`` and our own retries with backoff (the client's
+        are off for this PUT, so that a 412 to the first attempt is known to be an object that
+        was there before): the outcome, and the last unclear answer (``""`` if none).
+
+        Retried: whatever may not have been applied or may have been applied unseen (5xx,
+        throttling, a timeout, a reset connection); not an answer that refused the PUT (denied,
+        a bad path), which raises :class:`StorageError` at once, as do retries that ran out
+        with an answer that was clear."""
+        url = self._url(path)
+        answer = ""
+        for attempt in range(self._options.max_retries + 1):
+            if attempt:
+                time.sleep(_backoff(self._options.backoff_s, attempt))
+            with s3_errors(f"cannot write {url}"):
+                try:
+                    obstore.put(self._store_once, self._key(path), body, mode="create")
+                    return "created", answer
+                except Exception as exc:
+                    if is_precondition(exc):
+                        return ("taken-after-unclear" if answer else "taken"), answer
+                    if not is_ambiguous(exc):
+                        raise
+                    answer = short(exc)
+        return "unclear", answer
 
     def remove_unpublished(self, save_id: str) -> None:
         """Every object under the prefix but the claim first, the claim last, only while the
@@ -305,6 +351,17 @@ class S3Storage(Storage):
             (p[len(where) :].rstrip("/"), "dir") for p in found["common_prefixes"]
         ]
         return sorted(e for e in files + dirs if e[0])
+
+
+_Created = Literal["created", "taken", "taken-after-unclear", "unclear"]
+"""What :meth:`S3Storage._create` found: a 2xx; a 412 to its first attempt (the object was there
+before); a 412 after an attempt whose answer was lost (perhaps our own object); no clear answer
+before the retries ran out. The last two need a read-back."""
+
+
+def _backoff(first: float, attempt: int) -> float:
+    """Seconds before retry ``attempt`` (1, 2, ...): ``first``, doubling, at most 20 times it."""
+    return float(min(first * 2 ** (attempt - 1), 20 * first))
 
 
 def _save_id(doc: bytes) -> str | None:

@@ -54,6 +54,7 @@ class S3Options:
         max_retries: int = 4,
         retry_timeout_s: float = 60.0,
         multipart_bytes: int = 64 << 20,
+        backoff_s: float = 0.1,
     ) -> None:
         self.endpoint_url = endpoint_url
         self.region = region
@@ -65,6 +66,9 @@ class S3Options:
         self.retry_timeout_s = retry_timeout_s
         self.multipart_bytes = multipart_bytes
         """Files larger than this go up as multipart uploads (parallel parts, bounded memory)."""
+        self.backoff_s = backoff_s
+        """The wait before the first retry of a request; it doubles with each retry, up to 20
+        times this (the client's retries and the storage's own, of conditional PUTs)."""
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -104,6 +108,11 @@ def make_store(bucket: str, options: S3Options, *, retries: bool = True) -> Any:
     retry = {
         "max_retries": options.max_retries if retries else 0,
         "retry_timeout": timedelta(seconds=options.retry_timeout_s),
+        "backoff": {
+            "init_backoff": timedelta(seconds=options.backoff_s),
+            "max_backoff": timedelta(seconds=20 * options.backoff_s),
+            "base": 2.0,
+        },
     }
     try:
         return S3Store(bucket, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]
