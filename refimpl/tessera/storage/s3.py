@@ -4,9 +4,13 @@ Why each step (spec §9): the claim and the root are PUTs with ``If-None-Match: 
 ``mode="create"``), so two savers never share a prefix and the first root wins (R9.3, R9.11).
 A PUT whose answer is ambiguous (a timeout, a lost connection after obstore's retries, or a
 412 that a retry of our own applied PUT can cause) is settled by reading the object back and
-comparing its ``save_id``: never by publishing blindly. Every completed PUT is durable, so
-``sync`` has nothing to do (R9.8). Reads are ranged GETs: ``read_into`` asks for each block
-it is given, so a region read fetches only the bytes it needs.
+comparing its ``save_id``: never by publishing blindly. Chunks and array documents are PUTs
+with ``If-None-Match: *`` too (R9.5), retried by the storage itself after an unclear answer (the
+client does not retry a PUT whose connection reset after sending it); a 412 then is settled by
+comparing the bytes read back, since only the claim's holder writes under the prefix (R9.4).
+Files over ``multipart_bytes`` go up as multipart uploads, retried whole. Every completed PUT
+is durable, so ``sync`` has nothing to do (R9.8). Reads are ranged GETs: ``read_into`` asks for
+each block it is given, so a region read fetches only the bytes it needs.
 
 The run-directory operations that need leases (``lock``, ``replace_file``,
 ``remove_checkpoint``; spec R10.12) are not implemented yet and refuse with the interface's
