@@ -40,6 +40,7 @@ from .base import (
     claim_names,
 )
 from .s3_client import (
+    MAX_BACKOFF_S,
     S3Options,
     is_ambiguous,
     is_not_found,
@@ -226,9 +227,8 @@ class S3Storage(Storage):
         was there before): the outcome, and the last unclear answer (``""`` if none).
 
         Retried: whatever may not have been applied or may have been applied unseen (5xx,
-        throttling, a timeout, a reset connection); not an answer that refused the PUT (denied,
-        a bad path), which raises :class:`StorageError` at once, as do retries that ran out
-        with an answer that was clear."""
+        throttling, a timeout, a reset connection), until the retries run out (``"unclear"``);
+        an answer that refused the PUT (denied, a bad path) raises :class:`StorageError` at once."""
         url = self._url(path)
         answer = ""
         for attempt in range(self._options.max_retries + 1):
@@ -364,8 +364,9 @@ before the retries ran out. The last two need a read-back."""
 
 
 def _backoff(first: float, attempt: int) -> float:
-    """Seconds before retry ``attempt`` (1, 2, ...): ``first``, doubling, at most 20 times it."""
-    return float(min(first * 2 ** (attempt - 1), 20 * first))
+    """Seconds before retry ``attempt`` (1, 2, ...): ``first``, doubling, at most the client's
+    longest wait (:data:`~tessera.storage.s3_client.MAX_BACKOFF_S`)."""
+    return float(min(first * 2 ** (attempt - 1), MAX_BACKOFF_S))
 
 
 def _save_id(doc: bytes) -> str | None:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from ..errors import StorageError, UnsupportedLocationError
 
 __all__ = [
+    "MAX_BACKOFF_S",
     "S3Options",
     "is_ambiguous",
     "is_not_found",
@@ -38,6 +39,10 @@ try:  # obstore is the optional ``s3`` extra; the storage says how to install it
     from obstore.store import S3Store
 except ImportError:  # pragma: no cover - depends on the environment
     obstore = None  # type: ignore[assignment]
+
+
+MAX_BACKOFF_S = 15.0
+"""The longest wait between two retries (obstore's default): throttling (503 SlowDown) needs time."""
 
 
 class S3Options:
@@ -67,8 +72,8 @@ class S3Options:
         self.multipart_bytes = multipart_bytes
         """Files larger than this go up as multipart uploads (parallel parts, bounded memory)."""
         self.backoff_s = backoff_s
-        """The wait before the first retry of a request; it doubles with each retry, up to 20
-        times this (the client's retries and the storage's own, of conditional PUTs)."""
+        """The wait before the first retry of a request; it doubles with each retry, up to
+        :data:`MAX_BACKOFF_S` (the client's retries and the storage's own, of conditional PUTs)."""
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -110,7 +115,7 @@ def make_store(bucket: str, options: S3Options, *, retries: bool = True) -> Any:
         "retry_timeout": timedelta(seconds=options.retry_timeout_s),
         "backoff": {
             "init_backoff": timedelta(seconds=options.backoff_s),
-            "max_backoff": timedelta(seconds=20 * options.backoff_s),
+            "max_backoff": timedelta(seconds=MAX_BACKOFF_S),
             "base": 2.0,
         },
     }
