@@ -195,6 +195,24 @@ def test_one_fault_at_each_request_of_a_save(proxy: FaultProxy, s3_server: S3Ser
     assert outcomes == {"committed": len(indices)}, (outcomes, clean)
 
 
+PERSISTENT = {
+    "claim-503": (Respond(503), r"\.tessera-claim\.json$", "refused"),
+    "chunk-reset-before": (ResetBefore(), r"/w/c/1/0$", "refused"),
+    "array-doc-500": (Respond(500), r"/b/zarr\.json$", "refused"),
+    "root-503": (Respond(503, SLOW_DOWN), ROOT_PUT, "refused"),
+    "root-lost": (LoseResponse(), ROOT_PUT, "committed"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PERSISTENT))
+def test_a_fault_at_every_attempt_of_one_put(proxy: FaultProxy, s3_server: S3Server, name: str) -> None:  # noqa: F811
+    """The same fault at every attempt of one object's PUT: the retries run out, the save fails
+    with a StorageError and removes what it wrote (R9.7); but where every attempt was applied
+    and only the answers lost (the root), the read-back finds this save's root: committed."""
+    action, path, expected = PERSISTENT[name]
+    assert _save_trial(proxy, s3_server, [Rule(action, method="PUT", path=path)]) == (expected, None)
+
+
 def test_a_timeout_on_the_root_put_is_read_back(proxy: FaultProxy, s3_server: S3Server) -> None:  # noqa: F811
     """A root PUT that answers after the client's timeout (and is applied then): committed."""
     outcome, problem = _save_trial(proxy, s3_server, [Rule(Delay(2.3), method="PUT", path=ROOT_PUT, nth=0)])
