@@ -20,6 +20,7 @@ The run-directory operations that need leases (``lock``, ``replace_file``,
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import time
 from collections.abc import Callable, Iterable
@@ -117,7 +118,10 @@ class S3Storage(Storage):
         try:
             self._check_conditional_writes(doc)
         except StorageError:
-            self.remove_unpublished(save_id)  # the claim is ours: the refused save leaves nothing (R9.7)
+            # The claim is ours: the refused save leaves nothing (R9.7). If that fails too, the
+            # check's error says more, and the leftover claim refuses later saves by name.
+            with contextlib.suppress(StorageError):
+                self.remove_unpublished(save_id)
             raise
 
     def _check_conditional_writes(self, doc: bytes) -> None:
