@@ -2,11 +2,14 @@
 
 A :class:`~tessera.testing.fault_proxy.FaultProxy` sits between an :class:`S3Storage` and the
 session's ``moto_server``. A trial runs a save (or a load) with one rule that fires at request
-``i``; trials cover every request index of a clean run and each action. Each trial is judged by
+``i``: every request index of a clean run for 503, resets before and after the upstream applied
+the request, and lost responses; every third index for 500 (and, for loads, every other index
+for the faults never forwarded), which keeps the module near 30 s. Each trial is judged by
 what is ON THE SERVER afterwards, read with a client that does not go through the proxy: a save
-either returned its manifest and the prefix holds a committed checkpoint that loads bit-exact
-and verifies, or it raised a :class:`StorageError` naming an ``s3://`` URL and the prefix holds
-nothing (no root ``zarr.json``, and its leftovers removed, R9.7). A load gives the saved tensors
+either returned its manifest and the prefix holds that committed checkpoint, which loads
+bit-exact (and passes ``tessera.verify`` where the faulted request reached the server), or
+it raised a :class:`StorageError` naming an ``s3://`` URL and the prefix holds nothing (no root
+``zarr.json``, and its leftovers removed, R9.7). A load gives the saved tensors
 bit-exact or a clear error, never other data. The counts of requests are measured, not assumed,
 so the trials follow the request pattern of the storage as it changes.
 
