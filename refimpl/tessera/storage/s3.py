@@ -4,9 +4,13 @@ Why each step (spec §9): the claim and the root are PUTs with ``If-None-Match: 
 ``mode="create"``), so two savers never share a prefix and the first root wins (R9.3, R9.11).
 A PUT whose answer is ambiguous (a timeout, a lost connection after obstore's retries, or a
 412 that a retry of our own applied PUT can cause) is settled by reading the object back and
-comparing its ``save_id``: never by publishing blindly. Every completed PUT is durable, so
-``sync`` has nothing to do (R9.8). Reads are ranged GETs: ``read_into`` asks for each block
-it is given, so a region read fetches only the bytes it needs.
+comparing its ``save_id``: never by publishing blindly. Chunks and array documents are PUTs
+with ``If-None-Match: *`` too (R9.5), retried by the storage itself after an unclear answer (the
+client does not retry a PUT whose connection reset after sending it); a 412 then is settled by
+comparing the bytes read back, since only the claim's holder writes under the prefix (R9.4).
+Files over ``multipart_bytes`` go up as multipart uploads, retried whole. Every completed PUT
+is durable, so ``sync`` has nothing to do (R9.8). Reads are ranged GETs: ``read_into`` asks for
+each block it is given, so a region read fetches only the bytes it needs.
 
 Run directories (spec §10) live under a prefix too: a step is the prefix ``step-N/``, ``kind``
 and ``entries`` list with a delimiter (an object store has no links, FIFOs or devices, so every
@@ -19,8 +23,7 @@ and renewed by a heartbeat (R10.12; :mod:`tessera.storage.s3_lease` says how and
 from __future__ import annotations
 
 import builtins
-import json
-import time
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,16 +43,14 @@ from .base import (
 )
 from .s3_client import (
     S3Options,
-    is_ambiguous,
     is_not_found,
-    is_precondition,
     make_store,
     obstore,
     parse_s3_url,
     s3_errors,
-    short,
 )
 from .s3_lease import LeaseSettings, S3Lease, take_lease
+from .s3_puts import Created, create_object, save_id_of, upload_whole
 
 __all__ = ["S3Options", "S3Storage", "storage_from_url"]
 
@@ -110,54 +111,74 @@ class S3Storage(Storage):
             raise CheckpointExistsError(
                 f"{self.location} is not empty ({sorted(names)[:5]}); save under a new or empty prefix"
             )
-        save_id = _save_id(doc) or ""
+        save_id = save_id_of(doc) or ""
         if not self._put_once(CLAIM_FILE, doc, save_id):
             raise CheckpointExistsError(
                 f"{self.location} was already claimed by another save ({CLAIM_FILE} exists) and two "
                 "writers never share a prefix; if that save died uncommitted, delete the prefix"
             )
-        self._check_conditional_writes(doc)
+        try:
+            self._check_conditional_writes(doc)
+        except StorageError:
+            # The claim is ours: the refused save leaves nothing (R9.7). If that fails too, the
+            # check's error says more, and the leftover claim refuses later saves by name.
+            with contextlib.suppress(StorageError):
+                self.remove_unpublished(save_id)
+            raise
 
     def _check_conditional_writes(self, doc: bytes) -> None:
         """A second ``If-None-Match: *`` PUT of the claim must be refused: a store that accepts it
         ignores conditional writes, so neither the claim nor the root would be first-wins. Such
-        a store is refused (its claim removed) before anything else is written."""
-        key = self._key(CLAIM_FILE)
-        with s3_errors(f"cannot write {self._url(CLAIM_FILE)}"):
-            try:
-                obstore.put(self._store_once, key, doc, mode="create")
-            except Exception as exc:
-                if is_precondition(exc):
-                    return
-                raise
-            obstore.delete(self._store, key)
-        raise StorageError(
-            f"{self.location}: the store ignores conditional writes (If-None-Match: *), so a commit "
-            "could silently replace another save's; use a store that supports them (AWS S3, MinIO, "
-            "moto 5.2.5 or newer, ...)"
-        )
+        a store is refused before anything else is written. A retry of this PUT rewrites the
+        same bytes, so a 412 after a lost answer still shows the store enforcing the condition."""
+        outcome, answer = self._create(CLAIM_FILE, doc)
+        if outcome == "unclear":
+            raise StorageError(
+                f"cannot write {self._url(CLAIM_FILE)}: the store did not answer clearly ({answer}) "
+                "while checking that it enforces conditional writes; nothing was committed, save again"
+            )
+        if outcome == "created":
+            raise StorageError(
+                f"{self.location}: the store ignores conditional writes (If-None-Match: *), so a commit "
+                "could silently replace another save's; use a store that supports them (AWS S3, MinIO, "
+                "moto 5.2.5 or newer, ...)"
+            )
 
     def write_file(self, path: str, buffers: Iterable[Buffer]) -> None:
-        key, url = self._key(path), self._url(path)
+        """PUT one chunk or document with ``If-None-Match: *`` (R9.5), retried on 5xx, throttling,
+        timeouts and lost connections. A 412 after an attempt whose answer was lost (or a reset
+        once the store had applied it) is settled by reading the object back: only the claim's
+        holder writes under the prefix (R9.4), so equal bytes are our own earlier attempt, and
+        other bytes are refused, never overwritten."""
+        url = self._url(path)
         parts: list[memoryview] = []
         for buffer in buffers:
             if isinstance(buffer, torch.Tensor):
                 raise TypeError(f"{url}: S3Storage has no device I/O; give it host buffers")
             parts.append(memoryview(buffer).cast("B"))
-        total = sum(p.nbytes for p in parts)
-        with s3_errors(f"cannot write {url}"):
-            if total > self._options.multipart_bytes:
-                # Only the claim's holder writes under the prefix (R9.4), so the unconditional
-                # multipart upload cannot replace a rival's file.
-                obstore.put(self._store, key, parts, use_multipart=True, chunk_size=16 << 20)
-                return
-            try:
-                body = parts[0] if len(parts) == 1 else b"".join(parts)  # one part: no copy
-                obstore.put(self._store, key, body, mode="create")
-            except Exception as exc:
-                if is_precondition(exc):
-                    raise StorageError(f"cannot write {url}: it exists (files are written once)") from None
-                raise
+        if sum(p.nbytes for p in parts) > self._options.multipart_bytes:
+            upload_whole(self._store, self._key(path), self._url(path), parts, self._options)
+            return
+        body = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))  # one part: no copy
+        outcome, answer = self._create(path, body)
+        if outcome == "created":
+            return
+        if outcome == "taken":
+            raise StorageError(f"cannot write {url}: it exists (files are written once, R9.5)")
+        try:
+            same = self.read_file(path, body.nbytes) == body
+        except FileMissingError:
+            raise StorageError(
+                f"cannot write {url}: the store did not answer clearly ({answer}) and the object is "
+                "not there; nothing was committed, save again"
+            ) from None
+        except LimitExceededError:
+            same = False
+        if not same:
+            raise StorageError(
+                f"cannot write {url}: after an unclear answer ({answer}) the object there holds other "
+                "bytes than this save's; another writer is using the prefix (R9.4), save elsewhere"
+            )
 
     def sync(self) -> None:
         """Nothing: a PUT that completed is durable (R9.8)."""
@@ -173,36 +194,22 @@ class S3Storage(Storage):
         """PUT ``path`` with ``If-None-Match: *``: ``True`` if this save's object is there after
         (written now, or by an attempt whose answer was lost), ``False`` if another save's is.
 
-        The retries are ours (the client's are off for this PUT), so that a 412 to the first
-        attempt is known to be a rival's object, and only one after a lost answer is settled by
-        reading back (R9.3, R9.11)."""
-        url = self._url(path)
-        answer = ""
-        for attempt in range(self._options.max_retries + 1):
-            if attempt:
-                time.sleep(min(0.1 * 2**attempt, 2.0))
-            with s3_errors(f"cannot write {url}"):
-                try:
-                    obstore.put(self._store_once, self._key(path), data, mode="create")
-                    return True
-                except Exception as exc:
-                    if is_precondition(exc) and not answer:
-                        return False
-                    if not is_ambiguous(exc):
-                        raise
-                    answer = short(exc)
-                    if is_precondition(exc):
-                        break
-        # An answer was lost and then a 412 came, or the retries ran out: what is there now
-        # says who won (R9.3, R9.11).
+        A 412 to the first attempt is a rival's object; one after a lost answer, or retries that
+        ran out, is settled by reading back and comparing the ``save_id`` (R9.3, R9.11)."""
+        outcome, answer = self._create(path, data)
+        if outcome != "unclear" and outcome != "taken-after-unclear":
+            return outcome == "created"
         try:
             found = self.read_file(path, 1 << 20)
         except FileMissingError:
             raise StorageError(
-                f"cannot write {url}: the store did not answer clearly ({answer}) and the object is "
-                "not there; nothing was committed, save again"
+                f"cannot write {self._url(path)}: the store did not answer clearly ({answer}) and the "
+                "object is not there; nothing was committed, save again"
             ) from None
-        return found == data or _save_id(found) == save_id
+        return found == data or save_id_of(found) == save_id
+
+    def _create(self, path: str, body: bytes | memoryview) -> tuple[Created, str]:
+        return create_object(self._store_once, self._key(path), self._url(path), body, self._options)
 
     def remove_unpublished(self, save_id: str) -> None:
         """Every object under the prefix but the claim first, the claim last, only while the
@@ -382,19 +389,3 @@ class S3Storage(Storage):
 
 RUN_LOCK = ".latest.lock"
 """The marker of a run's own lock (``lock(None)``, held while ``latest`` moves, R10.8)."""
-
-
-def _save_id(doc: bytes) -> str | None:
-    """The ``save_id`` of a claim document or of a root ``zarr.json`` (under
-    ``attributes.tessera``); ``None`` when the bytes hold neither."""
-    try:
-        parsed = json.loads(doc)
-    except ValueError:
-        return None
-    if not isinstance(parsed, dict):
-        return None
-    found = parsed.get("save_id")
-    if found is None:
-        tessera = (parsed.get("attributes") or {}).get("tessera")
-        found = tessera.get("save_id") if isinstance(tessera, dict) else None
-    return found if isinstance(found, str) else None

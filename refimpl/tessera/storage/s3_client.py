@@ -27,6 +27,7 @@ from ..errors import StorageError, UnsupportedLocationError
 from .s3_profile import Profile, load_profile
 
 __all__ = [
+    "MAX_BACKOFF_S",
     "S3Options",
     "is_ambiguous",
     "is_not_found",
@@ -43,6 +44,10 @@ try:  # obstore is the optional ``s3`` extra; the storage says how to install it
     from obstore.store import S3Store
 except ImportError:  # pragma: no cover - depends on the environment
     obstore = None  # type: ignore[assignment]
+
+
+MAX_BACKOFF_S = 15.0
+"""The longest wait between two retries (obstore's default): throttling (503 SlowDown) needs time."""
 
 
 class S3Options:
@@ -62,6 +67,7 @@ class S3Options:
         multipart_bytes: int = 64 << 20,
         lease_ttl_s: float = 60.0,
         lease_skew_s: float = 10.0,
+        backoff_s: float = 0.1,
     ) -> None:
         self.endpoint_url = endpoint_url
         self.region = region
@@ -75,6 +81,9 @@ class S3Options:
         self.retry_timeout_s = retry_timeout_s
         self.multipart_bytes = multipart_bytes
         """Files larger than this go up as multipart uploads (parallel parts, bounded memory)."""
+        self.backoff_s = backoff_s
+        """The wait before the first retry of a request; it doubles with each retry, up to
+        :data:`MAX_BACKOFF_S` (the client's retries and the storage's own, of conditional PUTs)."""
         self.lease_ttl_s = lease_ttl_s
         """How long a run-directory lock outlives its holder's last renewal (R10.12; renewed every
         third of it): a killed saver's step can be saved again this long after it died."""
@@ -136,6 +145,11 @@ def make_store(bucket: str, options: S3Options, *, retries: bool = True) -> Any:
     retry = {
         "max_retries": options.max_retries if retries else 0,
         "retry_timeout": timedelta(seconds=options.retry_timeout_s),
+        "backoff": {
+            "init_backoff": timedelta(seconds=options.backoff_s),
+            "max_backoff": timedelta(seconds=MAX_BACKOFF_S),
+            "base": 2.0,
+        },
     }
     try:
         return S3Store(bucket, config=config, client_options=client, retry_config=retry, **extra)  # type: ignore[arg-type]
