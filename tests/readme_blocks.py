@@ -8,6 +8,8 @@ comment on the last non-blank line before a fence, says how a block is tested in
     <!-- readme-test: skip (why it cannot run in a test) -->
     <!-- readme-test: requires cuda kvikio (why) -->   run where CUDA is available and each module imports
     <!-- readme-test: ranks 2 (why) -->                run on 2 ranks, with the environment torchrun gives
+    <!-- readme-test: s3 my-bucket (why) -->            run with AWS_* pointing at the tests' S3 server,
+                                                       which holds the bucket ``my-bucket``
 
 Running: python blocks run each in its own process, forked from the forkserver of ``tests/ranks.py`` (which
 has imported torch, NumPy and Tessera once: a fresh interpreter per block costs 3 s or more of imports on a
@@ -34,7 +36,7 @@ from pathlib import Path
 from tests.ranks import _CONTEXT, _free_port
 
 LANGUAGES = {"python": "python", "py": "python", "sh": "shell", "bash": "shell", "console": "console"}
-ACTIONS = ("skip", "requires", "ranks")
+ACTIONS = ("skip", "requires", "ranks", "s3")
 MARKER = re.compile(r"^\s*<!--\s*readme-test:\s*(?P<body>.*?)\s*-->\s*$")
 FENCE = re.compile(r"^ {0,3}(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`]*)$")
 HEADING = re.compile(r"^ {0,3}(?P<level>#{1,6})\s+(?P<title>.+?)\s*#*\s*$")
@@ -61,7 +63,9 @@ class Marker:
         args = tuple(m["args"].split())
         if m["action"] == "ranks" and not (len(args) == 1 and args[0].isdigit() and int(args[0]) > 0):
             raise ReadmeError(f"{where}: 'readme-test: ranks' needs one positive number of ranks: {body!r}")
-        if m["action"] in ("skip", "requires") and not (m["reason"] or "").strip():
+        if m["action"] == "s3" and len(args) != 1:
+            raise ReadmeError(f"{where}: 'readme-test: s3' needs one bucket name: {body!r}")
+        if m["action"] in ("skip", "requires", "s3") and not (m["reason"] or "").strip():
             raise ReadmeError(f"{where}: 'readme-test: {m['action']}' needs a reason in parentheses")
         return cls(m["action"], args, (m["reason"] or "").strip())
 
@@ -167,19 +171,20 @@ def _exec_python(source: str, filename: str, cwd: str, env: dict[str, str], out:
     os._exit(status)
 
 
-def run_python(block: Block, cwd: Path, ranks: int = 1) -> Outcome:
-    """Run a python block in ``cwd``; with ``ranks`` > 1, as that many ranks started as torchrun does."""
+def run_python(block: Block, cwd: Path, ranks: int = 1, env: dict[str, str] | None = None) -> Outcome:
+    """Run a python block in ``cwd`` with ``env`` added; with ``ranks`` > 1, as that many ranks
+    started as torchrun does."""
     # Padding puts each line of code on its README line number: tracebacks quote the README itself.
     source = "\n" * block.line + block.code
     port = str(_free_port())
     procs, logs = [], []
     for rank in range(ranks):
-        env = {"OMP_NUM_THREADS": "1"}
+        rank_env = {"OMP_NUM_THREADS": "1", **(env or {})}
         if ranks > 1:
-            env |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
+            rank_env |= {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
                     "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
         out, err = cwd.parent / f".L{block.line}.r{rank}.out", cwd.parent / f".L{block.line}.r{rank}.err"
-        args = (source, str(block.path), str(cwd), env, str(out), str(err))
+        args = (source, str(block.path), str(cwd), rank_env, str(out), str(err))
         procs.append(_CONTEXT.Process(target=_exec_python, args=args, daemon=True))
         logs.append((out, err))
     for p in procs:
@@ -204,23 +209,25 @@ def run_python(block: Block, cwd: Path, ranks: int = 1) -> Outcome:
     return Outcome(None, stdout, stderr)
 
 
-def shell_env() -> dict[str, str]:
-    """The environment of shell commands: this Python's ``bin`` first on PATH."""
+def shell_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of shell commands: this Python's ``bin`` first on PATH, ``env`` added."""
     bin_dir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    return {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), **(env or {})}
 
 
-def _bash(command: str, cwd: Path, *options: str) -> subprocess.CompletedProcess[str]:
+def _bash(
+    command: str, cwd: Path, *options: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", *options, "-c", command], cwd=cwd, env=shell_env(), capture_output=True, text=True,
+        ["bash", *options, "-c", command], cwd=cwd, env=shell_env(env), capture_output=True, text=True,
         timeout=BLOCK_TIMEOUT_S, stdin=subprocess.DEVNULL,
     )
 
 
-def run_shell(block: Block, cwd: Path) -> Outcome:
+def run_shell(block: Block, cwd: Path, env: dict[str, str] | None = None) -> Outcome:
     """Run a sh/bash block as one script that stops at its first failing command."""
     try:
-        done = _bash(block.code, cwd, "-e", "-o", "pipefail")
+        done = _bash(block.code, cwd, "-e", "-o", "pipefail", env=env)
     except subprocess.TimeoutExpired as exc:
         late = f"did not finish in {BLOCK_TIMEOUT_S:.0f} s"
         return Outcome(late, str(exc.stdout or ""), str(exc.stderr or ""))
@@ -263,7 +270,7 @@ def unmatched_output(shown: list[str], actual: str) -> str | None:
     return None
 
 
-def run_console(block: Block, cwd: Path) -> Outcome:
+def run_console(block: Block, cwd: Path, env: dict[str, str] | None = None) -> Outcome:
     """Run a console transcript's commands in order, checking each one's exit status and output."""
     steps = transcript(block)
     outs, errs = [], []
@@ -271,7 +278,7 @@ def run_console(block: Block, cwd: Path) -> Outcome:
         if command == "echo $?":
             continue  # checked with the command before it
         try:
-            done = _bash(command, cwd)
+            done = _bash(command, cwd, env=env)
         except subprocess.TimeoutExpired:
             return Outcome(f"line {line}: `{command}` did not finish in {BLOCK_TIMEOUT_S:.0f} s", "", "")
         outs.append(f"$ {command}\n{done.stdout}")

@@ -45,6 +45,11 @@ class S3Server:
     def fresh_prefix(self) -> str:
         return f"t-{uuid.uuid4().hex[:12]}"
 
+    def create_bucket(self, name: str) -> None:
+        """Create the bucket ``name`` (moto takes an unsigned PUT); one that exists is kept."""
+        status = _request(f"{self.endpoint}/{name}", method="PUT")
+        assert status in (200, 409), f"creating bucket {name} answered {status}"
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -95,9 +100,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                         f"moto_server did not answer on {endpoint} in {START_TIMEOUT_S} s"
                     ) from exc
                 time.sleep(0.05)
-        status = _request(f"{endpoint}/{BUCKET}", method="PUT")
-        assert status == 200, f"creating bucket {BUCKET} answered {status}"
-        yield S3Server(endpoint, BUCKET)
+        server = S3Server(endpoint, BUCKET)
+        server.create_bucket(BUCKET)
+        yield server
     finally:
         process.terminate()
         try:

@@ -26,6 +26,7 @@ from tests.readme_blocks import (
     run_python,
     run_shell,
 )
+from tests.s3_server import S3Server, s3_server  # noqa: F401 - the session fixture, found by name
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = parse_blocks(README)
@@ -34,8 +35,9 @@ BLOCKS = parse_blocks(README)
 class _Runs:
     """The outcome of every block run so far, and each section's working directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, request: pytest.FixtureRequest) -> None:
         self.root = root
+        self.request = request
         self.outcomes: dict[Block, Outcome] = {}
 
     def workdir(self, block: Block) -> Path:
@@ -46,8 +48,20 @@ class _Runs:
 
     def run(self, block: Block) -> Outcome:
         if block not in self.outcomes:
-            self.outcomes[block] = _run(block, self.workdir(block))
+            self.outcomes[block] = _run(block, self.workdir(block), self.env(block))
         return self.outcomes[block]
+
+    def env(self, block: Block) -> dict[str, str]:
+        """What a block's marker adds to its environment: for ``s3 BUCKET``, the ``AWS_*`` variables
+        of the tests' S3 server (started here if it is not yet; skipped where moto is missing),
+        which then holds ``BUCKET``."""
+        if block.marker is None or block.marker.action != "s3":
+            return {}
+        if importlib.util.find_spec("obstore") is None:
+            pytest.skip(f"README.md:{block.line}: S3 locations need obstore ({block.marker.reason})")
+        server: S3Server = self.request.getfixturevalue("s3_server")
+        server.create_bucket(block.marker.args[0])
+        return server.env()
 
 
 def _unmet_requirement(block: Block) -> str | None:
@@ -68,15 +82,16 @@ def _runs_in_test(block: Block) -> bool:
     return block.marker is None or block.marker.action != "requires" or _unmet_requirement(block) is None
 
 
-def _run(block: Block, cwd: Path) -> Outcome:
+def _run(block: Block, cwd: Path, env: dict[str, str]) -> Outcome:
     if block.marker is not None and block.marker.action == "ranks":
         return run_python(block, cwd, ranks=int(block.marker.args[0]))
-    return {"python": run_python, "shell": run_shell, "console": run_console}[str(block.kind)](block, cwd)
+    run = {"python": run_python, "shell": run_shell, "console": run_console}[str(block.kind)]
+    return run(block, cwd, env=env)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Runs]:
-    yield _Runs(tmp_path_factory.mktemp("readme"))
+def runs(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[_Runs]:
+    yield _Runs(tmp_path_factory.mktemp("readme"), request)
 
 
 def _refuse_placeholders(block: Block) -> None:
@@ -178,6 +193,8 @@ def test_markers_must_be_known_and_sit_right_before_a_block(tmp_path: Path) -> N
         ("<!-- readme-test: ignore (why) -->\n```sh\ntrue\n```\n", "unknown readme-test marker"),
         ("<!-- readme-test: skip -->\n```sh\ntrue\n```\n", "needs a reason"),
         ("<!-- readme-test: ranks two -->\n```python\npass\n```\n", "one positive number of ranks"),
+        ("<!-- readme-test: s3 (a bucket?) -->\n```python\npass\n```\n", "needs one bucket name"),
+        ("<!-- readme-test: s3 b -->\n```python\npass\n```\n", "needs a reason"),
         ("text\n<!-- readme-test: skip (why) -->\n", "not followed by a block"),
     ]:
         with pytest.raises(ReadmeError, match=message):
