@@ -329,6 +329,22 @@ def test_a_failed_check_of_conditional_writes_removes_the_claim(
     assert not _direct(s3_server, prefix).exists()
 
 
+def test_a_store_that_ignores_conditional_writes_is_refused_before_anything_is_written(
+    proxy: FaultProxy,
+    s3_server: S3Server,  # noqa: F811
+) -> None:
+    """A store that answers 200 to the second ``If-None-Match: *`` PUT of the claim (here the
+    proxy answers for it) would let two saves share a prefix and a root replace another's: the
+    save is refused by name, and nothing stays under the prefix (not even the claim)."""
+    prefix = s3_server.fresh_prefix()
+    accepted = Respond(200, b"", headers=(("ETag", '"0123456789abcdef"'),))
+    proxy.set_rules([Rule(accepted, method="PUT", path=r"\.tessera-claim\.json", nth=1)])
+    with pytest.raises(StorageError, match="ignores conditional writes"):
+        tessera.save(_state(), _through(proxy, s3_server, prefix))
+    assert [e.method for e in proxy.exchanges if e.method == "PUT"] == ["PUT", "PUT"]
+    assert not _direct(s3_server, prefix).exists()
+
+
 # -- chunk and array documents (R9.4, R9.5) ------------------------------------------------------
 
 

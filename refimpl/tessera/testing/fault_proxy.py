@@ -66,10 +66,12 @@ _HOP = frozenset(
 @dataclass(frozen=True)
 class Respond:
     """Answer ``status`` without forwarding: the upstream never sees the request (a 503 SlowDown,
-    a 500, a 412 from a rival's write)."""
+    a 500, a 412 from a rival's write; a 200 with an ``ETag`` header, as a store that ignores
+    ``If-None-Match`` answers a PUT it should have refused)."""
 
     status: int
     body: bytes = b"injected by tessera.testing.fault_proxy\n"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -335,7 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
 
         if isinstance(action, Respond):
             record(action.status, False)
-            return self._answer(action.status, action.body)
+            return self._answer(action.status, action.body, action.headers)
         if isinstance(action, ResetBefore) or (
             isinstance(action, Delay) and proxy._stopping.wait(action.seconds)
         ):
@@ -385,10 +387,12 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Length"] = str(len(body))
         return headers
 
-    def _answer(self, status: int, body: bytes) -> None:
+    def _answer(self, status: int, body: bytes, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
+        for key, value in headers:
+            self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
