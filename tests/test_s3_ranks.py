@@ -162,6 +162,37 @@ def test_save_async_from_many_ranks_and_from_one(s3_env: S3Server) -> None:  # n
     assert loaded["step"] == 7
 
 
+def _checkpointer_rank(rank: int, world_size: int, url: str, env: dict[str, str]) -> dict[str, Any]:
+    """Every rank saves steps 1-3 of a sharded run through one Checkpointer (the coordinator takes
+    the step's lease, moves ``latest``, applies retention), then resumes from ``latest``."""
+    _use_env(env)
+    state = {"w": _rows("w", rank, world_size), "step": 0}
+    options = tessera.SaveOptions(chunk_bytes=CHUNK_BYTES)
+    with tessera.Checkpointer(url, keep_last=2, options=options, process_group=dist.group.WORLD) as ckpt:
+        for step in (1, 2, 3):
+            state["step"] = step
+            ckpt.save(step, state)
+        mine = state["w"]
+        empty = ShardedTensor(torch.zeros_like(mine.local), (ROWS, COLS), mine.global_offset)
+        template = {"w": empty, "step": 0}
+        resumed = ckpt.load(template)
+    return {"step": resumed.step, "w": empty.local, "want": mine.local}
+
+
+def test_a_checkpointer_of_two_ranks_on_s3(s3_server: S3Server) -> None:  # noqa: F811
+    """Two gloo ranks run a Checkpointer on an ``s3://`` run directory: steps commit, retention
+    deletes the oldest, ``latest`` names the newest, every rank resumes its own rows bit-exact,
+    and no lease marker is left once the Checkpointer is closed."""
+    prefix = f"{s3_server.fresh_prefix()}/run"
+    results = run_ranks(2, _checkpointer_rank, f"s3://{s3_server.bucket}/{prefix}", s3_server.env())
+    for result in results:
+        assert result["step"] == 3
+        assert_bit_equal(result["w"], result["want"])
+    run = S3Storage(s3_server.bucket, prefix, _options(s3_server))
+    assert [name for name, _ in run.entries()] == ["latest", "step-00000002", "step-00000003"]
+    assert run.read_file("latest", 256) == b"step-00000003\n"
+
+
 def _chunk_keys(storage: S3Storage, prefix: str, array: str) -> list[str]:
     listed = obstore.list(storage._store, prefix=f"{prefix}/{array}/c/").collect()
     return sorted(meta["path"] for meta in listed)
