@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,14 +71,18 @@ def _request(url: str, method: str = "GET") -> int:
         return int(exc.code)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+@contextmanager
+def running_moto_server(log_path: Path) -> Iterator[S3Server]:
+    """Start ``moto_server`` on a free port of 127.0.0.1 (its log in ``log_path``), create the
+    bucket, and stop the process on every way out; the benchmark (bench/bench_s3.py) uses it too.
+    Raises ``RuntimeError`` where moto is not installed or does not start."""
     command = _moto_server()
     if command is None:
-        pytest.skip("moto_server is not installed (pip install 'moto[server]>=5.2.5', in the test extra)")
+        raise RuntimeError(
+            "moto_server is not installed (pip install 'moto[server]>=5.2.5', in the test extra)"
+        )
     port = _free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    log_path = tmp_path_factory.mktemp("moto") / "moto_server.log"
     log = log_path.open("wb")  # a file, not a pipe: the request log can never fill it and stall the server
     process = subprocess.Popen([*command, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
     try:
@@ -106,3 +111,11 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             process.kill()
             process.wait()
         log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    if _moto_server() is None:
+        pytest.skip("moto_server is not installed (pip install 'moto[server]>=5.2.5', in the test extra)")
+    with running_moto_server(tmp_path_factory.mktemp("moto") / "moto_server.log") as server:
+        yield server

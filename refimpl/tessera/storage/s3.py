@@ -19,7 +19,7 @@ import builtins
 import json
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +46,9 @@ from .s3_client import (
     s3_errors,
     short,
 )
+
+if TYPE_CHECKING:
+    from obstore import GetOptions
 
 __all__ = ["S3Options", "S3Storage", "storage_from_url"]
 
@@ -77,6 +80,12 @@ class S3Storage(Storage):
     @property
     def location(self) -> str:
         return f"s3://{self._bucket}/{self._prefix}"
+
+    @property
+    def concurrency(self) -> int:
+        """Requests in flight for a save's or a load's chunks: S3 answers each in tens of
+        milliseconds whatever the machine, so many more than a disk's few per core."""
+        return S3_CONCURRENCY
 
     def _key(self, path: str) -> str:
         relative = check_relative_path(path)
@@ -250,28 +259,64 @@ class S3Storage(Storage):
         return data
 
     def read_into(self, path: str, offset: int, fill: Callable[[int | None, ReadNext], None]) -> None:
-        key, url = self._key(path), self._url(path)
-        size = self.size(path)
-        if size is None:
+        """A read from the start is ONE GET: its answer's ``meta`` gives the size (before any
+        body byte is read), and the body streams into the caller's blocks. A read from an
+        ``offset`` asks the size with a HEAD, then one ranged GET per block, each pinned to the
+        ETag the HEAD saw (``If-Match``), so an object replaced mid-read is an error, never a
+        mix of two objects' bytes."""
+        url = self._url(path)
+        if offset:
+            self._read_ranges(path, offset, fill)
+            return
+        with s3_errors(f"cannot read {url}"):
+            try:
+                result = obstore.get(self._store, self._key(path))
+            except Exception as exc:
+                if not is_not_found(exc):
+                    raise
+                result = None
+        if result is None:
 
             def missing(out: memoryview | torch.Tensor) -> None:
                 raise FileMissingError(f"cannot read {url}: no such object")
 
             fill(None, missing)
             return
+        size = int(result.meta["size"])
+        body = _Body(url, size, result.stream(min_chunk_size=STREAM_CHUNK_BYTES))
+        fill(size, body.read)
+
+    def _read_ranges(self, path: str, offset: int, fill: Callable[[int | None, ReadNext], None]) -> None:
+        key, url = self._key(path), self._url(path)
+        with s3_errors(f"cannot read {url}"):
+            try:
+                meta = obstore.head(self._store, key)
+            except Exception as exc:
+                if not is_not_found(exc):
+                    raise
+                meta = None
+        if meta is None:
+
+            def missing(out: memoryview | torch.Tensor) -> None:
+                raise FileMissingError(f"cannot read {url}: no such object")
+
+            fill(None, missing)
+            return
+        size, etag = int(meta["size"]), meta["e_tag"]
         position = offset
 
         def read(out: memoryview | torch.Tensor) -> None:
             nonlocal position
-            if isinstance(out, torch.Tensor):
-                raise TypeError(f"{url}: S3Storage has no device I/O; read into host buffers")
-            view = out.cast("B")
+            view = _host_view(url, out)
             if not view.nbytes:
                 return
             if position + view.nbytes > size:
                 raise StorageError(f"{url} ended early ({size} bytes, read to {position + view.nbytes})")
-            with s3_errors(f"cannot read {url}"):
-                got = obstore.get_range(self._store, key, start=position, length=view.nbytes)
+            options: GetOptions = {"range": (position, position + view.nbytes)}
+            if etag:
+                options["if_match"] = etag
+            with s3_errors(f"cannot read {url} (replaced while being read?)"):
+                got = obstore.get(self._store, key, options=options).bytes()
             if len(got) != view.nbytes:
                 raise StorageError(f"{url} ended early (truncated object)")
             view[:] = memoryview(got).cast("B")
@@ -305,6 +350,48 @@ class S3Storage(Storage):
             (p[len(where) :].rstrip("/"), "dir") for p in found["common_prefixes"]
         ]
         return sorted(e for e in files + dirs if e[0])
+
+
+S3_CONCURRENCY = 16
+"""Threads of a save or load on S3 where the caller set none (measured: bench/RESULTS.md)."""
+STREAM_CHUNK_BYTES = 8 << 20
+"""The least a streamed GET hands over at once: few Python-level copies, bounded memory."""
+
+
+def _host_view(url: str, out: memoryview | torch.Tensor) -> memoryview:
+    if isinstance(out, torch.Tensor):
+        raise TypeError(f"{url}: S3Storage has no device I/O; read into host buffers")
+    return out.cast("B")
+
+
+class _Body:
+    """The body of one GET, handed to the caller's blocks in order as it arrives."""
+
+    def __init__(self, url: str, size: int, stream: Iterable[Any]) -> None:
+        self._url, self._size, self._stream = url, size, iter(stream)
+        self._left = memoryview(b"")
+        self._position = 0
+
+    def read(self, out: memoryview | torch.Tensor) -> None:
+        view = _host_view(self._url, out)
+        end = self._position + view.nbytes
+        if end > self._size:
+            raise StorageError(f"{self._url} ended early ({self._size} bytes, read to {end})")
+        at = 0
+        while at < view.nbytes:
+            if not self._left.nbytes:
+                with s3_errors(f"cannot read {self._url}"):
+                    piece = next(self._stream, None)
+                if piece is None:
+                    raise StorageError(
+                        f"{self._url} ended early (the body stopped at {self._position + at} of "
+                        f"{self._size} bytes)"
+                    )
+                self._left = memoryview(piece).cast("B")
+            n = min(self._left.nbytes, view.nbytes - at)
+            view[at : at + n] = self._left[:n]
+            self._left, at = self._left[n:], at + n
+        self._position = end
 
 
 def _save_id(doc: bytes) -> str | None:
