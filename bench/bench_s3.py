@@ -121,6 +121,12 @@ class Bench:
             scatter((memoryview(c) for c in got), views)
         return into
 
+    def remove(self, prefix: str) -> None:
+        """Delete every object under ``prefix`` (moto keeps them all in memory)."""
+        keys = [m["path"] for batch in self.obstore.list(self.store, prefix=f"{prefix}") for m in batch]
+        for start in range(0, len(keys), 1000):
+            self.obstore.delete(self.store, keys[start : start + 1000])
+
     # -- tessera ---------------------------------------------------------------------------
 
     def url(self, prefix: str) -> str:
@@ -255,6 +261,8 @@ def tune_raw(bench: Bench, quick: bool) -> list[str]:
     for n, (part, flight) in enumerate(RAW_UPLOADS[:2] if quick else RAW_UPLOADS):
         bench.raw.part_bytes, bench.raw.parts_in_flight = part, flight
         seconds, _ = timed(lambda: bench.raw_save(f"tune-{n}"))  # noqa: B023 - called at once
+        if n:
+            bench.remove(f"tune-{n}")
         gbps = bench.nbytes / seconds / GB
         notes.append(f"upload {part // MIB} MiB parts x {flight} in flight: {gbps:.3f} GB/s")
         best = max(best, (gbps, (part, flight)))
@@ -268,6 +276,7 @@ def tune_raw(bench: Bench, quick: bool) -> list[str]:
         notes.append(f"download by {how}: {gbps:.3f} GB/s")
         fastest = max(fastest, (gbps, how))
     bench.raw.download = fastest[1]
+    bench.remove("tune-")
     return notes
 
 
@@ -305,6 +314,7 @@ def run_round(bench: Bench, rep: int, order: list[int]) -> list[dict[str, Any]]:
             verify(bench.sd, got, "tensorstore")
             record(name, "load (new dict)", seconds)
         del got
+        bench.remove(prefix)
     return samples
 
 
