@@ -357,7 +357,7 @@ def environment(server_log: Path) -> list[str]:
             return "absent"
 
     date, command = run_stamp()
-    names = ("tessera", "obstore", "moto", "tensorstore", "torch")
+    names = ("tessera-checkpoint", "obstore", "moto", "tensorstore", "torch")
     return [
         f"date: {date}",
         f"command: `{command}`",

@@ -5,8 +5,10 @@ Why each step (spec §9): the claim and the root are PUTs with ``If-None-Match: 
 A PUT whose answer is ambiguous (a timeout, a lost connection after obstore's retries, or a
 412 that a retry of our own applied PUT can cause) is settled by reading the object back and
 comparing its ``save_id``: never by publishing blindly. Every completed PUT is durable, so
-``sync`` has nothing to do (R9.8). Reads are ranged GETs: ``read_into`` asks for each block
-it is given, so a region read fetches only the bytes it needs.
+``sync`` has nothing to do (R9.8). Every request is a round trip, so reads make few: a chunk
+read from its start is one GET streamed into the caller's blocks; a read from an offset is
+ranged GETs pinned to the object's ETag; saves and loads keep ``S3_CONCURRENCY`` requests in
+flight (:attr:`S3Storage.concurrency`).
 
 The run-directory operations that need leases (``lock``, ``replace_file``,
 ``remove_checkpoint``; spec R10.12) are not implemented yet and refuse with the interface's
