@@ -73,7 +73,7 @@ def write_chunks(
                     partial(_write_chunk, strategy, target, partial(crcs.__setitem__, position), bar)
                 )
                 position += 1
-        run_all(tasks, threads)
+        run_all(tasks, threads or storage.concurrency)
     storage.sync()
     return crcs.tobytes()
 

@@ -54,7 +54,8 @@ class ReadEngine:
 
     ``threads`` is the pass's I/O threads (default: as many as suit the host, four times that
     where the storage has device I/O: GPU-direct reads are mostly waiting, see
-    :func:`~.gpu.direct_io.direct_read_threads`)."""
+    :func:`~.gpu.direct_io.direct_read_threads`; else the storage's
+    :attr:`~tessera.storage.base.Storage.concurrency`, where it has one)."""
 
     def __init__(
         self,
@@ -69,6 +70,8 @@ class ReadEngine:
         self.limits = limits
         if threads is None and storage.device_io is not None:
             threads = direct_read_threads()
+        if threads is None:
+            threads = storage.concurrency
         self.threads = threads
         self.by_path: dict[str, Entry] = {e.path: e for e in manifest.entries}
         self.files = ChunkFiles(storage)

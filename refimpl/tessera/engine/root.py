@@ -13,12 +13,18 @@ __all__ = ["check_not_deleted", "read_manifest"]
 
 
 def read_manifest(storage: Storage, limits: ReaderLimits = DEFAULT_LIMITS) -> Manifest:
-    """The validated manifest of ``storage``; the error class says what is wrong (spec §13)."""
-    if not storage.exists():
-        raise CheckpointNotFoundError(f"no checkpoint at {storage.location}")
+    """The validated manifest of ``storage``; the error class says what is wrong (spec §13).
+
+    The root ``zarr.json`` is read first, and whether anything is there at all is asked only
+    when that read fails: a load of a committed checkpoint costs one request here, not two (on
+    an object store each is a round trip)."""
     try:
         data = storage.read_file(ROOT_METADATA, limits.max_json_bytes)
-    except FileMissingError:
+    except Exception as exc:
+        if not storage.exists():
+            raise CheckpointNotFoundError(f"no checkpoint at {storage.location}") from None
+        if not isinstance(exc, FileMissingError):
+            raise
         claimed = storage.size(CLAIM_FILE) is not None
         raise UncommittedCheckpointError(
             f"{storage.location} has no root zarr.json: "

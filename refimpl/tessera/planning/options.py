@@ -64,7 +64,8 @@ class SaveOptions:
     compression: Zstd | None = None
     """``Zstd(level)`` compresses every array's chunks; ``None`` stores raw bytes."""
     threads: int | None = None
-    """Threads writing this rank's files; ``None``: two per core, from 4 to 16."""
+    """Threads writing this rank's files; ``None``: the storage's ``concurrency`` where it has
+    one (an object store: many requests in flight), else two per core, from 4 to 16."""
     chunk_shapes: Mapping[str, Sequence[int]] = field(default_factory=dict, hash=False)
     """Chunk shapes fixed by the caller, by path (as ``tessera inspect`` prints them), in place
     of the writer's choice: for tools that must reproduce a grid (conformance vectors, converters

@@ -169,6 +169,14 @@ class Storage(ABC):
         I/O): then ``write_file`` and ``read_into`` take CUDA tensors too."""
         return None
 
+    @property
+    def concurrency(self) -> int | None:
+        """How many requests in flight suit this medium, where the engine's defaults (sized for a
+        local disk: a few per core) do not: an object store is latency-bound, so it wants many
+        more. The save and load engines use it as their thread count when the caller set none;
+        ``None``: the defaults."""
+        return None
+
     @abstractmethod
     def claim(self, doc: bytes) -> None:
         """Create the claim file exclusively; raise ``CheckpointExistsError`` if taken."""

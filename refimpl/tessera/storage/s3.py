@@ -8,9 +8,12 @@ comparing its ``save_id``: never by publishing blindly. Chunks and array documen
 with ``If-None-Match: *`` too (R9.5), retried by the storage itself after an unclear answer (the
 client does not retry a PUT whose connection reset after sending it); a 412 then is settled by
 comparing the bytes read back, since only the claim's holder writes under the prefix (R9.4).
-Files over ``multipart_bytes`` go up as multipart uploads, retried whole. Every completed PUT
-is durable, so ``sync`` has nothing to do (R9.8). Reads are ranged GETs: ``read_into`` asks for
-each block it is given, so a region read fetches only the bytes it needs.
+Files over ``multipart_bytes`` go up as multipart uploads, retried whole
+(:mod:`tessera.storage.s3_puts`). Every completed PUT is durable, so ``sync`` has nothing to do
+(R9.8). Every request is a round trip, so reads make few: a chunk read from its start is one GET
+streamed into the caller's blocks; a read from an offset is ranged GETs pinned to the object's
+ETag, so a region read fetches only the bytes it needs; saves and loads keep ``S3_CONCURRENCY``
+requests in flight (:attr:`S3Storage.concurrency`).
 
 Run directories (spec §10) live under a prefix too: a step is the prefix ``step-N/``, ``kind``
 and ``entries`` list with a delimiter (an object store has no links, FIFOs or devices, so every
@@ -51,6 +54,7 @@ from .s3_client import (
 )
 from .s3_lease import LeaseSettings, S3Lease, take_lease
 from .s3_puts import Created, create_object, save_id_of, upload_whole
+from .s3_reads import read_ranges, read_streamed
 
 __all__ = ["S3Options", "S3Storage", "storage_from_url"]
 
@@ -85,6 +89,12 @@ class S3Storage(Storage):
     @property
     def location(self) -> str:
         return f"s3://{self._bucket}/{self._prefix}"
+
+    @property
+    def concurrency(self) -> int:
+        """Requests in flight for a save's or a load's chunks: S3 answers each in tens of
+        milliseconds whatever the machine, so many more than a disk's few per core."""
+        return S3_CONCURRENCY
 
     def _key(self, path: str) -> str:
         relative = check_relative_path(path)
@@ -265,34 +275,13 @@ class S3Storage(Storage):
         return data
 
     def read_into(self, path: str, offset: int, fill: Callable[[int | None, ReadNext], None]) -> None:
+        """A read from the start is ONE GET whose body streams into the caller's blocks; a read
+        from an ``offset``, ranged GETs pinned to the object's ETag (:mod:`tessera.storage.s3_reads`)."""
         key, url = self._key(path), self._url(path)
-        size = self.size(path)
-        if size is None:
-
-            def missing(out: memoryview | torch.Tensor) -> None:
-                raise FileMissingError(f"cannot read {url}: no such object")
-
-            fill(None, missing)
-            return
-        position = offset
-
-        def read(out: memoryview | torch.Tensor) -> None:
-            nonlocal position
-            if isinstance(out, torch.Tensor):
-                raise TypeError(f"{url}: S3Storage has no device I/O; read into host buffers")
-            view = out.cast("B")
-            if not view.nbytes:
-                return
-            if position + view.nbytes > size:
-                raise StorageError(f"{url} ended early ({size} bytes, read to {position + view.nbytes})")
-            with s3_errors(f"cannot read {url}"):
-                got = obstore.get_range(self._store, key, start=position, length=view.nbytes)
-            if len(got) != view.nbytes:
-                raise StorageError(f"{url} ended early (truncated object)")
-            view[:] = memoryview(got).cast("B")
-            position += view.nbytes
-
-        fill(size, read)
+        if offset:
+            read_ranges(self._store, key, url, offset, fill)
+        else:
+            read_streamed(self._store, key, url, fill)
 
     def list(self, path: str) -> builtins.list[str]:
         return [name for name, _ in self.entries(path)]
@@ -389,3 +378,7 @@ class S3Storage(Storage):
 
 RUN_LOCK = ".latest.lock"
 """The marker of a run's own lock (``lock(None)``, held while ``latest`` moves, R10.8)."""
+
+
+S3_CONCURRENCY = 16
+"""Threads of a save or load on S3 where the caller set none (measured: bench/RESULTS.md)."""

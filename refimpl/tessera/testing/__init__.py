@@ -13,6 +13,8 @@
   fault-injecting HTTP reverse proxy to put in front of an object store (503s, lost responses,
   resets, delays, truncated bodies); imported by name only, so this package does not load the
   HTTP server modules for users who never need them.
+- :mod:`tessera.testing.moto`: :func:`~tessera.testing.moto.running_moto_server`, a real
+  S3-compatible server (``moto_server``) on 127.0.0.1 for the length of a ``with`` block.
 """
 
 from .faults import CHUNKS, FaultyStorage

@@ -45,6 +45,10 @@ class StorageWrapper(Storage):
     def device_io(self) -> DeviceIO | None:
         return self.inner.device_io
 
+    @property
+    def concurrency(self) -> int | None:
+        return self.inner.concurrency
+
     def claim(self, doc: bytes) -> None:
         self.inner.claim(doc)
 
