@@ -41,7 +41,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT))
 from bench_save_load import (  # noqa: E402
     GB,
     StateDict,
@@ -56,7 +55,6 @@ from bench_save_load import (  # noqa: E402
     run_stamp,
     verify,
 )
-
 from tessera.testing.moto import S3Server, running_moto_server  # noqa: E402
 
 MIB = 2**20
