@@ -1,8 +1,13 @@
 """Tessera on S3 against the raw transfer of the same bytes and against tensorstore (issue 18).
 
 Starts its own ``moto_server`` on 127.0.0.1 (``tessera.testing.moto.running_moto_server``),
-builds the GPT-like state dict of bench_save_load.py, and in every round runs each method once,
-in the balanced orders of :func:`bench_save_load.round_orders`:
+builds a state dict, and in every round runs each method once, in the balanced orders of
+:func:`bench_save_load.round_orders`. Two profiles, because an object store's cost is per
+request as well as per byte, and Tessera (like tensorstore) stores each tensor as its own
+objects (a ``zarr.json`` and its chunks): ``--profile gpt`` (default) is the GPT-like state dict
+of bench_save_load.py, hundreds of tensors (Adam's per-parameter ``step`` too), where the
+server's requests per second bound every per-tensor format; ``--profile large`` is the same
+bytes in float32 tensors of ``--tensor-mib`` each (one chunk each), where bytes dominate.
 
 - ``tessera``: ``tessera.save(sd, "s3://bucket/r<i>-tessera")``, then ``tessera.load`` of it
   into a new dict and in place;
@@ -202,6 +207,18 @@ class Bench:
         return out
 
 
+def large_tensors(size_mib: float, tensor_mib: float) -> tuple[StateDict, dict[str, Any]]:
+    """``size_mib`` of seeded float32 tensors of ``tensor_mib`` each (the last may be smaller)."""
+    gen = torch.Generator().manual_seed(0)
+    left, sd, i = int(size_mib * MIB) // 4, {}, 0
+    while left > 0:
+        n = min(left, int(tensor_mib * MIB) // 4)
+        sd[f"t{i:04d}"] = torch.randn(n, generator=gen)
+        left, i = left - n, i + 1
+    total = sum(t.nbytes for t in sd.values())
+    return {"model": sd}, {"bytes": total, "tensors": len(sd), "about": f"float32, {tensor_mib:g} MiB each"}
+
+
 def skeleton(tree: StateDict) -> StateDict:
     """The nested dicts of ``tree`` (empty ones too), without its tensors."""
     return {k: skeleton(v) for k, v in tree.items() if isinstance(v, dict)}
@@ -374,12 +391,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: at most 2 MiB, 1 round, little tuning"
     )
+    parser.add_argument("--profile", choices=("gpt", "large"), default="gpt", help="see above")
+    parser.add_argument(
+        "--tensor-mib", type=float, default=32.0, help="--profile large: MiB per tensor (default 32)"
+    )
     parser.add_argument("--markdown", type=Path, help="append the results as a section of this file")
     args = parser.parse_args(argv)
     size_mib, repeat = (args.size_mib, args.repeat) if not args.quick else (min(args.size_mib, 2.0), 1)
-    sd, info = build_state_dict(
-        choose_layout(int(size_mib * MIB), "adam"), seed=0, device=torch.device("cpu")
-    )
+    if args.profile == "gpt":
+        sd, info = build_state_dict(
+            choose_layout(int(size_mib * MIB), "adam"), seed=0, device=torch.device("cpu")
+        )
+        info["about"] = (
+            f"GPT shape {info['shape']}, Adam state on {info['params_with_optimizer_state']} parameters"
+        )
+    else:
+        sd, info = large_tensors(size_mib, min(args.tensor_mib, size_mib))
     with tempfile.TemporaryDirectory(prefix="bench-s3-") as tmp:
         log = Path(tmp) / "moto_server.log"
         with running_moto_server(log) as server:
@@ -400,8 +427,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"## S3 (moto_server) save/load, {info['bytes'] / MIB:.0f} MiB, {repeat} rounds",
                 "",
                 *(f"- {line}" for line in environment(log)),
-                f"- state dict: {info['bytes'] / MIB:.1f} MiB in {info['tensors']} tensors (GPT shape "
-                f"{info['shape']}, Adam state on {info['params_with_optimizer_state']} parameters)",
+                f"- state dict: {info['bytes'] / MIB:.1f} MiB in {info['tensors']} tensors ({info['about']})",
                 f"- raw: multipart {bench.raw.part_bytes // MIB} MiB parts x {bench.raw.parts_in_flight} "
                 f"in flight, download by {bench.raw.download} (tuning: {'; '.join(notes)})",
                 "",

@@ -64,7 +64,7 @@ class S3Options:
         connect_timeout_s: float = 5.0,
         max_retries: int = 4,
         retry_timeout_s: float = 60.0,
-        multipart_bytes: int = 64 << 20,
+        multipart_bytes: int = 100 << 20,
         lease_ttl_s: float = 60.0,
         lease_skew_s: float = 10.0,
         backoff_s: float = 0.1,
@@ -80,7 +80,9 @@ class S3Options:
         self.max_retries = max_retries
         self.retry_timeout_s = retry_timeout_s
         self.multipart_bytes = multipart_bytes
-        """Files larger than this go up as multipart uploads (parallel parts, bounded memory)."""
+        """Files larger than this go up as multipart uploads (parallel parts, bounded memory). The
+        default follows AWS's advice (multipart from about 100 MB) and keeps a full default chunk
+        (64 MiB and its 4-byte CRC) one PUT: a multipart upload costs three requests or more."""
         self.backoff_s = backoff_s
         """The wait before the first retry of a request; it doubles with each retry, up to
         :data:`MAX_BACKOFF_S` (the client's retries and the storage's own, of conditional PUTs)."""
