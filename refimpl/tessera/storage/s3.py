@@ -169,14 +169,14 @@ class S3Storage(Storage):
         if sum(p.nbytes for p in parts) > self._options.multipart_bytes:
             upload_whole(self._store, self._key(path), self._url(path), parts, self._options)
             return
-        body = parts[0] if len(parts) == 1 else memoryview(b"".join(parts))  # one part: no copy
-        outcome, answer = self._create(path, body)
+        outcome, answer = self._create(path, parts)
         if outcome == "created":
             return
         if outcome == "taken":
             raise StorageError(f"cannot write {url}: it exists (files are written once, R9.5)")
         try:
-            same = self.read_file(path, body.nbytes) == body
+            size = sum(p.nbytes for p in parts)
+            same = self.read_file(path, size) == b"".join(parts)  # rare: after an unclear answer
         except FileMissingError:
             raise StorageError(
                 f"cannot write {url}: the store did not answer clearly ({answer}) and the object is "
@@ -218,7 +218,7 @@ class S3Storage(Storage):
             ) from None
         return found == data or save_id_of(found) == save_id
 
-    def _create(self, path: str, body: bytes | memoryview) -> tuple[Created, str]:
+    def _create(self, path: str, body: bytes | builtins.list[memoryview]) -> tuple[Created, str]:
         return create_object(self._store_once, self._key(path), self._url(path), body, self._options)
 
     def remove_unpublished(self, save_id: str) -> None:
