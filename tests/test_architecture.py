@@ -12,8 +12,8 @@ The layers, lowest first (the README's "Architecture" section names each one's j
 8. ``api``: ``save``, ``save_async``, ``load``, ``open``, ``verify``, run directories;
 9. ``cli``: the ``tessera`` command; ``testing``: the storage test kit and the recording and
    fault-injecting storages (the only module importing pytest; ``import tessera`` never
-   imports it); ``integrations``: adapters to training libraries (torch's distributed state
-   dicts), which the core never imports.
+   imports it); ``dcp``, ``megatron``, ``lightning``: the plug-ins for those libraries'
+   checkpoint APIs, which the core never imports.
 
 A module may import its own layer and the layers below it, never above: so the write path
 never reaches the read engine through the API, and storage never knows about planning. Every
@@ -42,7 +42,9 @@ LAYERS = {
     "api": 8,
     "cli": 9,
     "testing": 9,
-    "integrations": 9,
+    "dcp": 9,
+    "megatron": 9,
+    "lightning": 9,
 }
 """The layer of each top-level module or subpackage of ``tessera``; the package's own
 ``__init__`` sits above them all (it re-exports the API)."""

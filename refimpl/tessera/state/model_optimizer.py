@@ -18,9 +18,9 @@ ranks), and ``load_state_dict`` after every rank has read its shards (all ranks)
 :meth:`ModelAndOptimizer.model_only` is the model part alone, which a ``Checkpointer``
 loads for a finetune or with ``load_optimizer=False``: the optimizer is left as it was.
 
-It lives in the core (``state``), not with the integrations: ``torch.distributed.checkpoint``
-is part of torch, a core dependency, and the ``Checkpointer`` must know it to load the model
-part alone.
+It lives in the core (``state``), not with the plug-ins (``tessera.dcp``, ...):
+``torch.distributed.checkpoint`` is part of torch, a core dependency, and the ``Checkpointer``
+must know it to load the model part alone.
 """
 
 from __future__ import annotations
