@@ -24,6 +24,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import tessera
@@ -406,6 +407,19 @@ def test_throttling_is_retried_with_backoff_and_bounded(
     assert _direct(s3_server, prefix).size("b") is None
 
 
+def _boto3_client(server: S3Server) -> Any:
+    """boto3's S3 client on the server, directly: it lists multipart uploads, which obstore cannot."""
+    boto3 = pytest.importorskip("boto3")
+    env = server.env()
+    return boto3.client(
+        "s3",
+        endpoint_url=server.endpoint,
+        region_name=env["AWS_REGION"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
 @pytest.mark.parametrize("name", sorted(SAVE_ACTIONS))
 def test_one_fault_at_each_request_of_a_multipart_upload(
     proxy: FaultProxy,
@@ -417,15 +431,7 @@ def test_one_fault_at_each_request_of_a_multipart_upload(
     The one upload left is one whose creation was applied but its answer lost: the client never
     learnt its id (obstore cannot list uploads); a bucket lifecycle rule (AbortIncompleteMultipartUpload)
     is what removes such leftovers."""
-    boto3 = pytest.importorskip("boto3")
-    env = s3_server.env()
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint,
-        region_name=env["AWS_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    )
+    client = _boto3_client(s3_server)
     data = bytes(range(256)) * (6 << 12)  # 6 MiB over a 1 MiB threshold
     prefix = s3_server.fresh_prefix()
     storage = _through(proxy, s3_server, prefix, multipart_bytes=1 << 20)
@@ -456,15 +462,7 @@ def test_a_multipart_upload_that_keeps_failing_leaves_nothing(
 ) -> None:
     """Every part PUT refused: a StorageError naming the URL, no object, no upload left open
     (the client aborts the uploads it started)."""
-    boto3 = pytest.importorskip("boto3")
-    env = s3_server.env()
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint,
-        region_name=env["AWS_REGION"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-    )
+    client = _boto3_client(s3_server)
     prefix = s3_server.fresh_prefix()
     storage = _through(proxy, s3_server, prefix, multipart_bytes=1 << 20)
     proxy.set_rules([Rule(Respond(503), method="PUT", path="partNumber=")])

@@ -33,13 +33,7 @@ Fill = Callable[[int | None, ReadNext], None]
 
 def read_streamed(store: Any, key: str, url: str, fill: Fill) -> None:
     """``fill(size, read)`` over one GET of the whole object ``key``; ``fill(None, ...)`` if none."""
-    with s3_errors(f"cannot read {url}"):
-        try:
-            result = obstore.get(store, key)
-        except Exception as exc:
-            if not is_not_found(exc):
-                raise
-            result = None
+    result = _unless_missing(url, lambda: obstore.get(store, key))
     if result is None:
         fill(None, _missing(url))
         return
@@ -51,13 +45,7 @@ def read_streamed(store: Any, key: str, url: str, fill: Fill) -> None:
 def read_ranges(store: Any, key: str, url: str, offset: int, fill: Fill) -> None:
     """``fill(size, read)`` where each ``read`` is a ranged GET from ``offset`` on, pinned to the
     ETag of the object's HEAD; ``fill(None, ...)`` if there is no object."""
-    with s3_errors(f"cannot read {url}"):
-        try:
-            meta = obstore.head(store, key)
-        except Exception as exc:
-            if not is_not_found(exc):
-                raise
-            meta = None
+    meta = _unless_missing(url, lambda: obstore.head(store, key))
     if meta is None:
         fill(None, _missing(url))
         return
@@ -82,6 +70,17 @@ def read_ranges(store: Any, key: str, url: str, offset: int, fill: Fill) -> None
         position += view.nbytes
 
     fill(size, read)
+
+
+def _unless_missing(url: str, request: Callable[[], Any]) -> Any:
+    """``request()``'s answer, or ``None`` where the store says the object is not there (404)."""
+    with s3_errors(f"cannot read {url}"):
+        try:
+            return request()
+        except Exception as exc:
+            if not is_not_found(exc):
+                raise
+            return None
 
 
 def _missing(url: str) -> ReadNext:
