@@ -1,0 +1,285 @@
+"""tessera.lightning: Lightning's CheckpointIO writing Tessera checkpoints (issue 19, item 3).
+
+A Trainer fits a tiny model a few steps with ``TesseraCheckpointIO`` and a ``ModelCheckpoint``;
+a new Trainer resumes from the Tessera checkpoint and ends bit-exact where an uninterrupted run
+ends. Then: no pickle in any written file, Fabric save/load, the conversions of what Tessera
+does not store as is, the error naming a value that has no encoding, overwriting ``last.ckpt``
+without losing it, and the one-line error where Lightning is not installed.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tessera
+import torch
+from tessera.errors import TensorMismatchError, UnsafeEncodingError
+
+from .conftest import assert_bit_equal, assert_tree_bit_equal
+from .ranks import run_ranks
+from .s3_server import S3Server, s3_server  # noqa: F401 - the session fixture, used by name
+
+pl = pytest.importorskip("lightning.pytorch", reason="lightning is not installed (the 'lightning' extra)")
+from lightning.fabric import Fabric  # noqa: E402
+from lightning.fabric.utilities.data import AttributeDict  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from tessera.lightning import TesseraCheckpointIO  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+STEPS_PER_EPOCH = 4
+
+
+class Tiny(pl.LightningModule):  # type: ignore[misc]
+    """Adam and a StepLR, so that optimizer and scheduler state matter on resume."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+        self.losses: list[float] = []
+
+    def training_step(self, batch: Any, index: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.losses.append(loss.item())
+        self.log("loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
+
+
+def _data() -> DataLoader[Any]:
+    generator = torch.Generator().manual_seed(1)
+    dataset = TensorDataset(torch.randn(8 * STEPS_PER_EPOCH, 4, generator=generator), torch.randn(32, 1, generator=generator))
+    return DataLoader(dataset, batch_size=8)
+
+
+def _trainer(steps: int, **kwargs: Any) -> Any:
+    return pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        deterministic=True,
+        **kwargs,
+    )
+
+
+def _pickle_free(root: Path) -> list[Path]:
+    """Every file under ``root``; asserts none starts with a pickle header or torch.save's zip."""
+    files = [p for p in root.rglob("*") if p.is_file()]
+    for path in files:
+        head = path.read_bytes()[:2]
+        assert not (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5), f"{path} is a pickle"
+        assert head != b"PK", f"{path} is a zip (torch.save)"
+    return files
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One uninterrupted run of two epochs, and the same run stopped after one epoch and
+    resumed by a new Trainer from the Tessera ``last.ckpt``."""
+    root = tmp_path_factory.mktemp("lightning")
+    whole = Tiny()
+    _trainer(2 * STEPS_PER_EPOCH, enable_checkpointing=False).fit(whole, _data())
+
+    first = Tiny()
+    saver = ModelCheckpoint(dirpath=root / "ckpts", save_last=True, every_n_train_steps=1, save_top_k=1)
+    _trainer(STEPS_PER_EPOCH, callbacks=[saver], plugins=[TesseraCheckpointIO()]).fit(first, _data())
+    last = root / "ckpts" / "last.ckpt"
+    files = _pickle_free(root)  # every step's checkpoint went through save and remove
+
+    second = Tiny()
+    resumer = ModelCheckpoint(dirpath=root / "ckpts2", save_last=True, every_n_train_steps=1, save_top_k=1)
+    trainer = _trainer(2 * STEPS_PER_EPOCH, callbacks=[resumer], plugins=[TesseraCheckpointIO()])
+    trainer.fit(second, _data(), ckpt_path=str(last))
+    return {"root": root, "whole": whole, "first": first, "second": second, "trainer": trainer, "files": files}
+
+
+def test_resume_from_a_tessera_checkpoint_equals_an_uninterrupted_run(resumed: dict[str, Any]) -> None:
+    whole, first, second = resumed["whole"], resumed["first"], resumed["second"]
+    assert len(whole.losses) == 2 * STEPS_PER_EPOCH
+    assert first.losses + second.losses == whole.losses  # the metrics of the continued run
+    assert resumed["trainer"].global_step == 2 * STEPS_PER_EPOCH
+    for name, tensor in whole.state_dict().items():
+        assert_bit_equal(second.state_dict()[name], tensor)
+    want = whole.trainer.optimizers[0].state_dict()
+    assert_tree_bit_equal(resumed["trainer"].optimizers[0].state_dict(), want)
+    assert resumed["trainer"].lr_scheduler_configs[0].scheduler.state_dict() == (
+        whole.trainer.lr_scheduler_configs[0].scheduler.state_dict()
+    )
+
+
+def test_checkpoints_are_tessera_directories_without_pickle(resumed: dict[str, Any]) -> None:
+    ckpts = resumed["root"] / "ckpts"
+    # save_top_k=1 removed each older step's checkpoint; last.ckpt was saved over 4 times
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    assert (ckpts / "last.ckpt" / "zarr.json").is_file()
+    assert tessera.verify(str(ckpts / "last.ckpt")).ok
+    assert resumed["files"], "no file was written"
+    _pickle_free(resumed["root"])
+    loaded = TesseraCheckpointIO().load_checkpoint(ckpts / "last.ckpt")
+    assert loaded["global_step"] == STEPS_PER_EPOCH
+    assert type(loaded["state_dict"]) is OrderedDict and loaded["state_dict"]._metadata["net.1"]["version"] == 2
+    callback = next(k for k in loaded["callbacks"] if k.startswith("ModelCheckpoint{"))
+    assert loaded["callbacks"][callback]["last_model_path"] == str(ckpts / "last.ckpt")
+    assert loaded["hyper_parameters"] == {"lr": 0.05}
+    assert type(loaded["optimizer_states"][0]["state"]) is dict and 0 in loaded["optimizer_states"][0]["state"]
+    assert type(loaded["optimizer_states"][0]["param_groups"][0]["betas"]) is tuple
+
+
+def test_fabric_save_and_load(tmp_path: Path) -> None:
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[TesseraCheckpointIO()])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.zero_grad()
+    model(torch.randn(5, 3)).sum().backward()
+    optimizer.step()
+    hparams = AttributeDict(width=3, name="x")
+    fabric.save(tmp_path / "f.ckpt", {"model": model, "optimizer": optimizer, "step": 7, "hparams": hparams})
+    _pickle_free(tmp_path)
+
+    other = torch.nn.Linear(3, 2)
+    other_optimizer = torch.optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
+    state = {"model": other, "optimizer": other_optimizer}
+    rest = fabric.load(tmp_path / "f.ckpt", state)
+    assert rest["step"] == 7 and type(rest["hparams"]) is AttributeDict and rest["hparams"].width == 3
+    assert_tree_bit_equal(other.state_dict(), model.state_dict())
+    assert_tree_bit_equal(other_optimizer.state_dict(), optimizer.state_dict())
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+def test_what_tessera_does_not_keep_as_is_comes_back_as_it_was(tmp_path: Path) -> None:
+    weights: Any = OrderedDict(w=torch.arange(3.0))
+    weights._metadata = OrderedDict({"": {"version": 1}})
+    long_key = "Callback{" + ", ".join(f"'k{i}': None" for i in range(40)) + "}"  # > 255 bytes escaped
+    checkpoint = {
+        "state_dict": weights,
+        "callbacks": {long_key: {"t": torch.tensor(math.inf)}, "": 1, "ModelCheckpoint{'a': None}": {"b": 2}},
+        "optimizer_states": [{"state": {0: {"step": torch.tensor(3.0)}, 1: {}}, "param_groups": [{"betas": (0.9, 0.99)}]}],
+        "hyper_parameters": AttributeDict(lr=0.1, dims=(1, 2)),
+        "shape": torch.Size([2, 3]),
+        "color": Color.RED,
+        "numbers": {1.5: "a", True: "b", None: "c", 7: float("nan")},
+        "scalar": np.float32(2.5),
+        "blob": b"raw\x00bytes",
+        "epoch": 0,
+    }
+    io = TesseraCheckpointIO()
+    io.save_checkpoint(checkpoint, tmp_path / "c.ckpt")
+    _pickle_free(tmp_path)
+    loaded = io.load_checkpoint(tmp_path / "c.ckpt")
+    assert_tree_bit_equal({k: v for k, v in loaded.items() if k != "scalar"}, {k: v for k, v in checkpoint.items() if k != "scalar"})
+    assert loaded["state_dict"]._metadata == weights._metadata
+    assert type(loaded["hyper_parameters"]) is AttributeDict and type(loaded["shape"]) is torch.Size
+    assert loaded["color"] is Color.RED
+    assert type(loaded["scalar"]) is np.float32 and loaded["scalar"] == 2.5
+    assert list(loaded["callbacks"]) == list(checkpoint["callbacks"])
+    moved = io.load_checkpoint(tmp_path / "c.ckpt", map_location="cpu")
+    assert type(moved["state_dict"]) is OrderedDict and moved["state_dict"]._metadata == weights._metadata
+
+
+def test_a_value_without_encoding_is_an_error_naming_its_key(tmp_path: Path) -> None:
+    checkpoint = {"state_dict": {"w": torch.ones(1)}, "hyper_parameters": {"act": torch.nn.ReLU}}
+    with pytest.raises(UnsafeEncodingError, match=r"hyper_parameters/act.*allow_pickle=True"):
+        TesseraCheckpointIO().save_checkpoint(checkpoint, tmp_path / "c.ckpt")
+    assert not (tmp_path / "c.ckpt").exists()
+
+    trusting = TesseraCheckpointIO(allow_pickle=True)
+    trusting.save_checkpoint(checkpoint, tmp_path / "c.ckpt")
+    assert trusting.load_checkpoint(tmp_path / "c.ckpt")["hyper_parameters"]["act"] is torch.nn.ReLU
+    with pytest.raises(UnsafeEncodingError, match="allow_pickle"):
+        TesseraCheckpointIO().load_checkpoint(tmp_path / "c.ckpt")
+
+
+def test_saving_over_a_checkpoint_never_loses_it(tmp_path: Path) -> None:
+    io = TesseraCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(2)}, path)
+    io.save_checkpoint({"step": 2, "w": torch.zeros(2)}, path)
+    assert io.load_checkpoint(path)["step"] == 2
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+    with pytest.raises(TensorMismatchError):  # fails while writing the fresh sibling
+        io.save_checkpoint({"step": 3, "w": torch.ones(2).to_sparse()}, path)
+    assert io.load_checkpoint(path)["step"] == 2
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
+    os.rename(path, tmp_path / ".last.ckpt.tessera-old-0123")  # a swap cut short between renames
+    with pytest.raises(tessera.CheckpointNotFoundError, match=r"tessera-old-0123: rename it to last.ckpt"):
+        io.load_checkpoint(path)
+
+
+def test_remove_checkpoint(tmp_path: Path) -> None:
+    io = TesseraCheckpointIO()
+    io.save_checkpoint({"w": torch.ones(2)}, tmp_path / "a" / "epoch=0-step=1.ckpt")
+    io.remove_checkpoint(tmp_path / "a" / "epoch=0-step=1.ckpt")
+    io.remove_checkpoint(tmp_path / "a" / "epoch=0-step=1.ckpt")  # absent: no error
+    assert os.listdir(tmp_path / "a") == []
+
+
+def test_on_s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://{s3_server.bucket}/{s3_server.fresh_prefix()}/last.ckpt"
+    io = TesseraCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.ones(2)}, url)
+    io.save_checkpoint({"step": 2, "w": torch.zeros(2)}, url)
+    assert_tree_bit_equal(io.load_checkpoint(url), {"step": 2, "w": torch.zeros(2)})
+    io.remove_checkpoint(url)
+    with pytest.raises(tessera.CheckpointNotFoundError):
+        io.load_checkpoint(url)
+
+
+def _rank_zero_saves(rank: int, world: int, root: str) -> int:
+    """Lightning saves on rank 0 alone: the save must not wait for the other rank."""
+    if rank == 0:
+        TesseraCheckpointIO().save_checkpoint({"w": torch.ones(2)}, os.path.join(root, "c.ckpt"))
+    return rank
+
+
+def test_rank_zero_saves_alone_under_torch_distributed(tmp_path: Path) -> None:
+    run_ranks(2, _rank_zero_saves, str(tmp_path))
+    assert tessera.verify(str(tmp_path / "c.ckpt")).ok
+
+
+def test_standalone_pytorch_lightning_trainer_takes_it() -> None:
+    standalone = pytest.importorskip("pytorch_lightning", reason="pytorch_lightning is not installed")
+    io = TesseraCheckpointIO()
+    trainer = standalone.Trainer(plugins=[io], logger=False, enable_progress_bar=False, accelerator="cpu")
+    assert trainer.strategy.checkpoint_io is io
+
+
+def test_without_lightning_one_line_names_the_extra() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['lightning'] = None\n"
+        "sys.modules['lightning_fabric'] = None\n"
+        "sys.modules['pytorch_lightning'] = None\n"
+        "import tessera.lightning\n"
+        "try:\n"
+        "    tessera.lightning.TesseraCheckpointIO()\n"
+        "except tessera.TesseraError as error:\n"
+        "    print(type(error).__name__, error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout == (
+        "LightningUnavailableError tessera.lightning needs Lightning: pip install 'tessera-checkpoint[lightning]'\n"
+    )
