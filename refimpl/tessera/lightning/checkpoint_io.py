@@ -24,8 +24,8 @@ import dataclasses
 import functools
 import os
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import MutableMapping
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -109,8 +109,13 @@ class TesseraCheckpointIO:
         location = _location(path)
 
         def write(target: str) -> None:
-            save(encoded.state, target, options=options, metadata=encoded.metadata(),
-                 process_group=self._group())
+            save(
+                encoded.state,
+                target,
+                options=options,
+                metadata=encoded.metadata(),
+                process_group=self._group(),
+            )
 
         if _is_url(location):
             if storage_for(location).exists():
@@ -119,7 +124,9 @@ class TesseraCheckpointIO:
         else:
             _replace_local(location, write)
 
-    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         """The checkpoint dict saved at ``path``, tensors on the CPU or on ``map_location`` (a
         device or its name). ``weights_only`` changes nothing: nothing is unpickled unless
         this plug-in was made with ``allow_pickle=True``."""
@@ -152,7 +159,9 @@ class TesseraCheckpointIO:
             return None
         if self._local_group is None:
             rank = dist.get_rank()
-            self._local_group = dist.new_group([rank], backend="gloo", use_local_synchronization=True)
+            group = dist.new_group([rank], backend="gloo", use_local_synchronization=True)
+            # new_group's other answer, NON_GROUP_MEMBER, is for ranks outside the group: not this one.
+            self._local_group = cast(dist.ProcessGroup, group)
         return self._local_group
 
 
@@ -223,7 +232,7 @@ def _move(value: Any, device: Any) -> Any:
         )
     if isinstance(value, torch.Tensor):
         return value.to(device)
-    if isinstance(value, Mapping):
+    if isinstance(value, MutableMapping):
         moved = {k: _move(v, device) for k, v in value.items()}
         value.clear()  # keep the mapping's type and an OrderedDict's _metadata
         value.update(moved)
