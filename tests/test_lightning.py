@@ -191,6 +191,7 @@ def test_what_tessera_does_not_keep_as_is_comes_back_as_it_was(tmp_path: Path) -
         "color": Color.RED,
         "numbers": {1.5: "a", True: "b", None: "c", 7: float("nan")},
         "scalar": np.float32(2.5),
+        "float64": np.float64(0.1),
         "blob": b"raw\x00bytes",
         "epoch": 0,
     }
@@ -198,9 +199,10 @@ def test_what_tessera_does_not_keep_as_is_comes_back_as_it_was(tmp_path: Path) -
     io.save_checkpoint(checkpoint, tmp_path / "c.ckpt")
     _pickle_free(tmp_path)
     loaded = io.load_checkpoint(tmp_path / "c.ckpt")
-    scalar = loaded.pop("scalar")
-    assert type(scalar) is np.float32 and scalar == 2.5
-    assert_tree_bit_equal(loaded, {k: v for k, v in checkpoint.items() if k != "scalar"})
+    for name in ("scalar", "float64"):  # numpy scalars stay numpy scalars (np.float64 is a float too)
+        scalar = loaded.pop(name)
+        assert type(scalar) is type(checkpoint[name]) and scalar == checkpoint[name]
+    assert_tree_bit_equal(loaded, {k: v for k, v in checkpoint.items() if k not in ("scalar", "float64")})
     assert loaded["state_dict"]._metadata == weights._metadata
     assert type(loaded["hyper_parameters"]) is AttributeDict and type(loaded["shape"]) is torch.Size
     assert loaded["color"] is Color.RED
@@ -237,6 +239,15 @@ def test_saving_over_a_checkpoint_never_loses_it(tmp_path: Path) -> None:
     os.rename(path, tmp_path / ".last.ckpt.tessera-old-0123")  # a swap cut short between renames
     with pytest.raises(tessera.CheckpointNotFoundError, match=r"tessera-old-0123: rename it to last.ckpt"):
         io.load_checkpoint(path)
+
+
+def test_other_checkpoints(tmp_path: Path) -> None:
+    io = TesseraCheckpointIO()
+    tessera.save({"w": torch.ones(2), "epoch": 3}, tmp_path / "plain")  # tessera.save's: no notes
+    assert_tree_bit_equal(io.load_checkpoint((tmp_path / "plain").as_uri()), {"w": torch.ones(2), "epoch": 3})
+    torch.save({"epoch": 3}, tmp_path / "torch.ckpt")
+    with pytest.raises(tessera.CheckpointNotFoundError, match=r"torch.ckpt is a file.*TorchCheckpointIO"):
+        io.load_checkpoint(tmp_path / "torch.ckpt")
 
 
 def test_remove_checkpoint(tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ import contextlib
 import dataclasses
 import functools
 import os
+import urllib.parse
 import uuid
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, cast
 
 import torch
@@ -133,8 +134,8 @@ class TesseraCheckpointIO:
         location = _location(path)
         try:
             handle = open_checkpoint(location)
-        except CheckpointNotFoundError:
-            raise _not_found(location) from None
+        except CheckpointNotFoundError as error:
+            raise _not_found(location, error) from None
         state = load(handle, allow_pickle=self.allow_pickle)
         result = decode(state, handle.metadata, location)
         if map_location is not None:
@@ -166,14 +167,17 @@ class TesseraCheckpointIO:
 
 
 def _location(path: Any) -> str:
+    """``path`` as a str: a local path (``file://`` URLs become one) or a URL."""
     text = os.fspath(path)
     if not isinstance(text, str):
         raise TypeError(f"a checkpoint path is a str or a path, not {type(path).__name__}")
+    if text.startswith("file://"):
+        text = urllib.parse.unquote(urllib.parse.urlsplit(text).path)
     return text.rstrip("/") or text
 
 
 def _is_url(location: str) -> bool:
-    return "://" in location and not location.startswith("file://")
+    return "://" in location
 
 
 def _split(location: str) -> tuple[str, str]:
@@ -189,7 +193,7 @@ def _remove(location: str) -> None:
     storage_for(parent).remove_checkpoint(name)
 
 
-def _replace_local(location: str, write: Any) -> None:
+def _replace_local(location: str, write: Callable[[str], None]) -> None:
     """Save through ``write`` at ``location``; over an existing checkpoint, beside it first."""
     if not os.path.lexists(location):
         os.makedirs(os.path.dirname(os.path.abspath(location)), exist_ok=True)
@@ -207,21 +211,37 @@ def _replace_local(location: str, write: Any) -> None:
         raise
     os.rename(location, old)
     os.rename(fresh, location)
+    _sync_directory(parent)  # the new name is durable before the old checkpoint goes
     _remove(old)
 
 
-def _not_found(location: str) -> CheckpointNotFoundError:
-    if not _is_url(location):
-        parent, name = _split(location)
-        with contextlib.suppress(OSError):
-            left = sorted(e for e in os.listdir(parent) if e.startswith(f".{name}.tessera-old-"))
-            if left:
-                kept = os.path.join(parent, left[-1])
-                return CheckpointNotFoundError(
-                    f"{location}: no checkpoint; a save that replaced it was cut short, and the "
-                    f"previous checkpoint is at {kept}: rename it to {name} to resume from it"
-                )
-    return CheckpointNotFoundError(f"{location}: no Tessera checkpoint there")
+def _sync_directory(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _not_found(location: str, error: CheckpointNotFoundError) -> CheckpointNotFoundError:
+    """``error``, or one saying why: a ``torch.save`` file, or a swap cut short."""
+    if _is_url(location):
+        return error
+    if os.path.isfile(location):
+        return CheckpointNotFoundError(
+            f"{location} is a file, not a Tessera checkpoint directory (a torch.save checkpoint?): "
+            "load it without TesseraCheckpointIO (Lightning's default TorchCheckpointIO)"
+        )
+    parent, name = _split(location)
+    with contextlib.suppress(OSError):
+        left = sorted(e for e in os.listdir(parent) if e.startswith(f".{name}.tessera-old-"))
+        if left:
+            kept = os.path.join(parent, left[-1])
+            return CheckpointNotFoundError(
+                f"{location}: no checkpoint; a save that replaced it was cut short, and the "
+                f"previous checkpoint is at {kept}: rename it to {name} to resume from it"
+            )
+    return error
 
 
 def _move(value: Any, device: Any) -> Any:

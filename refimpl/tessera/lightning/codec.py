@@ -77,15 +77,15 @@ class _Encoder:
         self.out.notes.append([list(key), note])
 
     def value(self, value: Any, key: Key) -> Any:
+        if isinstance(value, np.generic) and value.dtype.kind in "biufc":  # np.float64 is a float too
+            self.note(key, {"type": "numpy_scalar"})
+            return value
         if value is None or isinstance(value, (str, int, float, torch.Tensor, np.ndarray)):
             if isinstance(value, enum.Enum):  # IntEnum, StrEnum...
                 return self.enum(value, key)
             return value
         if isinstance(value, (bytes, bytearray)):
             return bytes(value)
-        if isinstance(value, np.generic):
-            self.note(key, {"type": "numpy_scalar"})
-            return value
         if isinstance(value, enum.Enum):
             return self.enum(value, key)
         if isinstance(value, Mapping) and type(value) in _MAPPINGS:
@@ -191,12 +191,13 @@ def _type_name(value: Any) -> str:
 
 
 def decode(state: Any, metadata: Mapping[str, Any], location: str) -> dict[str, Any]:
-    """The Lightning checkpoint from what ``tessera.load`` returned and the manifest's metadata."""
-    record = metadata.get(NOTES)
+    """The Lightning checkpoint from what ``tessera.load`` returned and the manifest's metadata
+    (a checkpoint saved by ``tessera.save`` has no notes, and loads as it was saved)."""
+    record = metadata.get(NOTES, {"version": _NOTES_VERSION})  # tessera.save's: nothing to rebuild
     if not isinstance(record, dict) or record.get("version") != _NOTES_VERSION:
         raise InconsistentCheckpointError(
-            f"{location}: not written by tessera.lightning (its metadata has no {NOTES!r} version "
-            f"{_NOTES_VERSION} record); load it with tessera.load"
+            f"{location}: its {NOTES!r} metadata is not a version {_NOTES_VERSION} record; "
+            "it was written by another version of tessera.lightning: load it with tessera.load"
         )
     notes: dict[Key, dict[str, Any]] = {}
     for entry in record.get("notes", []):
