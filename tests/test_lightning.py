@@ -151,6 +151,16 @@ def test_checkpoints_are_tessera_directories_without_pickle(resumed: dict[str, A
     assert type(loaded["optimizer_states"][0]["param_groups"][0]["betas"]) is tuple
 
 
+def test_last_checkpoint_as_a_link(tmp_path: Path) -> None:
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last="link", every_n_train_steps=1, save_top_k=1)
+    _trainer(2, callbacks=[saver], plugins=[TesseraCheckpointIO()]).fit(Tiny(), _data())
+    assert sorted(os.listdir(tmp_path)) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert os.readlink(tmp_path / "last.ckpt") == "epoch=0-step=2.ckpt"
+    assert TesseraCheckpointIO().load_checkpoint(tmp_path / "last.ckpt")["global_step"] == 2
+    TesseraCheckpointIO().remove_checkpoint(tmp_path / "last.ckpt")  # the link goes, not its target
+    assert os.listdir(tmp_path) == ["epoch=0-step=2.ckpt"]
+
+
 def test_fabric_save_and_load(tmp_path: Path) -> None:
     fabric = Fabric(accelerator="cpu", devices=1, plugins=[TesseraCheckpointIO()])
     torch.manual_seed(0)

@@ -187,7 +187,9 @@ def _split(location: str) -> tuple[str, str]:
 
 def _remove(location: str) -> None:
     parent, name = _split(location)
-    if not _is_url(location) and os.path.isfile(location):  # a torch .ckpt file from before
+    # A link (ModelCheckpoint(save_last="link") links last.ckpt to a step's directory) goes, not
+    # what it points to; so does a file (a torch.save checkpoint from before).
+    if not _is_url(location) and (os.path.islink(location) or os.path.isfile(location)):
         os.remove(location)
         return
     storage_for(parent).remove_checkpoint(name)

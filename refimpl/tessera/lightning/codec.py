@@ -108,6 +108,8 @@ class _Encoder:
         kind = _MAPPINGS[type(value)]
         if kind != "dict":
             note["type"] = kind
+        if kind == "AttributeDict":  # lightning's or lightning_fabric's: give back the same one
+            note["module"] = type(value).__module__
         versions = getattr(value, "_metadata", None)
         if kind == "OrderedDict" and versions is not None:
             if not _is_json(versions):
@@ -252,9 +254,11 @@ def _ordered_dict(node: Any, note: dict[str, Any]) -> Any:
 
 
 def _attribute_dict(node: Any, note: dict[str, Any]) -> Any:
+    """The ``AttributeDict`` of the package that saved it, if imported; else the other one's."""
     _register_attribute_dict()
-    kind = next((k for k, v in _MAPPINGS.items() if v == "AttributeDict"), dict)
-    return kind(node)
+    found = [k for k, v in _MAPPINGS.items() if v == "AttributeDict"]
+    same = [k for k in found if k.__module__ == note.get("module")]
+    return (same or found or [dict])[0](node)
 
 
 def _enum(node: Any, note: dict[str, Any]) -> Any:
