@@ -246,6 +246,11 @@ def test_saving_over_a_checkpoint_never_loses_it(tmp_path: Path) -> None:
     assert io.load_checkpoint(path)["step"] == 2
     assert os.listdir(tmp_path) == ["last.ckpt"]
 
+    io.save_checkpoint({"step": 3, "w": torch.ones(2)}, tmp_path / ".last.ckpt.tessera-new-0a")
+    io.save_checkpoint({"step": 3, "w": torch.ones(2)}, tmp_path / ".last.ckpt.tessera-old-0b")
+    io.save_checkpoint({"step": 4, "w": torch.ones(2)}, path)  # cleans what crashed saves left
+    assert os.listdir(tmp_path) == ["last.ckpt"]
+
     os.rename(path, tmp_path / ".last.ckpt.tessera-old-0123")  # a swap cut short between renames
     with pytest.raises(tessera.CheckpointNotFoundError, match=r"tessera-old-0123: rename it to last.ckpt"):
         io.load_checkpoint(path)

@@ -36,6 +36,7 @@ from ..api.load import load
 from ..api.save import save
 from ..errors import CheckpointNotFoundError, TesseraError
 from ..planning.options import SaveOptions
+from ..storage.posix import os_errors
 from ..storage.resolve import storage_for
 from .codec import decode, encode
 
@@ -197,11 +198,13 @@ def _remove(location: str) -> None:
 
 def _replace_local(location: str, write: Callable[[str], None]) -> None:
     """Save through ``write`` at ``location``; over an existing checkpoint, beside it first."""
+    parent, name = _split(location)
     if not os.path.lexists(location):
-        os.makedirs(os.path.dirname(os.path.abspath(location)), exist_ok=True)
+        with os_errors(f"cannot make the directory {parent}"):
+            os.makedirs(parent, exist_ok=True)
         write(location)
         return
-    parent, name = _split(location)
+    _remove_leftovers(parent, name)
     tag = uuid.uuid4().hex[:12]
     fresh = os.path.join(parent, f".{name}.tessera-new-{tag}")
     old = os.path.join(parent, f".{name}.tessera-old-{tag}")
@@ -211,10 +214,21 @@ def _replace_local(location: str, write: Callable[[str], None]) -> None:
         with contextlib.suppress(OSError, TesseraError):
             _remove(fresh)
         raise
-    os.rename(location, old)
-    os.rename(fresh, location)
-    _sync_directory(parent)  # the new name is durable before the old checkpoint goes
+    with os_errors(f"cannot put the new checkpoint in place at {location}"):
+        os.rename(location, old)
+        os.rename(fresh, location)
+        _sync_directory(parent)  # the new name is durable before the old checkpoint goes
     _remove(old)
+
+
+def _remove_leftovers(parent: str, name: str) -> None:
+    """Delete what saves over ``name`` that were cut short left beside it, now that ``name``
+    itself is a checkpoint: half-written ``-new-`` ones, and ``-old-`` ones already replaced."""
+    with os_errors(f"cannot list {parent}"):
+        entries = os.listdir(parent)
+    for entry in entries:
+        if entry.startswith((f".{name}.tessera-new-", f".{name}.tessera-old-")):
+            _remove(os.path.join(parent, entry))
 
 
 def _sync_directory(path: str) -> None:
