@@ -83,9 +83,11 @@ class TesseraCheckpointIO:
     loses the last good one on a local path: the new checkpoint is saved and committed beside
     it (``.NAME.tessera-new-ID``), then swapped in by two renames, and only then is the old one
     (moved to ``.NAME.tessera-old-ID``) deleted. A crash between the two renames leaves the old
-    checkpoint under its ``-old`` name, which ``load_checkpoint`` names in its error. An object
-    store cannot rename: there the old checkpoint is deleted (root ``zarr.json`` first) before
-    the new one is saved, so a save that fails there leaves none at that path.
+    checkpoint under its ``-old`` name, which ``load_checkpoint`` names in its error; the next
+    save over ``NAME`` deletes what such crashes left. An object store cannot rename: there the
+    old checkpoint is deleted (root ``zarr.json`` first) before the new one is saved, so a save
+    that fails while writing leaves none at that path (one that cannot be encoded is refused
+    before anything is deleted, on any storage).
     """
 
     def __init__(self, *, allow_pickle: bool = False) -> None:
