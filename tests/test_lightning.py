@@ -227,6 +227,12 @@ def test_a_value_without_encoding_is_an_error_naming_its_key(tmp_path: Path) -> 
         TesseraCheckpointIO().save_checkpoint(checkpoint, tmp_path / "c.ckpt")
     assert not (tmp_path / "c.ckpt").exists()
 
+    long_key = "Callback{" + ", ".join(f"'k{i}': None" for i in range(40)) + "}"
+    with pytest.raises(
+        UnsafeEncodingError, match=r"^callbacks/Callback\{'k0': None, .*\}/fn: a builtins.function"
+    ):
+        TesseraCheckpointIO().save_checkpoint({"callbacks": {long_key: {"fn": lambda: 0}}}, tmp_path / "d")
+
     trusting = TesseraCheckpointIO(allow_pickle=True)
     trusting.save_checkpoint(checkpoint, tmp_path / "c.ckpt")
     assert trusting.load_checkpoint(tmp_path / "c.ckpt")["hyper_parameters"]["act"] is torch.nn.ReLU
@@ -263,6 +269,16 @@ def test_other_checkpoints(tmp_path: Path) -> None:
     torch.save({"epoch": 3}, tmp_path / "torch.ckpt")
     with pytest.raises(tessera.CheckpointNotFoundError, match=r"torch.ckpt is a file.*TorchCheckpointIO"):
         io.load_checkpoint(tmp_path / "torch.ckpt")
+
+
+def test_storage_options_are_save_options(tmp_path: Path) -> None:
+    io = TesseraCheckpointIO()
+    options = tessera.SaveOptions(chunk_bytes=64, compression=tessera.Zstd(3))
+    io.save_checkpoint({"w": torch.arange(64.0)}, tmp_path / "c.ckpt", storage_options=options)
+    assert len(os.listdir(tmp_path / "c.ckpt" / "w" / "c")) == 4  # 64-byte chunks of 256 bytes
+    assert_bit_equal(io.load_checkpoint(tmp_path / "c.ckpt")["w"], torch.arange(64.0))
+    with pytest.raises(TypeError, match=r"storage_options=tessera.SaveOptions"):
+        io.save_checkpoint({"w": torch.ones(1)}, tmp_path / "d.ckpt", storage_options={"a": 1})
 
 
 def test_remove_checkpoint(tmp_path: Path) -> None:

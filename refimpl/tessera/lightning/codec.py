@@ -72,6 +72,12 @@ class _Encoder:
     def __init__(self, out: Encoded, allow_pickle: bool) -> None:
         self.out = out
         self.allow_pickle = allow_pickle
+        self.names: dict[Key, Any] = {}
+        """The original dict key of each stored key that a ``keys`` note renamed, for messages."""
+
+    def shown(self, key: Key) -> str:
+        """``key`` as the user wrote it: renamed components given back their names."""
+        return "/".join(str(self.names.get(key[: i + 1], c)) for i, c in enumerate(key))
 
     def note(self, key: Key, note: dict[str, Any]) -> None:
         self.out.notes.append([list(key), note])
@@ -119,6 +125,7 @@ class _Encoder:
             out = {k: self.value(v, (*key, k)) for k, v in value.items()}
         elif all(_is_scalar(k) for k in value):
             note["keys"] = list(value)
+            self.names.update(((*key, i), k) for i, k in enumerate(value))
             out = {i: self.value(v, (*key, i)) for i, v in enumerate(value.values())}
         else:
             bad = next(k for k in value if not _is_scalar(k))
@@ -128,7 +135,7 @@ class _Encoder:
         return out
 
     def unrepresentable(self, value: Any, key: Key, what: str) -> Any:
-        where = format_key(key) if key else "the checkpoint"
+        where = self.shown(key) if key else "the checkpoint"
         if not self.allow_pickle:
             raise UnsafeEncodingError(
                 f"{where}: {what} is neither a tensor, an array, bytes nor JSON, so Tessera cannot "
