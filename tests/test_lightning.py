@@ -67,11 +67,11 @@ def _data() -> DataLoader[Any]:
     return DataLoader(dataset, batch_size=8)
 
 
-def _trainer(steps: int, **kwargs: Any) -> Any:
+def _trainer(steps: int, devices: int = 1, **kwargs: Any) -> Any:
     return pl.Trainer(
+        devices=devices,
         max_steps=steps,
         accelerator="cpu",
-        devices=1,
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,
@@ -302,16 +302,33 @@ def test_on_s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:  #
         io.load_checkpoint(url)
 
 
-def _rank_zero_saves(rank: int, world: int, root: str) -> int:
-    """Lightning saves on rank 0 alone: the save must not wait for the other rank."""
-    if rank == 0:
-        TesseraCheckpointIO().save_checkpoint({"w": torch.ones(2)}, os.path.join(root, "c.ckpt"))
-    return rank
+def _ddp_fit_and_resume(rank: int, world: int, root: str) -> tuple[list[float], list[float], list[str]]:
+    """On each of ``world`` gloo ranks, a DDP Trainer: an uninterrupted run, and a run stopped
+    and resumed from the Tessera checkpoint that rank 0 alone saved; the two runs' losses, and
+    the names of the weights that differ at the end."""
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world), NODE_RANK="0")
+    steps = 2 * STEPS_PER_EPOCH // world  # two epochs of the rank's share of the data
+    whole = Tiny()
+    _trainer(steps, world, strategy="ddp", enable_checkpointing=False).fit(whole, _data())
+    first, second = Tiny(), Tiny()
+    saver = ModelCheckpoint(dirpath=root, save_last=True, every_n_train_steps=1, save_top_k=1)
+    _trainer(steps // 2, world, callbacks=[saver], strategy="ddp", plugins=[TesseraCheckpointIO()]).fit(
+        first, _data()
+    )
+    resumer = _trainer(steps, world, strategy="ddp", plugins=[TesseraCheckpointIO()])
+    resumer.fit(second, _data(), ckpt_path=os.path.join(root, "last.ckpt"))
+    want, got = whole.state_dict(), second.state_dict()
+    differ = [name for name in want if want[name].numpy().tobytes() != got[name].numpy().tobytes()]
+    return whole.losses, first.losses + second.losses, differ
 
 
-def test_rank_zero_saves_alone_under_torch_distributed(tmp_path: Path) -> None:
-    run_ranks(2, _rank_zero_saves, str(tmp_path))
-    assert tessera.verify(str(tmp_path / "c.ckpt")).ok
+def test_ddp_saves_on_rank_zero_alone_and_resumes(tmp_path: Path) -> None:
+    """Lightning saves on rank 0 only: the save must not wait for the other rank (it would hang
+    on tessera.save's world group); every rank then resumes from the one checkpoint."""
+    for whole, resumed, differ in run_ranks(2, _ddp_fit_and_resume, str(tmp_path)):
+        assert len(whole) == STEPS_PER_EPOCH and resumed == whole and differ == []
+    assert tessera.verify(str(tmp_path / "last.ckpt")).ok
+    _pickle_free(tmp_path)
 
 
 def test_standalone_pytorch_lightning_trainer_takes_it() -> None:
