@@ -4,7 +4,7 @@ A Trainer fits a tiny model a few steps with ``TesseraCheckpointIO`` and a ``Mod
 a new Trainer resumes from the Tessera checkpoint and ends bit-exact where an uninterrupted run
 ends. Then: no pickle in any written file, Fabric save/load, the conversions of what Tessera
 does not store as is, the error naming a value that has no encoding, overwriting ``last.ckpt``
-without losing it, and the one-line error where Lightning is not installed.
+without losing it, DDP, S3. (Without Lightning: test_lightning_optional.py.)
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import enum
 import math
 import os
-import subprocess
-import sys
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -336,23 +334,3 @@ def test_standalone_pytorch_lightning_trainer_takes_it() -> None:
     io = TesseraCheckpointIO()
     trainer = standalone.Trainer(plugins=[io], logger=False, enable_progress_bar=False, accelerator="cpu")
     assert trainer.strategy.checkpoint_io is io
-
-
-def test_without_lightning_one_line_names_the_extra() -> None:
-    code = (
-        "import sys\n"
-        "sys.modules['lightning'] = None\n"
-        "sys.modules['lightning_fabric'] = None\n"
-        "sys.modules['pytorch_lightning'] = None\n"
-        "import tessera.lightning\n"
-        "try:\n"
-        "    tessera.lightning.TesseraCheckpointIO()\n"
-        "except tessera.TesseraError as error:\n"
-        "    print(type(error).__name__, error)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == (
-        "LightningUnavailableError tessera.lightning needs Lightning: "
-        "pip install 'tessera-checkpoint[lightning]'\n"
-    )
