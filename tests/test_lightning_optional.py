@@ -33,7 +33,10 @@ def test_without_lightning_one_line_names_the_extra() -> None:
 
 def test_importing_the_plug_in_imports_no_lightning() -> None:
     """Lightning (seconds of imports) is imported when a TesseraCheckpointIO is made, not before."""
-    code = "import json, sys, tessera.lightning; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    code = (
+        "import json, sys, tessera.lightning\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     loaded = set(json.loads(done.stdout))
