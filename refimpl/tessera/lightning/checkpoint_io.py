@@ -49,9 +49,8 @@ _BASES = ("lightning.fabric.plugins.io.checkpoint_io", "lightning_fabric.plugins
 class LightningUnavailableError(TesseraError, ImportError):
     """``tessera.lightning`` was used where neither ``lightning`` nor ``pytorch_lightning`` imports.
 
-    An ``ImportError``, as the missing import itself would be."""
-
-    code = "missing_dependency"
+    An ``ImportError``, as the missing import itself would be. No spec error class of its own
+    (``code`` stays the base's): it is about this installation, not about a checkpoint."""
 
 
 @functools.cache
