@@ -313,7 +313,7 @@ def _ddp_fit_and_resume(rank: int, world: int, root: str) -> tuple[list[float], 
     _trainer(steps // 2, world, callbacks=[saver], strategy="ddp", plugins=[TesseraCheckpointIO()]).fit(
         first, _data()
     )
-    resumer = _trainer(steps, world, strategy="ddp", plugins=[TesseraCheckpointIO()])
+    resumer = _trainer(steps, world, strategy="ddp", plugins=[TesseraCheckpointIO()], default_root_dir=root)
     resumer.fit(second, _data(), ckpt_path=os.path.join(root, "last.ckpt"))
     want, got = whole.state_dict(), second.state_dict()
     differ = [name for name in want if want[name].numpy().tobytes() != got[name].numpy().tobytes()]
