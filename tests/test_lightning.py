@@ -329,8 +329,31 @@ def test_ddp_saves_on_rank_zero_alone_and_resumes(tmp_path: Path) -> None:
     _pickle_free(tmp_path)
 
 
-def test_standalone_pytorch_lightning_trainer_takes_it() -> None:
+def test_standalone_pytorch_lightning(tmp_path: Path) -> None:
+    """The same class for the standalone package, whose CheckpointIO base is another class."""
     standalone = pytest.importorskip("pytorch_lightning", reason="pytorch_lightning is not installed")
+    from pytorch_lightning.callbacks import ModelCheckpoint as StandaloneCheckpoint
+
+    class Model(standalone.LightningModule):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.save_hyperparameters({"width": 4})
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch: Any, index: int) -> torch.Tensor:
+            return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
     io = TesseraCheckpointIO()
-    trainer = standalone.Trainer(plugins=[io], logger=False, enable_progress_bar=False, accelerator="cpu")
+    saver = StandaloneCheckpoint(dirpath=tmp_path, save_last=True)
+    options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    trainer = standalone.Trainer(max_steps=2, accelerator="cpu", callbacks=[saver], plugins=[io], **options)
     assert trainer.strategy.checkpoint_io is io
+    model = Model()
+    trainer.fit(model, _data())
+    loaded = io.load_checkpoint(tmp_path / "last.ckpt")
+    assert loaded["global_step"] == 2 and loaded["hyper_parameters"] == {"width": 4}
+    assert_bit_equal(loaded["state_dict"]["layer.weight"], model.layer.weight.detach())
+    _pickle_free(tmp_path)
