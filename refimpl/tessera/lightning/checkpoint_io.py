@@ -192,7 +192,8 @@ def _remove(location: str) -> None:
     # A link (ModelCheckpoint(save_last="link") links last.ckpt to a step's directory) goes, not
     # what it points to; so does a file (a torch.save checkpoint from before).
     if not _is_url(location) and (os.path.islink(location) or os.path.isfile(location)):
-        os.remove(location)
+        with os_errors(f"cannot delete {location}"):
+            os.remove(location)
         return
     storage_for(parent).remove_checkpoint(name)
 
@@ -262,6 +263,7 @@ def _not_found(location: str, error: CheckpointNotFoundError) -> CheckpointNotFo
 
 
 def _move(value: Any, device: Any) -> Any:
+    """``value`` with every tensor moved to ``device`` (containers keep their types)."""
     if not isinstance(device, (str, torch.device)):
         raise TypeError(
             f"TesseraCheckpointIO.load_checkpoint(map_location=...) takes a device or its name, "
@@ -274,6 +276,6 @@ def _move(value: Any, device: Any) -> Any:
         value.clear()  # keep the mapping's type and an OrderedDict's _metadata
         value.update(moved)
         return value
-    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+    if type(value) in (list, tuple):
         return type(value)(_move(v, device) for v in value)
     return value
