@@ -121,7 +121,10 @@ class TesseraStorageReader(StorageReader):
         for item in items:
             source = self._source(item)
             target = planner.resolve_tensor(item).detach()
-            dtype = checkpoint.entry(source.key).layout.dtype.torch_dtype
+            entry = checkpoint.entry(source.key)
+            if isinstance(entry, ValueEntry):
+                raise KeyMismatchError(f"{item.storage_index.fqn}: stored as a value, not a tensor")
+            dtype = entry.layout.dtype.torch_dtype
             into = target if target.dtype == dtype else torch.empty(tuple(item.lengths), dtype=dtype)
             start = [
                 a + b for a, b in zip(item.storage_index.offset or (), item.storage_offsets, strict=True)
