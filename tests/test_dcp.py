@@ -9,6 +9,7 @@ identical to the run loaded from DCP's own files. The checkpoint is a standard T
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tests.conftest import assert_bit_equal
+from tests.memory_storage import Medium, MemoryStorage
 from tests.ranks import run_ranks
 
 SAVED = 4
@@ -209,3 +211,52 @@ def test_tessera_inspect_still_reports_a_dcp_directory_clearly(
     assert main(["inspect", str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tessera: error[") and "\n" not in err.strip()
+
+
+class _CountingStorage(MemoryStorage):
+    """An in-memory storage that records which chunk files are read."""
+
+    def __init__(self, medium: Medium, location: str) -> None:
+        super().__init__(medium, location)
+        self.chunks_read: list[str] = []
+
+    def read_into(self, path: str, offset: int, fill: Any) -> None:
+        if "/c/" in path:
+            self.chunks_read.append(path)
+        super().read_into(path, offset, fill)
+
+    def read_file(self, path: str, max_bytes: int) -> bytes:
+        if "/c/" in path:
+            self.chunks_read.append(path)
+        return super().read_file(path, max_bytes)
+
+
+def test_a_shard_reads_only_the_chunks_it_overlaps() -> None:
+    """DCP sees each array's chunk grid as its chunks and plans one read per overlapping chunk;
+    the reader fetches those chunks and no other (a Storage object as the location)."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadPlan
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    medium = Medium()
+    want = torch.arange(8 * 16, dtype=torch.float32).reshape(8, 16)
+    options = tessera.SaveOptions(chunk_shapes={"w": (2, 16)})
+    tessera.save({"w": want, "note": "x"}, _CountingStorage(medium, "mem/ckpt"), options=options)
+    storage = _CountingStorage(medium, "mem/ckpt")
+    reader = TesseraStorageReader(storage)
+    metadata = reader.read_metadata()
+    stored = metadata.state_dict_metadata["w"]
+    assert [tuple(c.offsets) for c in stored.chunks] == [(0, 0), (2, 0), (4, 0), (6, 0)]
+    assert all(tuple(c.sizes) == (2, 16) for c in stored.chunks)
+    shard = torch.full((3, 16), float("nan"))  # rows 3..5: parts of two chunks
+    planner = TesseraLoadPlanner()
+    planner.set_up_planner({"w": shard}, metadata, True)
+    reader.set_up_storage_reader(metadata, True)
+    items = create_read_items_for_chunk_list(
+        "w", stored, [ChunkStorageMetadata(torch.Size((3, 0)), torch.Size((3, 16)))]
+    )
+    # the shard is a plain tensor standing for rows 3..5 (a DTensor's local part would carry them)
+    items = [dataclasses.replace(item, dest_index=MetadataIndex("w")) for item in items]
+    reader.read_data(LoadPlan(items), planner).wait()
+    assert_bit_equal(shard, want[3:6])
+    assert sorted(storage.chunks_read) == ["w/c/1/0", "w/c/2/0"]

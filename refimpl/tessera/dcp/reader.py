@@ -42,7 +42,7 @@ from ..api.checkpoint import Checkpoint, open_checkpoint
 from ..errors import InvalidKeyError, KeyMismatchError, UnsafeEncodingError
 from ..format.keys import Key
 from ..format.layout import ArrayLayout
-from ..format.manifest import Manifest, ObjectEntry, ValueEntry
+from ..format.manifest import Entry, Manifest, ObjectEntry, ValueEntry
 from ..storage.resolve import Location
 from .keys import dcp_key, json_leaves, value_at
 
@@ -51,9 +51,9 @@ __all__ = ["TesseraStorageReader"]
 
 @dataclass(frozen=True, slots=True)
 class _Source:
-    """Where a DCP key's data is: an array's key, or a value's key and the path inside it."""
+    """Where a DCP key's data is: an array's entry, or a value's entry and the path inside it."""
 
-    key: Key
+    entry: Entry
     inner: Key | None
     """``None`` for an array."""
 
@@ -77,10 +77,10 @@ class TesseraStorageReader(StorageReader):
         self._close()
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        checkpoint = self._open()
+        self._open()
         described: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
         for name, source in self._sources.items():
-            entry = checkpoint.entry(source.key)
+            entry = source.entry
             if source.inner is None and not isinstance(entry, ValueEntry):
                 described[name] = _tensor_metadata(entry.layout)
             else:
@@ -105,23 +105,23 @@ class TesseraStorageReader(StorageReader):
         tensors = [item for item in plan.items if item.type != LoadItemType.BYTE_IO]
         self._read_tensors(checkpoint, tensors, planner)
         values = [item for item in plan.items if item.type == LoadItemType.BYTE_IO]
-        keys = list(dict.fromkeys(self._source(item).key for item in values))
-        stored = dict(zip(keys, checkpoint.values(keys), strict=True))
+        paths = list(dict.fromkeys(self._source(item).entry.path for item in values))
+        stored = dict(zip(paths, checkpoint.values(paths), strict=True)) if paths else {}
         for item in values:
             source = self._source(item)
-            _hand_over(planner, item, value_at(stored[source.key], source.inner or ()))
+            _hand_over(planner, item, value_at(stored[source.entry.path], source.inner or ()))
         future: Future[None] = Future()
         future.set_result(None)
         return future
 
     def _read_tensors(self, checkpoint: Checkpoint, items: list[ReadItem], planner: LoadPlanner) -> None:
         """Fill every item's target in one parallel pass; a target of another dtype gets a copy."""
-        requests: list[tuple[Key, torch.Tensor, Any]] = []
+        requests: list[tuple[str, torch.Tensor, Any]] = []
         targets: list[tuple[ReadItem, torch.Tensor, torch.Tensor]] = []
         for item in items:
             source = self._source(item)
             target = planner.resolve_tensor(item).detach()
-            entry = checkpoint.entry(source.key)
+            entry = source.entry
             if isinstance(entry, ValueEntry):
                 raise KeyMismatchError(f"{item.storage_index.fqn}: stored as a value, not a tensor")
             dtype = entry.layout.dtype.torch_dtype
@@ -130,7 +130,7 @@ class TesseraStorageReader(StorageReader):
                 a + b for a, b in zip(item.storage_index.offset or (), item.storage_offsets, strict=True)
             ]
             region = tuple(slice(a, a + n) for a, n in zip(start, item.lengths, strict=True))
-            requests.append((source.key, into, region))
+            requests.append((entry.path, into, region))
             targets.append((item, target, into))
         checkpoint.read_many(requests)
         for item, target, into in targets:
@@ -165,20 +165,18 @@ def _sources(manifest: Manifest) -> dict[str, _Source]:
     sources: dict[str, _Source] = {}
     for entry in manifest.entries:
         if isinstance(entry, ValueEntry):
-            named = [
-                (name, _Source(entry.key, inner)) for name, inner in json_leaves(entry.key, entry.decoded())
-            ]
+            named = [(name, _Source(entry, inner)) for name, inner in json_leaves(entry.key, entry.decoded())]
         elif isinstance(entry, ObjectEntry) and entry.encoding == "pickle":
             raise UnsafeEncodingError(
                 f"{entry.path} is pickled; DCP through Tessera never unpickles. "
                 "Load it with tessera.load(..., allow_pickle=True) if you trust the checkpoint"
             )
         else:
-            named = [(dcp_key(entry.key), _Source(entry.key, None if entry.kind == "tensor" else ()))]
+            named = [(dcp_key(entry.key), _Source(entry, None if entry.kind == "tensor" else ()))]
         for name, source in named:
             if name in sources:
                 raise InvalidKeyError(
-                    f"{name}: the stored keys {list(sources[name].key)} and {list(source.key)} "
+                    f"{name}: the stored keys {sources[name].entry.path} and {source.entry.path} "
                     "have the same DCP key"
                 )
             sources[name] = source
