@@ -260,3 +260,38 @@ def test_a_shard_reads_only_the_chunks_it_overlaps() -> None:
     reader.read_data(LoadPlan(items), planner).wait()
     assert_bit_equal(shard, want[3:6])
     assert sorted(storage.chunks_read) == ["w/c/1/0", "w/c/2/0"]
+
+
+def test_the_tessera_planners_never_pickle(tmp_path: Path) -> None:
+    """With Tessera's writer and reader they change nothing; with DCP's own, whose non-tensor
+    values are pickles, they refuse naming the key instead of pickling or unpickling."""
+    from tessera.dcp import TesseraSavePlanner
+
+    dcp.save(
+        _state(),
+        storage_writer=TesseraStorageWriter(tmp_path / "t"),
+        planner=TesseraSavePlanner(),
+        no_dist=True,
+    )
+    assert tessera.load(tmp_path / "t")["lr"] == [0.1, 0.2]
+    with pytest.raises(CheckpointException) as caught:
+        dcp.save(
+            _state(),
+            storage_writer=FileSystemWriter(tmp_path / "fs"),
+            planner=TesseraSavePlanner(),
+            no_dist=True,
+        )
+    error = caught.value.failures[0][0]
+    assert isinstance(error, tessera.UnsafeEncodingError) and error.args[0].startswith("step: ")
+    dcp.save(_state(), storage_writer=FileSystemWriter(tmp_path / "fs"), no_dist=True)
+    with pytest.raises(CheckpointException) as caught:
+        dcp.load(
+            _empty(),
+            storage_reader=FileSystemReader(tmp_path / "fs"),
+            planner=TesseraLoadPlanner(),
+            no_dist=True,
+        )
+    error = caught.value.failures[0][0]
+    assert isinstance(error, tessera.UnsafeEncodingError) and "TesseraLoadPlanner does not unpickle" in str(
+        error
+    )

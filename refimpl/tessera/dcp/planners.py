@@ -16,7 +16,7 @@ from typing import Any
 
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.planner import ReadItem, WriteItem
+from torch.distributed.checkpoint.planner import ReadItem, WriteItem, WriteItemType
 
 from ..errors import UnsafeEncodingError
 
@@ -27,6 +27,8 @@ class TesseraSavePlanner(DefaultSavePlanner):
     """DCP's default save planner, but a non-tensor value is never turned into pickle bytes."""
 
     def transform_object(self, write_item: WriteItem, object: Any) -> Any:  # noqa: A002 (DCP's name)
+        if write_item.type != WriteItemType.BYTE_IO:
+            return object
         raise UnsafeEncodingError(
             f"{write_item.index.fqn}: TesseraSavePlanner does not pickle non-tensor values; "
             "save with tessera.dcp.TesseraStorageWriter, which stores them as JSON"
