@@ -16,6 +16,7 @@ leaves nothing committed.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +29,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from ..api.save import save
-from ..errors import CollectiveError, TesseraError
+from ..errors import CollectiveError, ShardingError, UnsafeEncodingError
 from ..format.keys import Key
 from ..format.manifest import Manifest
 from ..planning.options import SaveOptions
@@ -108,12 +109,12 @@ class TesseraStorageWriter(StorageWriter):
                 continue
             tensor = planner.resolve_data(item)
             if not isinstance(tensor, torch.Tensor) or item.tensor_data is None:
-                raise TesseraError(
-                    f"{item.index.fqn}: the planner resolved a tensor item to {type(tensor).__name__}"
+                raise ShardingError(
+                    f"{item.index.fqn}: the planner resolved a tensor's shard to a {type(tensor).__name__}"
                 )
-            chunk = item.tensor_data.chunk
-            shard = ShardedTensor(tensor.detach(), tuple(item.tensor_data.size), tuple(chunk.offsets))
-            leaves.append((_path(item.index, mappings), shard))
+            if tensor.numel() == 0 and math.prod(item.tensor_data.size) > 0:
+                continue  # an empty shard (uneven sharding) holds nothing to write
+            leaves.append((_path(item.index, mappings), _shard(tensor.detach(), item)))
             results.append(WriteResult(item.index, tensor.numel() * tensor.element_size(), None))
         for item in self._values:
             leaves.append((_path(item.index, mappings), _value(planner, item.index)))
@@ -135,6 +136,16 @@ class TesseraStorageWriter(StorageWriter):
         return isinstance(checkpoint_id, (str, os.PathLike))
 
 
+def _shard(tensor: torch.Tensor, item: WriteItem) -> torch.Tensor | ShardedTensor:
+    """A planned chunk as Tessera takes it: the tensor itself where the chunk is all of it (as
+    ``tessera.save`` is given a plain tensor), else its box in the global tensor."""
+    assert item.tensor_data is not None
+    shape, offset = tuple(item.tensor_data.size), tuple(item.tensor_data.chunk.offsets)
+    if tuple(tensor.shape) == shape and not any(offset):
+        return tensor
+    return ShardedTensor(tensor, shape, offset)
+
+
 def _path(index: MetadataIndex, mappings: Mapping[str, Key]) -> Key:
     """The item's path in the user's nested state dict (DCP's flattening mappings)."""
     return tuple(mappings.get(index.fqn, (index.fqn,)))
@@ -143,8 +154,8 @@ def _path(index: MetadataIndex, mappings: Mapping[str, Key]) -> Key:
 def _value(planner: SavePlanner, index: MetadataIndex) -> Any:
     """A non-tensor value as the user gave it: ``resolve_data`` would ``torch.save`` it."""
     lookup = getattr(planner, "lookup_object", None)
-    if lookup is None:
-        raise TesseraError(
+    if lookup is None:  # its resolve_data is all there is, and DCP's convention is a pickle
+        raise UnsafeEncodingError(
             f"{index.fqn}: TesseraStorageWriter takes non-tensor values through the planner's "
             "lookup_object; use tessera.dcp.TesseraSavePlanner (or DCP's DefaultSavePlanner)"
         )
