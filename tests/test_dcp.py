@@ -26,6 +26,8 @@ from tests.conftest import assert_bit_equal
 from tests.memory_storage import Medium, MemoryStorage
 from tests.ranks import run_ranks
 
+# dcp.save/dcp.load with no_dist warn that they run in one process, which these tests mean
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 SAVED = 4
 BATCH = 8
 PICKLE_HEADERS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
@@ -185,7 +187,9 @@ def test_dcp_loads_a_tessera_save_without_a_process_group(tmp_path: Path, planne
 
 def test_dcp_save_without_a_process_group_writes_what_tessera_save_writes(tmp_path: Path) -> None:
     state = _state()
-    dcp.save(state, storage_writer=TesseraStorageWriter(tmp_path / "dcp"), no_dist=True)
+    writer = TesseraStorageWriter(tmp_path / "replaced")  # dcp.save's checkpoint_id names the location
+    dcp.save(state, checkpoint_id=tmp_path / "dcp", storage_writer=writer, no_dist=True)
+    assert not (tmp_path / "replaced").exists()
     tessera.save(state, tmp_path / "tessera")
     ours, theirs = tessera.open(tmp_path / "dcp").manifest, tessera.open(tmp_path / "tessera").manifest
     assert ours.entries == theirs.entries and ours.lists == theirs.lists
@@ -211,6 +215,7 @@ def test_tessera_inspect_still_reports_a_dcp_directory_clearly(
     assert main(["inspect", str(tmp_path / "ckpt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tessera: error[") and "\n" not in err.strip()
+    assert "not a committed Tessera checkpoint" in err
 
 
 class _CountingStorage(MemoryStorage):
