@@ -141,7 +141,8 @@ def _load_rank(rank: int, world: int, root: str, tp: int, dp: int) -> list[str]:
 
     tp_rank, dp_rank = rank % tp, rank // tp
     done = []
-    if Path(root, "registry", "metadata.json").exists():  # a plain load: the strategy comes from metadata.json
+    # A plain load: the strategy comes from metadata.json (saved where megatron-core has a registry).
+    if Path(root, "registry", "metadata.json").exists():
         loaded = mdc.load(
             _template(tp_rank, tp, dp_rank, dp), f"{root}/registry", validate_access_integrity=False
         )
@@ -211,7 +212,8 @@ def test_saved_layout_has_no_pickle_and_verifies(saved: Path) -> None:
     assert stored["objects"][INFO] == {0: {"tp_rank": 0, "tp": 2}, 1: {"tp_rank": 1, "tp": 2}}
     assert stored["common"]["iteration"] == 7
     registry = saved / "registry"
-    if (registry / "metadata.json").exists():  # Megatron's own save: metadata.json names the backend; common.pt is its pickle
+    # Megatron's own save (<= 0.16): metadata.json names the backend; common.pt is Megatron's pickle.
+    if (registry / "metadata.json").exists():
         config = json.loads((registry / "metadata.json").read_text())
         assert (config["sharded_backend"], config["sharded_backend_version"]) == ("tessera", 1)
         assert _pickles(registry) == ["common.pt"]
