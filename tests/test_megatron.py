@@ -267,3 +267,27 @@ def test_import_without_megatron_says_which_extra_to_install() -> None:
     assert out.startswith("MegatronNotInstalledError | tessera.megatron needs megatron-core")
     assert "pip install 'tessera-checkpoint[megatron]'" in out
     assert out.count("\n") == 1
+
+
+@needs_megatron
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_into_gpu_shards(saved: Path) -> None:
+    """A template on the GPU is filled on the GPU (one process, no process group)."""
+    import tessera.megatron
+
+    template = _template(0, 1, 0, 1)
+    for leaf in [template["model"][FC1], template["model"][FC2], template["optimizer"]["exp_avg"]]:
+        leaf.data = leaf.data.cuda()
+    loaded = tessera.megatron.load(template, saved / "entry")
+    assert loaded["model"][FC1].is_cuda and loaded["optimizer"]["exp_avg"].is_cuda
+    _check_loaded(
+        {
+            **loaded,
+            "model": {**loaded["model"], FC1: loaded["model"][FC1].cpu(), FC2: loaded["model"][FC2].cpu()},
+            "optimizer": {"exp_avg": loaded["optimizer"]["exp_avg"].cpu()},
+        },
+        0,
+        1,
+        0,
+        1,
+    )
