@@ -17,6 +17,7 @@ neither Megatron's ``save`` nor its ``load`` reaches those calls: on gloo no wor
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import subprocess
@@ -43,6 +44,7 @@ FC2 = "decoder.mlp.linear_fc2.weight"
 NORM = "decoder.layers.input_layernorm.weight"
 EXP_AVG = "optimizer.state.exp_avg." + FC1
 INFO = "rank_info"
+GLU = "decoder.mlp.glu.weight"
 
 
 def _globals() -> dict[str, torch.Tensor]:
@@ -52,12 +54,35 @@ def _globals() -> dict[str, torch.Tensor]:
         FC2: (torch.arange(4 * 8, dtype=torch.float32).reshape(4, 8) / 3).to(torch.bfloat16),
         NORM: torch.arange(2 * 6, dtype=torch.float64).reshape(2, 6) * 1.5,
         EXP_AVG: torch.arange(8 * 6, dtype=torch.float32).reshape(8, 6) * -0.25,
+        GLU + ".w": torch.arange(4 * 6, dtype=torch.float16).reshape(4, 6),
+        GLU + ".v": -torch.arange(4 * 6, dtype=torch.float16).reshape(4, 6),
     }
+
+
+def _glu_build(tp_rank: int, tp: int, key: str, t: torch.Tensor, replica_id: Any, flat: Any) -> Any:
+    """A factory as Megatron's gated MLP has: one local tensor, stored as two TP-sharded keys."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    w, v = t.chunk(2)
+    return {
+        part: ShardedTensor.from_rank_offsets(f"{key}.{part}", x, (0, tp_rank, tp), replica_id=replica_id)
+        for part, x in (("w", w), ("v", v))
+    }
+
+
+def _glu_merge(loaded: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([loaded["w"], loaded["v"]])
+
+
+def _glu_local(tp_rank: int, tp: int) -> torch.Tensor:
+    g = _globals()
+    return torch.cat([g[GLU + ".w"].chunk(tp)[tp_rank], g[GLU + ".v"].chunk(tp)[tp_rank]])
 
 
 def _state(tp_rank: int, tp: int, dp_rank: int, dp: int) -> dict[str, Any]:
     """One rank's Megatron sharded state dict (with data: for a save, or as a load template)."""
     from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
     g = _globals()
     fc1 = g[FC1].chunk(tp, 0)[tp_rank].clone()
@@ -79,6 +104,13 @@ def _state(tp_rank: int, tp: int, dp_rank: int, dp: int) -> dict[str, Any]:
             FC1: ShardedTensor.from_rank_offsets(FC1, fc1, (0, tp_rank, tp), replica_id=(0, 0, dp_rank)),
             FC2: ShardedTensor.from_rank_offsets(FC2, fc2, (1, tp_rank, tp), replica_id=(0, 0, dp_rank)),
             "layers": layers,
+            "glu": ShardedTensorFactory(
+                GLU,
+                _glu_local(tp_rank, tp),
+                functools.partial(_glu_build, tp_rank, tp),
+                _glu_merge,
+                replica_id=(0, 0, dp_rank),
+            ),
         },
         "optimizer": {"exp_avg": exp_avg, "param_groups": [{"lr": 0.001, "betas": [0.9, 0.95]}]},
         "info": ShardedObject(INFO, {"tp_rank": tp_rank, "tp": tp}, (tp,), (tp_rank,), replica_id=dp_rank),
@@ -92,7 +124,7 @@ def _template(tp_rank: int, tp: int, dp_rank: int, dp: int) -> dict[str, Any]:
     from megatron.core.dist_checkpointing import ShardedObject
 
     state = _state(tp_rank, tp, dp_rank, dp)
-    for leaf in [state["model"][FC1], state["model"][FC2], *state["model"]["layers"]]:
+    for leaf in [state["model"][FC1], state["model"][FC2], state["model"]["glu"], *state["model"]["layers"]]:
         leaf.data = torch.full_like(leaf.data, 99)
     state["optimizer"]["exp_avg"].data.fill_(99)
     state["info"] = [ShardedObject(INFO, None, (2,), (i,), replica_id=1) for i in range(2)]
@@ -106,6 +138,7 @@ def _check_loaded(loaded: dict[str, Any], tp_rank: int, tp: int, dp_rank: int, d
     want = _state(tp_rank, tp, dp_rank, dp)
     assert_bit_equal(loaded["model"][FC1], want["model"][FC1].data)
     assert_bit_equal(loaded["model"][FC2], want["model"][FC2].data)
+    assert_bit_equal(loaded["model"]["glu"], _glu_local(tp_rank, tp))  # the factory's merge
     for got, layer in zip(loaded["model"]["layers"], want["model"]["layers"], strict=True):
         assert_bit_equal(got, layer.data)
     assert_bit_equal(loaded["optimizer"]["exp_avg"], want["optimizer"]["exp_avg"].data)
@@ -207,8 +240,11 @@ def test_saved_layout_has_no_pickle_and_verifies(saved: Path) -> None:
     report = tessera.verify(entry / "tessera")
     assert report.ok, report.problems
     assert main(["verify", "-q", str(entry / "tessera")]) == 0  # the `tessera verify` command
-    stored = tessera.load(entry / "tessera", keys=["tensors/" + FC1, "objects", "common"])
+    stored = tessera.load(
+        entry / "tessera", keys=["tensors/" + FC1, "tensors/" + GLU + ".w", "objects", "common"]
+    )
     assert_bit_equal(stored["tensors"][FC1], _globals()[FC1])
+    assert_bit_equal(stored["tensors"][GLU + ".w"], _globals()[GLU + ".w"])  # the factory's build
     assert stored["objects"][INFO] == {0: {"tp_rank": 0, "tp": 2}, 1: {"tp_rank": 1, "tp": 2}}
     assert stored["common"]["iteration"] == 7
     registry = saved / "registry"
@@ -238,7 +274,8 @@ def test_sharded_metadata_lists_tensors_and_object_cells(saved: Path) -> None:
     from tessera.megatron import TesseraLoadStrategy
 
     metadata = TesseraLoadStrategy().load_sharded_metadata(saved / "entry")
-    assert sorted(metadata) == sorted([EXP_AVG, FC1, FC2, NORM, f"{INFO}/shard_0_2", f"{INFO}/shard_1_2"])
+    tensors = [EXP_AVG, FC1, FC2, GLU + ".v", GLU + ".w", NORM]
+    assert sorted(metadata) == sorted([*tensors, f"{INFO}/shard_0_2", f"{INFO}/shard_1_2"])
     assert metadata[FC2].global_shape == (4, 8) and metadata[FC2].dtype == torch.bfloat16
 
 
