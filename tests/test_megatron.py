@@ -291,6 +291,24 @@ def test_non_json_sharded_object_is_refused_naming_its_key(tmp_path: Path) -> No
     assert not (tmp_path / "tessera").exists()
 
 
+@needs_megatron
+def test_non_json_common_value_is_refused_naming_its_key(tmp_path: Path) -> None:
+    """Megatron keeps ``args`` (an ``argparse.Namespace``) in the common state: not JSON, not pickled."""
+    import argparse
+
+    import tessera.megatron
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from tessera import UnsafeEncodingError
+
+    state = {
+        "w": ShardedTensor.from_rank_offsets("w", torch.ones(2)),
+        "args": argparse.Namespace(hidden_size=6),
+    }
+    with pytest.raises(UnsafeEncodingError, match="common/args: a argparse.Namespace"):
+        tessera.megatron.save(state, tmp_path / "ckpt", validate_access_integrity=False)
+    assert not (tmp_path / "ckpt" / "tessera").exists()
+
+
 def test_import_without_megatron_says_which_extra_to_install() -> None:
     code = (
         "import sys; sys.modules['megatron'] = None\n"
