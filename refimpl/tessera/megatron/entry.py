@@ -62,7 +62,9 @@ def save(
 def load(sharded_state_dict: dict[str, Any], checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Every rank: load into the layout ``sharded_state_dict`` describes (any TP/PP/DP); the
     state dict with tensors and values in place of the sharded leaves, common state included,
-    as ``dist_checkpointing.load`` returns it."""
+    as ``dist_checkpointing.load`` returns it. A key the checkpoint lacks is a
+    :class:`~tessera.KeyMismatchError` naming it, before anything is read (Megatron's
+    ``strict="raise_unexpected"``); shapes and dtypes must match (``TensorMismatchError``)."""
     utils = _module("state_dict_utils")
     dict_utils = _module("dict_utils")
     mapping = _module("mapping")
