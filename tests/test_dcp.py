@@ -23,13 +23,13 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tests.conftest import assert_bit_equal
+from tests.fsdp_training import gathered, train_step
 from tests.memory_storage import Medium, MemoryStorage
 from tests.ranks import run_ranks
 
 # dcp.save/dcp.load with no_dist warn that they run in one process, which these tests mean
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 SAVED = 4
-BATCH = 8
 PICKLE_HEADERS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
 
 
@@ -47,36 +47,18 @@ def _model(world: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimize
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95))
 
 
-def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, world: int, n: int) -> None:
-    x = torch.randn(BATCH, 6, generator=torch.Generator().manual_seed(100 + n))
-    share = BATCH // world
-    model(x[rank * share : (rank + 1) * share]).square().mean().backward()
-    optimizer.step()
-    optimizer.zero_grad()
-
-
-def _full(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Every parameter and optimizer tensor, gathered whole (every rank calls it)."""
-    out = {}
-    for name, p in model.named_parameters():
-        out[name] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
-        for k, v in optimizer.state[p].items():
-            out[f"{name}/{k}"] = v.full_tensor() if hasattr(v, "full_tensor") else v.clone()
-    return out
-
-
 def _save(rank: int, world: int, root: str) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model, optimizer = _model(world, seed=0)
     for n in range(2):
-        _step(model, optimizer, rank, world, n)
+        train_step(model, optimizer, rank, world, n)
     msd, osd = get_state_dict(model, optimizer)
     state = {"model": msd, "optim": osd, "step": 2}
     dcp.save(state, storage_writer=TesseraStorageWriter(f"{root}/tessera"))
     dcp.save(state, storage_writer=FileSystemWriter(f"{root}/dcp"))
     dcp.async_save(state, storage_writer=TesseraStorageWriter(f"{root}/async")).result()
-    return {"saved": _full(model, optimizer)}
+    return {"saved": gathered(model, optimizer)}
 
 
 def _load(rank: int, world: int, path: str, reader: str) -> dict[str, Any]:
@@ -90,9 +72,9 @@ def _load(rank: int, world: int, path: str, reader: str) -> dict[str, Any]:
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     assert state["step"] == 2
     assert optimizer.param_groups[0]["betas"] == (0.8, 0.95)
-    loaded = _full(model, optimizer)
-    _step(model, optimizer, rank, world, 2)
-    return {"loaded": loaded, "next": _full(model, optimizer)}
+    loaded = gathered(model, optimizer)
+    train_step(model, optimizer, rank, world, 2)
+    return {"loaded": loaded, "next": gathered(model, optimizer)}
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import torch
 
+from tests.fsdp_training import gathered, train_step
 from tests.ranks import run_ranks
 
 SAVED = 4
-BATCH = 8  # the global batch: each rank trains on its slice, whatever the world size
 
 
 def _model(world: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -29,36 +29,17 @@ def _model(world: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimize
     return model, torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95))
 
 
-def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int, world: int, n: int) -> None:
-    data = torch.Generator().manual_seed(100 + n)
-    x = torch.randn(BATCH, 6, generator=data)
-    share = BATCH // world
-    model(x[rank * share : (rank + 1) * share]).square().mean().backward()
-    optimizer.step()
-    optimizer.zero_grad()
-
-
-def _full(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Every parameter and optimizer tensor, gathered whole (a collective: every rank calls it)."""
-    out = {}
-    for name, p in model.named_parameters():
-        out[name] = p.full_tensor()
-        for k, v in optimizer.state[p].items():
-            out[f"{name}/{k}"] = v.full_tensor() if hasattr(v, "full_tensor") else v
-    return out
-
-
 def _save(rank: int, world: int, path: str) -> dict[str, Any]:
     import tessera
     from tessera import ModelAndOptimizer
 
     model, optimizer = _model(world, seed=0)
     for n in range(2):
-        _step(model, optimizer, rank, world, n)
+        train_step(model, optimizer, rank, world, n)
     tessera.save({"train": ModelAndOptimizer(model, optimizer), "step": 2}, path)
-    saved = _full(model, optimizer)
-    _step(model, optimizer, rank, world, 2)
-    return {"saved": saved, "next": _full(model, optimizer)}
+    saved = gathered(model, optimizer)
+    train_step(model, optimizer, rank, world, 2)
+    return {"saved": saved, "next": gathered(model, optimizer)}
 
 
 def _load(rank: int, world: int, path: str) -> dict[str, Any]:
@@ -71,9 +52,9 @@ def _load(rank: int, world: int, path: str) -> dict[str, Any]:
     tessera.load(path, template)
     assert template["train"] is train and template["step"] == 2
     assert optimizer.param_groups[0]["betas"] == (0.8, 0.95)
-    loaded = _full(model, optimizer)
-    _step(model, optimizer, rank, world, 2)
-    return {"loaded": loaded, "next": _full(model, optimizer)}
+    loaded = gathered(model, optimizer)
+    train_step(model, optimizer, rank, world, 2)
+    return {"loaded": loaded, "next": gathered(model, optimizer)}
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,21 @@ def tessera_path(checkpoint_dir: str | os.PathLike[str]) -> str:
     return os.path.join(os.fspath(checkpoint_dir), SUBDIRECTORY)
 
 
+class _ReadsTessera:
+    """What Megatron asks of every strategy that loads: both load strategies read the sharded
+    objects too, and only checkpoints whose ``metadata.json`` names this backend and version."""
+
+    @property
+    def can_handle_sharded_objects(self) -> bool:
+        return True
+
+    def check_backend_compatibility(self, loaded_backend: str) -> None:
+        _check_backend(loaded_backend)
+
+    def check_version_compatibility(self, loaded_version: int) -> None:
+        _check_version(loaded_version)
+
+
 class TesseraSaveStrategy(_SaveBase):  # type: ignore[misc]
     """Saves the sharded part of a Megatron state dict as a Tessera checkpoint.
 
@@ -140,23 +155,13 @@ class TesseraSaveStrategy(_SaveBase):  # type: ignore[misc]
         return f"TesseraSaveStrategy({BACKEND}, {VERSION})"
 
 
-class TesseraLoadStrategy(_LoadBase):  # type: ignore[misc]
+class TesseraLoadStrategy(_ReadsTessera, _LoadBase):  # type: ignore[misc]
     """Loads the sharded part of a Megatron state dict from a Tessera checkpoint, in any
     sharding: each rank reads only the chunks that overlap its shards. ``process_group``:
     load together (each chunk read once and sent to the ranks that need it)."""
 
     def __init__(self, *, process_group: dist.ProcessGroup | None = None) -> None:
         self.process_group = process_group
-
-    @property
-    def can_handle_sharded_objects(self) -> bool:
-        return True
-
-    def check_backend_compatibility(self, loaded_backend: str) -> None:
-        _check_backend(loaded_backend)
-
-    def check_version_compatibility(self, loaded_version: int) -> None:
-        _check_version(loaded_version)
 
     def load(self, sharded_state_dict: Any, checkpoint_dir: str | os.PathLike[str], *_: Any) -> Any:
         """Every rank: replace each leaf of ``sharded_state_dict`` (in place) by its loaded value.
@@ -232,20 +237,10 @@ class TesseraLoadStrategy(_LoadBase):  # type: ignore[misc]
         return f"TesseraLoadStrategy({BACKEND}, {VERSION})"
 
 
-class TesseraCommonLoadStrategy(_CommonLoadBase):  # type: ignore[misc]
+class TesseraCommonLoadStrategy(_ReadsTessera, _CommonLoadBase):  # type: ignore[misc]
     """Loads the common state that :func:`tessera.megatron.save` stored in the Tessera
     checkpoint (``metadata.json``'s ``common_backend`` is then ``"tessera"``): registered so that a
     plain ``dist_checkpointing.load`` on megatron-core <= 0.16 reads it instead of ``common.pt``."""
-
-    @property
-    def can_handle_sharded_objects(self) -> bool:
-        return True
-
-    def check_backend_compatibility(self, loaded_backend: str) -> None:
-        _check_backend(loaded_backend)
-
-    def check_version_compatibility(self, loaded_version: int) -> None:
-        _check_version(loaded_version)
 
     def load_common(self, checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
         return load_common(checkpoint_dir)
