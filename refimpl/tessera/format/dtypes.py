@@ -9,8 +9,8 @@ infinities) is not zarr-extensions' ``float8_e4m3``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
-import ml_dtypes
 import numpy as np
 import torch
 
@@ -28,11 +28,16 @@ class DType:
     itemsize: int
     """Bytes per element; stored little-endian where more than one."""
     torch_dtype: torch.dtype
-    numpy_dtype: np.dtype
-    """The NumPy dtype (``ml_dtypes`` for the ML floats) a reader decodes into."""
     fill_value: str | int | bool | list[str]
     """The array's ``fill_value``: NaN for every floating type, so that a stock
     reader turns a lost chunk into NaN, never into plausible zeros (spec §8)."""
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        """The NumPy dtype a reader decodes into, of the same name (an ``ml_dtypes`` type for the ML
+    floats). ``ml_dtypes`` is imported on first use only: its
+        import costs about 0.9 s (0.7.0), paid by every process that imports Tessera otherwise."""
+        return _numpy_dtype(self.name)
 
     @property
     def is_floating(self) -> bool:
@@ -58,8 +63,22 @@ def _decode_fill(dtype: DType) -> object:
     return dtype.fill_value
 
 
-def _entry(name: str, torch_dtype: torch.dtype, numpy_dtype: object) -> DType:
-    np_dtype = np.dtype(numpy_dtype)  # type: ignore[call-overload]
+@cache
+def _numpy_dtype(name: str) -> np.dtype:
+    if hasattr(np, name) and name not in _ML_FLOATS:
+        return np.dtype(name)
+    import ml_dtypes
+
+    return np.dtype(getattr(ml_dtypes, name))
+
+
+_ML_FLOATS = frozenset(
+    ["bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"]
+)
+"""The types whose NumPy twin comes from ``ml_dtypes``."""
+
+
+def _entry(name: str, torch_dtype: torch.dtype) -> DType:
     fill: str | int | bool | list[str]
     if torch_dtype.is_complex:
         fill = ["NaN", "NaN"]
@@ -69,34 +88,33 @@ def _entry(name: str, torch_dtype: torch.dtype, numpy_dtype: object) -> DType:
         fill = False
     else:
         fill = 0
-    return DType(name, np_dtype.itemsize, torch_dtype, np_dtype, fill)
+    return DType(name, torch_dtype.itemsize, torch_dtype, fill)
 
 
 DTYPES: tuple[DType, ...] = (
-    _entry("bool", torch.bool, np.bool_),
-    _entry("int8", torch.int8, np.int8),
-    _entry("int16", torch.int16, np.int16),
-    _entry("int32", torch.int32, np.int32),
-    _entry("int64", torch.int64, np.int64),
-    _entry("uint8", torch.uint8, np.uint8),
-    _entry("uint16", torch.uint16, np.uint16),
-    _entry("uint32", torch.uint32, np.uint32),
-    _entry("uint64", torch.uint64, np.uint64),
-    _entry("float16", torch.float16, np.float16),
-    _entry("float32", torch.float32, np.float32),
-    _entry("float64", torch.float64, np.float64),
-    _entry("complex64", torch.complex64, np.complex64),
-    _entry("complex128", torch.complex128, np.complex128),
-    _entry("bfloat16", torch.bfloat16, ml_dtypes.bfloat16),
-    _entry("float8_e4m3fn", torch.float8_e4m3fn, ml_dtypes.float8_e4m3fn),
-    _entry("float8_e5m2", torch.float8_e5m2, ml_dtypes.float8_e5m2),
-    _entry("float8_e4m3fnuz", torch.float8_e4m3fnuz, ml_dtypes.float8_e4m3fnuz),
-    _entry("float8_e5m2fnuz", torch.float8_e5m2fnuz, ml_dtypes.float8_e5m2fnuz),
+    _entry("bool", torch.bool),
+    _entry("int8", torch.int8),
+    _entry("int16", torch.int16),
+    _entry("int32", torch.int32),
+    _entry("int64", torch.int64),
+    _entry("uint8", torch.uint8),
+    _entry("uint16", torch.uint16),
+    _entry("uint32", torch.uint32),
+    _entry("uint64", torch.uint64),
+    _entry("float16", torch.float16),
+    _entry("float32", torch.float32),
+    _entry("float64", torch.float64),
+    _entry("complex64", torch.complex64),
+    _entry("complex128", torch.complex128),
+    _entry("bfloat16", torch.bfloat16),
+    _entry("float8_e4m3fn", torch.float8_e4m3fn),
+    _entry("float8_e5m2", torch.float8_e5m2),
+    _entry("float8_e4m3fnuz", torch.float8_e4m3fnuz),
+    _entry("float8_e5m2fnuz", torch.float8_e5m2fnuz),
 )
 
 _BY_NAME = {d.name: d for d in DTYPES}
 _BY_TORCH = {d.torch_dtype: d for d in DTYPES}
-_BY_NUMPY = {d.numpy_dtype: d for d in DTYPES}
 
 
 def dtype_by_name(name: str) -> DType:
@@ -121,8 +139,10 @@ def dtype_of_torch(dtype: torch.dtype, key: str) -> DType:
 
 
 def dtype_of_numpy(dtype: np.dtype, key: str) -> DType:
-    """The format's type for a NumPy dtype (native byte order)."""
-    try:
-        return _BY_NUMPY[dtype.newbyteorder("=")]
-    except KeyError:
-        raise TensorMismatchError(f"{key}: NumPy dtype {dtype} has no Tessera data type") from None
+    """The format's type for a NumPy dtype (native byte order), found by its name (which the
+    format's names follow), so that looking up a core type never imports ``ml_dtypes``."""
+    native = dtype.newbyteorder("=")
+    found = _BY_NAME.get(native.name)
+    if found is None or found.numpy_dtype != native:
+        raise TensorMismatchError(f"{key}: NumPy dtype {dtype} has no Tessera data type")
+    return found

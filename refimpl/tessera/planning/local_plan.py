@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import TensorMismatchError, UnsafeEncodingError
-from ..format.dtypes import DType, dtype_of_numpy, dtype_of_torch
+from ..format.dtypes import DType, dtype_by_name, dtype_of_numpy, dtype_of_torch
 from ..format.keys import Key, key_to_path
 from ..state.boxes import Box, held_boxes
 from ..state.dtensor import is_dtensor, sharded_from_dtensor
@@ -97,7 +97,7 @@ class LocalPlan:
         return hashlib.blake2b(pickle.dumps(key), digest_size=16).digest()
 
 
-_UINT8 = dtype_of_numpy(np.dtype(np.uint8), "uint8")
+_UINT8 = dtype_by_name("uint8")
 
 
 def make_local_plan(flat: Flattened, options: SaveOptions) -> LocalPlan:
