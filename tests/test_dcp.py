@@ -23,7 +23,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
 from tests.conftest import assert_bit_equal
-from tests.fsdp_training import gathered, train_step
+from tests.fsdp_training import fsdp_model, gathered, train_step
 from tests.memory_storage import Medium, MemoryStorage
 from tests.ranks import run_ranks
 
@@ -33,24 +33,10 @@ SAVED = 4
 PICKLE_HEADERS = tuple(bytes([0x80, protocol]) for protocol in range(2, 6))
 
 
-def _model(world: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.GELU(), torch.nn.Linear(10, 3))
-    if world > 1:  # one rank trains the plain model, as a consumer of the checkpoint would
-        mesh = init_device_mesh("cpu", (world,))
-        for layer in (model[0], model[2]):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95))
-
-
 def _save(rank: int, world: int, root: str) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model, optimizer = _model(world, seed=0)
+    model, optimizer = fsdp_model(world, seed=0)
     for n in range(2):
         train_step(model, optimizer, rank, world, n)
     msd, osd = get_state_dict(model, optimizer)
@@ -64,7 +50,7 @@ def _save(rank: int, world: int, root: str) -> dict[str, Any]:
 def _load(rank: int, world: int, path: str, reader: str) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model, optimizer = _model(world, seed=1)  # other weights, an optimizer that never stepped
+    model, optimizer = fsdp_model(world, seed=1)  # other weights, an optimizer that never stepped
     msd, osd = get_state_dict(model, optimizer)
     state: dict[str, Any] = {"model": msd, "optim": osd, "step": 0}
     storage_reader = TesseraStorageReader(path) if reader == "tessera" else FileSystemReader(path)

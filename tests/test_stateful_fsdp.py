@@ -10,30 +10,17 @@ from typing import Any
 import pytest
 import torch
 
-from tests.fsdp_training import gathered, train_step
+from tests.fsdp_training import fsdp_model, gathered, train_step
 from tests.ranks import run_ranks
 
 SAVED = 4
-
-
-def _model(world: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.GELU(), torch.nn.Linear(10, 3))
-    mesh = init_device_mesh("cpu", (world,))
-    for layer in (model[0], model[2]):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.95))
 
 
 def _save(rank: int, world: int, path: str) -> dict[str, Any]:
     import tessera
     from tessera import ModelAndOptimizer
 
-    model, optimizer = _model(world, seed=0)
+    model, optimizer = fsdp_model(world, seed=0)
     for n in range(2):
         train_step(model, optimizer, rank, world, n)
     tessera.save({"train": ModelAndOptimizer(model, optimizer), "step": 2}, path)
@@ -46,7 +33,7 @@ def _load(rank: int, world: int, path: str) -> dict[str, Any]:
     import tessera
     from tessera import ModelAndOptimizer
 
-    model, optimizer = _model(world, seed=1)  # other weights, an optimizer that never stepped
+    model, optimizer = fsdp_model(world, seed=1)  # other weights, an optimizer that never stepped
     train = ModelAndOptimizer(model, optimizer)
     template: dict[str, Any] = {"train": train, "step": 0}
     tessera.load(path, template)
